@@ -1,0 +1,1 @@
+"""The Lambda path: executor, in-Lambda handler and a local Lambda service."""

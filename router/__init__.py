@@ -1,0 +1,1 @@
+"""The routing executor, the policy engine and the CLI."""
