@@ -1,0 +1,294 @@
+"""The function that runs inside AWS Lambda (or the local Lambda service): one Airflow workload per event.
+
+Cold-start budget: at import time this module loads only the standard library and the wire-message module.
+boto3 (present in every Lambda Python runtime) is imported on first use, when a result must be sent.
+
+What one invocation does:
+
+1. open the signed event; a malformed or forged event is logged (scrubbed) and nothing runs;
+2. an event delivered after its ``not_after`` (late or duplicated delivery) reports ``EVENT_EXPIRED`` and does
+   not run, so a task that moved to another executor is never taken back by an old event;
+3. report ``STARTED``, then run the workload as Airflow's workers do, in a child process in its own process
+   group, its output streamed to the function's log;
+4. watch the invocation's own deadline: shortly before Lambda would kill the sandbox, stop the child's group
+   and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ;
+5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED`` and the return code.
+
+A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
+the event reaches the DLQ: the executor then learns about the run from there.
+
+Environment:
+- ``HYBRID_ROUTER_SIGNING_SECRET`` (required): the HMAC secret shared with the executor.
+- ``HYBRID_ROUTER_DEADLINE_MARGIN_S`` (optional): seconds before the hard deadline at which the workload is
+  stopped; default ``min(5, 10% of the time remaining when the invocation starts)``.
+- ``AWS_ENDPOINT_URL_SQS`` and the usual AWS variables are read by boto3 itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Protocol
+
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage
+
+log = logging.getLogger(__name__)
+# Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
+log.setLevel(logging.INFO)
+
+SECRET_ENV = "HYBRID_ROUTER_SIGNING_SECRET"
+MARGIN_ENV = "HYBRID_ROUTER_DEADLINE_MARGIN_S"
+DEFAULT_MAX_MARGIN_S = 5.0
+DEFAULT_MARGIN_FRACTION = 0.10
+# Between SIGTERM and SIGKILL: Airflow's task runner needs a moment to report its own state on SIGTERM.
+TERMINATE_GRACE_S = 1.0
+POLL_INTERVAL_S = 0.05
+SEND_MAX_ATTEMPTS = 5
+
+
+class LambdaContext(Protocol):
+    """The parts of Lambda's context object the handler reads."""
+
+    aws_request_id: str
+    function_name: str
+    log_stream_name: str
+
+    def get_remaining_time_in_millis(self) -> int: ...
+
+
+class HandlerConfigError(RuntimeError):
+    """The function is deployed without a setting it needs; raised so that the invocation fails visibly."""
+
+
+def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
+    """Lambda entry point (``hybrid_router.lambda_exec.handler.handler``)."""
+    started_at = time.time()
+    secret = _signing_secret()
+    try:
+        invoke = protocol.open_event(event, secret)
+    except protocol.MessageError as exc:
+        # The event may hold a token: log only the (token-free) reason, never the event.
+        log.error("Rejected an invocation event: %s", protocol.scrub(str(exc)))
+        return {"status": "rejected", "reason": protocol.scrub(str(exc))}
+
+    reporter = ResultReporter(invoke, context, secret)
+    if time.time() > invoke.not_after:
+        log.warning(
+            "Event %s for %s arrived after its deadline; not running it",
+            invoke.dispatch_id,
+            _task_label(invoke),
+        )
+        reporter.send(
+            Phase.FINISHED,
+            outcome=Outcome.EVENT_EXPIRED,
+            started_at=started_at,
+            detail=f"event delivered {time.time() - invoke.not_after:.1f}s after its not_after deadline",
+        )
+        return {"status": Outcome.EVENT_EXPIRED.value}
+
+    margin_s = deadline_margin_s(context.get_remaining_time_in_millis() / 1000.0)
+    reporter.send(Phase.STARTED, started_at=started_at)
+    log.info("Running %s (dispatch %s)", _task_label(invoke), invoke.dispatch_id)
+    run = run_workload(invoke.workload, context, margin_s)
+    if run.timed_out:
+        outcome = Outcome.TIMEOUT
+        detail = (
+            f"stopped by the handler {run.margin_s:.1f}s before the Lambda deadline after "
+            f"{run.duration_s:.1f}s (return code {run.return_code})"
+        )
+    elif run.return_code == 0:
+        outcome, detail = Outcome.SUCCESS, ""
+    else:
+        outcome = Outcome.FAILED
+        detail = f"workload exited with return code {run.return_code}"
+    log.info("Finished %s: %s %s", _task_label(invoke), outcome.value, detail)
+    reporter.send(
+        Phase.FINISHED, outcome=outcome, started_at=started_at, return_code=run.return_code, detail=detail
+    )
+    return {"status": outcome.value, "return_code": run.return_code}
+
+
+def deadline_margin_s(remaining_s: float, environ: dict[str, str] | None = None) -> float:
+    """How long before the hard deadline the workload is stopped."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(MARGIN_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HandlerConfigError(f"{MARGIN_ENV}={raw!r}: expected a number of seconds, e.g. 5") from None
+        if value < 0:
+            raise HandlerConfigError(f"{MARGIN_ENV}={raw!r}: must not be negative")
+        return value
+    return min(DEFAULT_MAX_MARGIN_S, DEFAULT_MARGIN_FRACTION * max(remaining_s, 0.0))
+
+
+def build_workload_command(workload_path: str) -> list[str]:
+    """The command Airflow's workers run for one workload (the provider's Lambda image does the same)."""
+    return [sys.executable, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", workload_path]
+
+
+class WorkloadRun:
+    """How the workload's child process ended."""
+
+    def __init__(self, return_code: int, timed_out: bool, duration_s: float, margin_s: float):
+        self.return_code = return_code
+        self.timed_out = timed_out
+        self.duration_s = duration_s
+        self.margin_s = margin_s
+
+
+def run_workload(workload: str, context: LambdaContext, margin_s: float) -> WorkloadRun:
+    """Run the workload in its own process group; stop it when the invocation's deadline is near."""
+    # The workload holds the execution-API token: pass it in a private file, never on the command line
+    # (visible in /proc to anyone on the host) and never through the log.
+    workdir = tempfile.mkdtemp(prefix="hybrid-router-")
+    begin = time.monotonic()
+    try:
+        path = os.path.join(workdir, "workload.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(workload)
+        child = subprocess.Popen(
+            build_workload_command(path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        pump = threading.Thread(
+            target=_stream_output, args=(child.stdout,), name="workload-output", daemon=True
+        )
+        pump.start()
+        timed_out = False
+        while child.poll() is None:
+            if context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
+                timed_out = True
+                _stop_group(child)
+                break
+            time.sleep(POLL_INTERVAL_S)
+        return_code = child.wait()
+        pump.join(timeout=2.0)
+        return WorkloadRun(return_code, timed_out, time.monotonic() - begin, margin_s)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stream_output(stream: Any) -> None:
+    """Copy the child's output to our stdout (Lambda's log stream) as it comes, line by line."""
+    out = sys.stdout
+    try:
+        for raw in iter(stream.readline, b""):
+            out.write(protocol.scrub(raw.decode("utf-8", errors="replace"), limit=64_000))
+            out.flush()
+    except (OSError, ValueError):  # the pipe closed under us when the group was killed
+        pass
+    finally:
+        stream.close()
+
+
+def _stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after a short grace."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        child.wait(timeout=TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    # Grandchildren may outlive the leader: sweep the whole group in every case.
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class ResultReporter:
+    """Signs result messages for one event and sends them to its results queue."""
+
+    def __init__(self, invoke: InvokeEvent, context: LambdaContext, secret: bytes):
+        self.invoke = invoke
+        self.context = context
+        self.secret = secret
+
+    def send(
+        self,
+        phase: Phase,
+        *,
+        started_at: float,
+        outcome: Outcome | None = None,
+        return_code: int | None = None,
+        detail: str = "",
+    ) -> None:
+        message = ResultMessage(
+            phase=phase,
+            dispatch_id=self.invoke.dispatch_id,
+            task=self.invoke.task,
+            sent_at=time.time(),
+            started_at=started_at,
+            outcome=outcome,
+            return_code=return_code,
+            detail=protocol.scrub(detail),
+            request_id=getattr(self.context, "aws_request_id", ""),
+            function_name=getattr(self.context, "function_name", ""),
+            log_stream=getattr(self.context, "log_stream_name", ""),
+        )
+        body = protocol.seal_result(message, self.secret)
+        try:
+            _sqs_client().send_message(QueueUrl=self.invoke.results_queue_url, MessageBody=body)
+        except Exception as exc:
+            # botocore has already retried; failing the invocation sends the event to the DLQ.
+            log.error(
+                "Could not send the %s result of dispatch %s: %s",
+                phase.value,
+                self.invoke.dispatch_id,
+                protocol.scrub(str(exc)),
+            )
+            raise
+
+
+_client_lock = threading.Lock()
+_clients: dict[tuple[str, ...], Any] = {}
+
+
+def _sqs_client() -> Any:
+    """One SQS client per sandbox and endpoint settings: warm invocations reuse its connections."""
+    key = tuple(
+        os.environ.get(name, "")
+        for name in ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    with _client_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3  # lazily: boto3 costs ~150 ms of import on a cold start
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": SEND_MAX_ATTEMPTS},
+                connect_timeout=5,
+                read_timeout=10,
+            )
+            client = boto3.client("sqs", config=config)
+            _clients[key] = client
+        return client
+
+
+def _signing_secret() -> bytes:
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        raise HandlerConfigError(f"{SECRET_ENV} is not set on the function: the handler cannot check events")
+    return secret.encode("utf-8")
+
+
+def _task_label(invoke: InvokeEvent) -> str:
+    ref = invoke.task
+    return f"{ref.dag_id}.{ref.task_id} run={ref.run_id} try={ref.try_number} map={ref.map_index}"
