@@ -1,0 +1,77 @@
+"""Demo DAGs for airflow-hybrid-router: each task shows one routing behaviour.
+
+Nothing here knows about the router: the DAGs are ordinary Airflow DAGs, and where each task runs is decided by the
+policy (``examples/policy.yaml``). The demo (``make demo``) runs them and checks each task's route and outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+# How many tasks the burst runs at once: more than the demo Lambda function's reserved concurrency (3).
+BURST_SIZE = 8
+
+
+@dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
+def hybrid_router_demo():
+    @task
+    def short_task() -> str:
+        """No hint at all: the policy's default expected duration (short) sends it to Lambda."""
+        return "done quickly"
+
+    @task(execution_timeout=timedelta(minutes=40))
+    def long_task() -> str:
+        """Its execution_timeout (40m) is over Lambda's 15-minute cap: it runs on the Local executor."""
+        time.sleep(1)
+        return "done slowly"
+
+    @task(queue="lambda")
+    def pinned_task() -> str:
+        """queue="lambda" pins it to Lambda."""
+        return "ran where it was pinned"
+
+    @task
+    def burst(i: int) -> int:
+        """Eight at once against a function that runs three: the rest overflow to Local."""
+        time.sleep(4)
+        return i
+
+    @task(executor_config={"hybrid_router": {"expected_duration": "1m"}})
+    def too_slow() -> str:
+        """Claims one minute, outlives the demo function's timeout: Lambda stops it, Local finishes it."""
+        time.sleep(12)
+        return "finished on the fallback"
+
+    @task(executor_config={"hybrid_router": {"expected_duration": "30s", "memory_mb": 512}})
+    def memory_hog() -> int:
+        """Allocates more than the demo function's memory: Lambda kills it, Local finishes it."""
+        block = bytearray(1200 * 1024 * 1024)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        return len(block)
+
+    short_task()
+    long_task()
+    pinned_task()
+    burst.expand(i=list(range(BURST_SIZE)))
+    too_slow()
+    memory_hog()
+
+
+@dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
+def hybrid_router_demo_own_failure():
+    @task
+    def fails_by_its_own_code() -> None:
+        """A bug in the task is not an infrastructure failure: it fails, with no fallback."""
+        raise ValueError("a bug in the task itself")
+
+    fails_by_its_own_code()
+
+
+hybrid_router_demo()
+hybrid_router_demo_own_failure()
