@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 SECTION = "hybrid_router"
 DEFAULT_POLICY_FILE_NAME = "hybrid_router_policy.yaml"
-FALLBACK_MODES = ("redispatch", "next_try")
 
 
 class RouterConfigError(ValueError):
@@ -53,7 +52,6 @@ class RouterConfig:
     history_cache_ttl: float = 300.0
     history_min_runs: int = 3
     audit_log: bool = True
-    fallback_mode: str = "redispatch"
 
     def __post_init__(self) -> None:
         bounds = (
@@ -66,11 +64,6 @@ class RouterConfig:
             if not within:
                 value = getattr(self, option)
                 raise RouterConfigError(f"[{SECTION}] {option} must be {expected}, got {value}")
-        if self.fallback_mode not in FALLBACK_MODES:
-            raise RouterConfigError(
-                f"[{SECTION}] fallback_mode must be one of {', '.join(FALLBACK_MODES)}, "
-                f"got {self.fallback_mode!r}"
-            )
 
     @property
     def history_enabled(self) -> bool:
@@ -97,5 +90,4 @@ class RouterConfig:
             history_cache_ttl=conf.getfloat(SECTION, "history_cache_ttl"),
             history_min_runs=conf.getint(SECTION, "history_min_runs"),
             audit_log=conf.getboolean(SECTION, "audit_log"),
-            fallback_mode=conf.get(SECTION, "fallback_mode").strip().lower(),
         )

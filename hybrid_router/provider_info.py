@@ -78,15 +78,6 @@ ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
         "boolean",
         "True",
     ),
-    "fallback_mode": _option(
-        "What the router does after an infrastructure failure (Lambda timeout, out of memory, dead letter). "
-        "``redispatch`` runs the same try again on the rule's next fallback executor without spending one of "
-        "the task's retries; ``next_try`` lets the try fail and sends the task's next try (if it has retries "
-        "left) to the fallback executor.\n",
-        "string",
-        "redispatch",
-        "next_try",
-    ),
 }
 
 LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {

@@ -27,7 +27,7 @@ def test_defaults(section, tmp_path):
     config = RouterConfig.from_airflow_conf(conf)
     assert config == RouterConfig(policy_file=policy)
     assert (config.reload_interval, config.history_days, config.history_cache_ttl) == (30.0, 14, 300.0)
-    assert (config.history_min_runs, config.audit_log, config.fallback_mode) == (3, True, "redispatch")
+    assert (config.history_min_runs, config.audit_log) == (3, True)
     assert config.history_enabled
 
 
@@ -38,10 +38,8 @@ def test_environment_overrides_are_typed(section, tmp_path):
     section("reload_interval", "7.5")
     section("history_days", "0")
     section("audit_log", "false")
-    section("fallback_mode", "Next_Try")
     config = RouterConfig.from_airflow_conf()
     assert (config.reload_interval, config.history_days, config.audit_log) == (7.5, 0, False)
-    assert config.fallback_mode == "next_try"
     assert not config.history_enabled
 
 
@@ -61,7 +59,6 @@ def test_wrong_type_names_the_option(section, tmp_path):
         ("history_days", -1, r"history_days must be >= 0"),
         ("history_cache_ttl", -5, r"history_cache_ttl must be >= 0"),
         ("history_min_runs", 0, r"history_min_runs must be >= 1"),
-        ("fallback_mode", "sometimes", r"fallback_mode must be one of redispatch, next_try, got 'sometimes'"),
     ],
 )
 def test_out_of_range_values_are_refused(tmp_path, field, value, message):

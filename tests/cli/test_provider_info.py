@@ -65,7 +65,6 @@ def test_router_options_and_defaults():
         "history_cache_ttl": "300",
         "history_min_runs": "3",
         "audit_log": "True",
-        "fallback_mode": "redispatch",
     }
     lambda_options = get_provider_info()["config"]["lambda_executor"]["options"]
     assert lambda_options["signing_secret"]["sensitive"] is True
