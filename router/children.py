@@ -1,0 +1,147 @@
+"""The router's child executors: built from the policy's ``executors`` section, and their capacity."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hybrid_router.child_protocol import CapacityAware, InfrastructureFailure, ReportsInfrastructureFailures
+
+if TYPE_CHECKING:
+    from airflow.executors.base_executor import BaseExecutor
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+log = logging.getLogger(__name__)
+
+
+class ChildConfigError(ValueError):
+    """An executor entry of the policy cannot be turned into a running executor."""
+
+
+def resolve_executor_class(name: str, class_path: str) -> type[BaseExecutor]:
+    """The class of a policy executor entry: an Airflow short name (``LocalExecutor``) or an import path."""
+    from airflow._shared.module_loading import import_string
+    from airflow.executors.base_executor import BaseExecutor
+    from airflow.executors.executor_loader import ExecutorLoader
+
+    module_path = ExecutorLoader.executors.get(class_path, class_path)
+    if "." not in module_path:
+        known = ", ".join(sorted(ExecutorLoader.executors))
+        raise ChildConfigError(
+            f"executors.{name}.class: {class_path!r} is neither an Airflow executor short name ({known}) "
+            f"nor an import path; write e.g. 'class: LocalExecutor' or "
+            f"'class: hybrid_router.lambda_exec.LambdaExecutor'"
+        )
+    try:
+        cls = import_string(module_path)
+    except ImportError as err:
+        raise ChildConfigError(f"executors.{name}.class: cannot import {module_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, BaseExecutor)):
+        raise ChildConfigError(f"executors.{name}.class: {module_path!r} is not a subclass of BaseExecutor")
+    return cls
+
+
+def _accepted_kwargs(cls: type) -> set[str]:
+    """Keyword names the constructor takes, following ``**kwargs`` up the MRO to where they are consumed."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(
+            p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            # This __init__ is where keyword arguments stop: nothing beyond it in the MRO receives them.
+            return names
+    return names
+
+
+def instantiate_child(
+    name: str,
+    class_path: str,
+    *,
+    max_concurrency: int | None,
+    options: Mapping[str, Any],
+    team_name: str | None = None,
+) -> BaseExecutor:
+    """Build one child executor. Its ``parallelism`` is the policy's ``max_concurrency`` when that is set."""
+    from airflow.executors.executor_utils import ExecutorName
+
+    cls = resolve_executor_class(name, class_path)
+    accepted = _accepted_kwargs(cls)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ChildConfigError(
+            f"executors.{name}.options: {cls.__name__} does not accept {', '.join(unknown)} "
+            f"(it accepts: {', '.join(sorted(accepted)) or 'no options'})"
+        )
+    kwargs: dict[str, Any] = dict(options)
+    if max_concurrency is not None and "parallelism" in accepted:
+        kwargs["parallelism"] = max_concurrency
+    if team_name is not None and "team_name" in accepted:
+        kwargs["team_name"] = team_name
+    try:
+        executor = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ChildConfigError(f"executors.{name}: {cls.__name__}({kwargs}) failed: {err}") from err
+    executor.name = ExecutorName(module_path=f"{cls.__module__}.{cls.__qualname__}", alias=name)
+    return executor
+
+
+@dataclass
+class Child:
+    """One child executor and what the router knows about it that the child itself does not track."""
+
+    name: str
+    executor: BaseExecutor
+    max_concurrency: int | None = None
+    # Keys dispatched to this child and not yet finished. LocalExecutor (and BaseExecutor.trigger_tasks) never
+    # fill ``running``, so the child's own count cannot be trusted for capacity.
+    in_flight: set[TaskInstanceKey] = field(default_factory=set)
+
+    @property
+    def limit(self) -> int:
+        return self.max_concurrency if self.max_concurrency is not None else self.executor.parallelism
+
+    def free_slots(self) -> int:
+        """How many more tasks this child can take now: the tightest of every bound it has."""
+        free = min(self.limit - len(self.in_flight), self.executor.slots_available)
+        if isinstance(self.executor, CapacityAware):
+            try:
+                free = min(free, int(self.executor.free_capacity()))
+            except Exception:
+                log.exception("free_capacity() of executor %s failed; treating it as full", self.name)
+                return 0
+        return max(free, 0)
+
+    def pop_infrastructure_failure(self, key: TaskInstanceKey) -> InfrastructureFailure | None:
+        if not isinstance(self.executor, ReportsInfrastructureFailures):
+            return None
+        try:
+            failure = self.executor.pop_infrastructure_failure(key)
+        except Exception:
+            log.exception("pop_infrastructure_failure() of executor %s failed for %s", self.name, key)
+            return None
+        if failure is not None and not failure.executor:
+            failure = InfrastructureFailure(reason=failure.reason, detail=failure.detail, executor=self.name)
+        return failure
+
+
+def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> dict[str, Child]:
+    """Children for every entry of ``policy.executors`` (``ExecutorSpec``-like objects), in policy order."""
+    children: dict[str, Child] = {}
+    for name, spec in specs.items():
+        executor = instantiate_child(
+            name,
+            spec.class_path,
+            max_concurrency=spec.max_concurrency,
+            options=spec.options or {},
+            team_name=team_name,
+        )
+        children[name] = Child(name=name, executor=executor, max_concurrency=spec.max_concurrency)
+    return children

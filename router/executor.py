@@ -1,0 +1,705 @@
+"""The RoutingExecutor: one Airflow executor that runs each task on the child executor its policy chooses.
+
+The scheduler sees only this executor. For every queued task it asks the policy where the task should run,
+hands the workload to that child (or to the first overflow child with room, or keeps it waiting, ordered by
+priority, until one has room), forwards the children's events, and after an infrastructure failure reported by
+a child hands the same try to the next fallback executor (see ``fallback.py``).
+
+Every decision is visible three ways: a line in the task's own log, the child's name at the front of the task
+instance's ``external_executor_id``, and an audit row in Airflow's ``log`` table, plus a metric per executor
+and per rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import PARALLELISM, BaseExecutor
+from airflow.models.taskinstancekey import TaskInstanceKey
+from airflow.utils.state import TaskInstanceState
+from hybrid_router.router import audit, metrics
+from hybrid_router.router.children import Child, build_children
+from hybrid_router.router.fallback import NEXT_TRY, SAME_TRY, NextTryRoute, NextTryRoutes, redispatch_same_try
+
+if TYPE_CHECKING:
+    from airflow.executors.workloads import ExecutorWorkload
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy.orm import Session
+
+    from hybrid_router.child_protocol import InfrastructureFailure
+
+ROUTER_CONFIG_KEY = "hybrid_router"
+# ``external_executor_id`` is "<child>" or "<child>|<the child's own id>": adoption after a restart reads the
+# child's name back from it and hands the child its own id.
+EXTERNAL_ID_SEPARATOR = "|"
+# A workload that waited in the router longer than this gets a new execution-API token before it is handed to a
+# child: its token lives only ``[scheduler] task_queued_timeout`` from when the scheduler made it.
+TOKEN_REFRESH_AFTER_S = 60.0
+FALLBACK_MODE_ALIASES = {"redispatch": SAME_TRY, SAME_TRY: SAME_TRY, NEXT_TRY: NEXT_TRY}
+
+log = logging.getLogger(__name__)
+
+
+def external_id(child: str, child_info: Any) -> str:
+    if child_info in (None, ""):
+        return child
+    return f"{child}{EXTERNAL_ID_SEPARATOR}{child_info}"
+
+
+def split_external_id(value: str | None) -> tuple[str | None, str | None]:
+    """``(child name, the child's own id or None)`` of an ``external_executor_id`` the router wrote."""
+    if not value:
+        return None, None
+    child, sep, rest = value.partition(EXTERNAL_ID_SEPARATOR)
+    return child, (rest if sep else None)
+
+
+def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
+    """The workload a child sees: ``executor_config`` without the router's own section.
+
+    The ECS executor merges ``executor_config`` into its ``RunTask`` call, which rejects unknown keys.
+    """
+    config = workload.ti.executor_config
+    if not isinstance(config, dict) or ROUTER_CONFIG_KEY not in config:
+        return workload
+    cleaned = {k: v for k, v in config.items() if k != ROUTER_CONFIG_KEY}
+    ti = workload.ti.model_copy(update={"executor_config": cleaned})
+    return workload.model_copy(update={"ti": ti})
+
+
+@dataclass
+class Pending:
+    """A task waiting inside the router for one of ``candidates`` to have room."""
+
+    candidates: tuple[str, ...]
+    decision: Any
+    kind: str = "routed"  # "routed" | "fallback" | "next_try"
+    since: float = 0.0
+    failure: InfrastructureFailure | None = None
+    failed_on: str | None = None
+    announced_wait: bool = False
+
+
+@dataclass
+class Assignment:
+    """Which child owns a key now, and what is left to try should it die there."""
+
+    ti_id: Any
+    decision: Any  # None for tasks adopted after a restart: their rule is not known any more
+    child: str | None = None  # None while waiting for a fallback executor with room
+    tried: list[str] = field(default_factory=list)
+    fallbacks_used: int = 0
+    log_path: str | None = None
+
+
+class RoutingExecutor(BaseExecutor):
+    """Routes each task to a child executor by policy, with overflow, fallback and adoption.
+
+    Set ``[core] executor = hybrid_router.router.RoutingExecutor`` (or give it an alias in Airflow's executor
+    list) and ``[hybrid_router] policy_file``. The constructor reads nothing and starts nothing: the API server
+    and ``airflow dags test`` also build executors. ``policy``, ``config`` and ``children`` may be passed in
+    (tests, embedding); otherwise ``start()`` reads ``[hybrid_router]`` and builds the children.
+    """
+
+    # Class flags are read on the class before start(), when the children are not built yet; they describe the
+    # children the router can run. LocalExecutor children run on this host and write their logs here.
+    is_local: bool = True
+    serve_logs: bool = True
+    # Callbacks and connection tests go to the first child that supports them; start() turns these on for
+    # this instance when there is one, so the base class refuses them with a clear error when there is not.
+    supports_callbacks: bool = False
+    supports_connection_test: bool = False
+    supports_multi_team: bool = True
+
+    def __init__(
+        self,
+        parallelism: int = PARALLELISM,
+        team_name: str | None = None,
+        *,
+        policy: Any = None,
+        config: Any = None,
+        children: dict[str, Child] | None = None,
+        history: Callable[[str, str], float | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(parallelism=parallelism, team_name=team_name)
+        self._policy = policy
+        self._config = config
+        self._children: dict[str, Child] = children or {}
+        self._history = history
+        self._clock = clock
+        self._waiting: dict[TaskInstanceKey, Pending] = {}
+        self._assignments: dict[TaskInstanceKey, Assignment] = {}
+        self._workload_owner: dict[Any, str] = {}  # callback / connection-test key -> child
+        self._next_try = NextTryRoutes()
+        self._audit = audit.AuditLog()
+        self._audit_enabled = True
+        self._policy_stamp: tuple[int, int] | None = None
+        self._next_reload_at = float("inf")
+        self._started = False
+
+    # -- start / stop ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._config is None and self._policy is None:
+            from hybrid_router.config import RouterConfig
+
+            self._config = RouterConfig.from_airflow_conf()
+        if self._policy is None:
+            self._policy = self._load_policy_file()
+            self._policy_stamp = self._file_stamp()
+        if self._config is not None:
+            self._audit_enabled = bool(getattr(self._config, "audit_log", True))
+            self._next_reload_at = self._clock() + float(self._config.reload_interval)
+            if self._history is None and getattr(self._config, "history_enabled", False):
+                self._history = self._build_history()
+        if not self._children:
+            self._children = build_children(self._policy.executors, team_name=self.team_name)
+        for child in self._children.values():
+            child.executor.job_id = self.job_id
+            child.executor.callback_sink = self.callback_sink
+            child.executor.start()
+        self.supports_callbacks = any(c.executor.supports_callbacks for c in self._children.values())
+        self.supports_connection_test = any(
+            c.executor.supports_connection_test for c in self._children.values()
+        )
+        self._started = True
+        log.info(
+            "RoutingExecutor started with children %s, fallback mode %s",
+            ", ".join(
+                f"{c.name}={type(c.executor).__name__}(limit {c.limit})" for c in self._children.values()
+            ),
+            self.fallback_mode,
+        )
+
+    def end(self) -> None:
+        self._for_each_child("end", lambda c: c.executor.end())
+        self._flush_audit()
+
+    def terminate(self) -> None:
+        self._for_each_child("terminate", lambda c: c.executor.terminate())
+        self._flush_audit()
+
+    def _for_each_child(self, what: str, action: Callable[[Child], Any]) -> None:
+        # One child failing to stop must not leave the others running.
+        for child in self._children.values():
+            try:
+                action(child)
+            except Exception:
+                log.exception("%s() of child executor %s failed", what, child.name)
+
+    # -- policy ----------------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Any:
+        return self._policy
+
+    @property
+    def children(self) -> dict[str, Child]:
+        return self._children
+
+    @property
+    def fallback_mode(self) -> str:
+        mode = getattr(self._policy, "fallback_mode", None) or getattr(
+            self._config, "fallback_mode", SAME_TRY
+        )
+        return FALLBACK_MODE_ALIASES.get(mode, SAME_TRY)
+
+    @property
+    def max_fallbacks(self) -> int:
+        return int(getattr(self._policy, "max_fallbacks", 1))
+
+    def _load_policy_file(self) -> Any:
+        from hybrid_router.router.policy import load_policy
+
+        return load_policy(self._config.policy_file)
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._config.policy_file)
+        except (OSError, AttributeError, TypeError):
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reload_policy(self) -> bool:
+        """Load the policy file again if it changed; keep the last good policy when the new one is bad."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._policy_stamp:
+            return False
+        self._policy_stamp = stamp
+        try:
+            policy = self._load_policy_file()
+        except Exception as err:
+            issues = getattr(err, "issues", None)
+            log.error(
+                "Policy reload from %s failed; routing goes on with the last good policy: %s%s",
+                self._config.policy_file,
+                err,
+                "".join(f"\n  {issue}" for issue in issues) if issues else "",
+            )
+            return False
+        if dict(policy.executors) != dict(self._policy.executors):
+            log.error(
+                "Policy reload from %s changes the executors section; that takes a scheduler restart. "
+                "Routing goes on with the last good policy.",
+                self._config.policy_file,
+            )
+            return False
+        self._policy = policy
+        log.info("Policy reloaded from %s", self._config.policy_file)
+        return True
+
+    def _maybe_reload_policy(self) -> None:
+        now = self._clock()
+        if now < self._next_reload_at:
+            return
+        self._next_reload_at = now + float(self._config.reload_interval)
+        self.reload_policy()
+
+    def _build_history(self) -> Callable[[str, str], float | None]:
+        from airflow.utils.session import create_session
+        from hybrid_router.router.history import TaskDurationHistory
+
+        return TaskDurationHistory(
+            create_session,
+            days=self._config.history_days,
+            min_runs=self._config.history_min_runs,
+            ttl=self._config.history_cache_ttl,
+        )
+
+    # -- queueing and routing --------------------------------------------------------------------------------
+
+    def queue_workload(self, workload: ExecutorWorkload, session: Session | None) -> None:
+        if isinstance(workload, workloads.ExecuteTask):
+            self._queue_task(workload, session)
+            return
+        # Callbacks and connection tests have no policy: the base class refuses them when no child supports
+        # them, otherwise they go straight to the first child that does.
+        super().queue_workload(workload, session)
+        self.queued_callbacks.pop(workload.key, None)
+        self.queued_connection_tests.pop(workload.key, None)
+        flag = (
+            "supports_callbacks"
+            if isinstance(workload, workloads.ExecuteCallback)
+            else "supports_connection_test"
+        )
+        child = next(c for c in self._children.values() if getattr(c.executor, flag))
+        child.executor.queue_workload(workload, session)
+        self._workload_owner[workload.key] = child.name
+
+    def _queue_task(self, workload: workloads.ExecuteTask, session: Session | None) -> None:
+        key = workload.ti.key
+        next_try = self._next_try.take(key)
+        try:
+            decision = self.decide(workload, session)
+        except Exception as err:
+            self._reject(workload, err)
+            return
+        if next_try is not None and next_try.executor in self._children:
+            pending = Pending(
+                candidates=(next_try.executor, *next_try.remaining),
+                decision=decision,
+                kind="next_try",
+                failed_on=next_try.failed_on,
+            )
+        else:
+            candidates = (decision.executor, *decision.overflow)
+            pending = Pending(
+                candidates=tuple(c for c in candidates if c in self._children), decision=decision
+            )
+        pending.since = self._clock()
+        self.queued_tasks[key] = workload
+        self._waiting[key] = pending
+        self._assignments[key] = Assignment(
+            ti_id=workload.ti.id, decision=decision, log_path=workload.log_path
+        )
+
+    def decide(self, workload: workloads.ExecuteTask, session: Session | None = None) -> Any:
+        """The policy's decision for a queued task, from its task instance's facts."""
+        from hybrid_router.router.policy import resolve_facts
+
+        ti_dto = workload.ti
+        pool = operator = None
+        execution_timeout_s = None
+        if session is not None:
+            from airflow.models.taskinstance import TaskInstance
+
+            # The scheduler loaded this row in the same session a moment ago: an identity-map hit, no query.
+            ti = session.get(TaskInstance, ti_dto.id)
+            if ti is not None:
+                pool, operator = ti.pool, ti.operator
+                task = getattr(ti, "task", None)
+                timeout = getattr(task, "execution_timeout", None)
+                if timeout is not None:
+                    execution_timeout_s = timeout.total_seconds()
+        facts = resolve_facts(
+            dag_id=ti_dto.dag_id,
+            task_id=ti_dto.task_id,
+            queue=ti_dto.queue,
+            pool=pool,
+            operator=operator,
+            executor_config=ti_dto.executor_config,
+            execution_timeout_s=execution_timeout_s,
+            history=self._history,
+        )
+        return self._policy.decide(facts)
+
+    def _reject(self, workload: workloads.ExecuteTask, err: Exception) -> None:
+        """A task the policy cannot route (bad ``executor_config``): fail it with the reason, visibly."""
+        key = workload.ti.key
+        message = f"hybrid_router: cannot route this task: {err}"
+        log.error("Cannot route %s: %s", key, err)
+        audit.write_task_log_line(workload.log_path, message, level="error")
+        if self._audit_enabled:
+            self._audit.record("hybrid_router.route_error", key, error=str(err))
+        self.event_buffer[key] = (TaskInstanceState.FAILED, message)
+
+    # -- capacity --------------------------------------------------------------------------------------------
+
+    @property
+    def slots_available(self) -> int:
+        if not self._started:
+            return super().slots_available
+        free = sum(child.free_slots() for child in self._children.values())
+        return max(free - len(self.queued_tasks), 0)
+
+    def _dispatch_waiting(self) -> set[str]:
+        """Hand waiting tasks, highest priority first, to the first candidate with room. Returns children used."""
+        if not self._waiting:
+            return set()
+        free = {name: child.free_slots() for name, child in self._children.items()}
+        used: set[str] = set()
+        for key, workload in self.order_queued_tasks_by_priority():
+            pending = self._waiting[key]
+            target = next((name for name in pending.candidates if free.get(name, 0) > 0), None)
+            if target is None:
+                if not pending.announced_wait:
+                    pending.announced_wait = True
+                    self._announce_wait(key, workload, pending)
+                continue
+            free[target] -= 1
+            self._dispatch(key, workload, pending, target)
+            used.add(target)
+        return used
+
+    def _announce_wait(self, key: TaskInstanceKey, workload: workloads.ExecuteTask, pending: Pending) -> None:
+        names = ", ".join(pending.candidates) or "(none configured)"
+        log.info("No room for %s on %s; it waits in the router", key, names)
+        metrics.count_waiting(pending.candidates[0] if pending.candidates else "none")
+        audit.write_task_log_line(
+            workload.log_path, f"hybrid_router: waiting for a free slot on {names}; the task is not dropped"
+        )
+
+    def _dispatch(
+        self, key: TaskInstanceKey, workload: workloads.ExecuteTask, pending: Pending, target: str
+    ) -> None:
+        child = self._children[target]
+        assignment = self._assignments[key]
+        if self._clock() - pending.since > TOKEN_REFRESH_AFTER_S:
+            workload = workload.model_copy(
+                update={
+                    "token": workloads.ExecuteTask.generate_token(str(workload.ti.id), self.jwt_generator)
+                }
+            )
+        message, extra = self._describe(pending, target)
+        audit.write_task_log_line(workload.log_path, message)
+        child.executor.queue_workload(strip_router_keys(workload), None)
+        del self.queued_tasks[key]
+        del self._waiting[key]
+        child.in_flight.add(key)
+        self.running.add(key)
+        assignment.child = target
+        assignment.tried.append(target)
+        # Written now, not when the child reports RUNNING: a task must be adoptable by its child's name even
+        # if the scheduler dies before the child says anything.
+        self.event_buffer[key] = (TaskInstanceState.QUEUED, external_id(target, None))
+        if self._audit_enabled:
+            event = audit.EVENT_FALLBACK if pending.kind == "fallback" else audit.EVENT_ROUTED
+            self._audit.record(event, key, **extra)
+        rule = getattr(pending.decision, "rule", "unknown")
+        if pending.kind == "fallback":
+            metrics.count_fallback(pending.failed_on or "unknown", target, pending.failure.reason)
+        else:
+            metrics.count_routed(target, rule)
+            if pending.candidates and target != pending.candidates[0]:
+                metrics.count_overflow(pending.candidates[0], target)
+        log.info("%s -> %s (%s)", key, target, extra.get("how"))
+
+    def _describe(self, pending: Pending, target: str) -> tuple[str, dict[str, Any]]:
+        """The task-log line and the audit row's details for one dispatch."""
+        decision = pending.decision
+        rule = getattr(decision, "rule", None)
+        rule_index = getattr(decision, "rule_index", None)
+        reasons = "; ".join(getattr(decision, "reasons", ()) or ())
+        extra: dict[str, Any] = {"executor": target, "rule": rule, "rule_index": rule_index}
+        if pending.kind == "fallback":
+            failure = pending.failure
+            extra.update(
+                how="fallback",
+                failed_on=pending.failed_on,
+                reason=failure.reason,
+                detail=failure.detail,
+                waited_s=round(self._clock() - pending.since, 3),
+            )
+            detail = f": {failure.detail}" if failure.detail else ""
+            message = (
+                f"hybrid_router: FALLBACK - the run on executor '{pending.failed_on}' died ({failure.reason}{detail}); "
+                f"the same try runs again on executor '{target}'. The lines below are from that new run."
+            )
+            return message, extra
+        overflow_from = (
+            pending.candidates[0] if pending.candidates and target != pending.candidates[0] else None
+        )
+        extra.update(
+            how="next_try" if pending.kind == "next_try" else ("overflow" if overflow_from else "policy"),
+            overflow_from=overflow_from,
+            reasons=list(getattr(decision, "reasons", ()) or ()),
+            expected_duration_s=getattr(decision, "expected_duration_s", None),
+            duration_source=getattr(decision, "duration_source", None),
+            memory_mb=getattr(decision, "memory_mb", None),
+            memory_source=getattr(decision, "memory_source", None),
+            fallback=list(getattr(decision, "fallback", ()) or ()),
+        )
+        if pending.kind == "next_try":
+            message = (
+                f"hybrid_router: routed to executor '{target}' because the previous try died on "
+                f"'{pending.failed_on}' for infrastructure reasons (fallback mode next_try)"
+            )
+        else:
+            message = f"hybrid_router: routed to executor '{target}' by rule '{rule}'"
+            if rule_index is not None:
+                message += f" (#{rule_index})"
+            if overflow_from:
+                message += f", overflow from '{overflow_from}' which had no free slot"
+            if reasons:
+                message += f"; {reasons}"
+        return message, extra
+
+    # -- heartbeat -------------------------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        if self._config is not None:
+            self._maybe_reload_policy()
+        used = self._dispatch_waiting()
+        self._emit_metrics(self.slots_available, len(self.running), len(self.queued_tasks))
+        self.sync(dispatched_to=used)
+
+    def sync(self, dispatched_to: set[str] | None = None) -> None:
+        """Heartbeat every child, forward its events, and hand on the tries that died for infrastructure reasons."""
+        for child in self._children.values():
+            self._heartbeat_child(child)
+        fallbacks = False
+        for child in self._children.values():
+            fallbacks |= self._collect_events(child)
+            self._audit.adopt(self._drain(child.executor._task_event_logs))
+        if fallbacks:
+            # Start fallback runs in this heartbeat, not the next: every scheduler loop it waits is latency.
+            for name in self._dispatch_waiting():
+                self._heartbeat_child(self._children[name])
+        for child in self._children.values():
+            metrics.gauge_child(child.name, in_flight=len(child.in_flight), free=child.free_slots())
+        metrics.gauge_waiting(len(self._waiting))
+        self._flush_audit()
+
+    @staticmethod
+    def _drain(rows: Any) -> list[Any]:
+        drained = []
+        while rows:
+            drained.append(rows.popleft())
+        return drained
+
+    def _flush_audit(self) -> None:
+        self._audit.flush()
+
+    def _heartbeat_child(self, child: Child) -> None:
+        # The catch-all boundary: one broken child must not stop the others or the scheduler loop.
+        try:
+            child.executor.heartbeat()
+        except Exception:
+            log.exception("Heartbeat of child executor %s failed", child.name)
+
+    def _collect_events(self, child: Child) -> bool:
+        """Forward one child's events; True when a task was put back to wait for a fallback executor."""
+        fallback_queued = False
+        for key, (state, info) in child.executor.get_event_buffer().items():
+            if not isinstance(key, TaskInstanceKey):
+                self.event_buffer[key] = (state, info)
+                if state not in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
+                    self._workload_owner.pop(key, None)
+                continue
+            assignment = self._assignments.get(key)
+            if assignment is None or assignment.child != child.name:
+                # A dead run's late events (the key moved on to a fallback) or a revoked task: forwarding them
+                # would fail a try another executor now owns.
+                log.debug("Dropping event %s for %s from %s, which no longer owns it", state, key, child.name)
+                continue
+            if state in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
+                self.event_buffer[key] = (state, external_id(child.name, info))
+                continue
+            if state == TaskInstanceState.FAILED:
+                failure = child.pop_infrastructure_failure(key)
+                if failure is not None and self._on_infrastructure_failure(key, child, assignment, failure):
+                    fallback_queued = True
+                    continue
+            self._finish(key, child, state, info)
+        return fallback_queued
+
+    def _finish(self, key: TaskInstanceKey, child: Child, state: Any, info: Any) -> None:
+        child.in_flight.discard(key)
+        self.running.discard(key)
+        self._assignments.pop(key, None)
+        self.event_buffer[key] = (state, info)
+
+    # -- fallback --------------------------------------------------------------------------------------------
+
+    def _on_infrastructure_failure(
+        self, key: TaskInstanceKey, child: Child, assignment: Assignment, failure: InfrastructureFailure
+    ) -> bool:
+        """Handle a run that died for infrastructure reasons. True when the FAILED must not be forwarded."""
+        decision = assignment.decision
+        remaining = tuple(
+            name
+            for name in (getattr(decision, "fallback", ()) or ())
+            if name in self._children and name not in assignment.tried
+        )
+        log.warning(
+            "Run of %s on %s died for infrastructure reasons (%s: %s)",
+            key,
+            child.name,
+            failure.reason,
+            failure.detail,
+        )
+        if self.fallback_mode == NEXT_TRY:
+            if remaining:
+                self._next_try.remember(
+                    key,
+                    NextTryRoute(remaining[0], remaining[1:], failed_on=child.name, reason=failure.reason),
+                )
+                audit.write_task_log_line(
+                    assignment.log_path,
+                    f"hybrid_router: the run on executor '{child.name}' died ({failure.reason}); this try fails "
+                    f"and the next try, if the task has retries left, runs on executor '{remaining[0]}'",
+                    level="warning",
+                )
+                if self._audit_enabled:
+                    self._audit.record(
+                        audit.EVENT_NEXT_TRY_ROUTED,
+                        key,
+                        failed_on=child.name,
+                        reason=failure.reason,
+                        next_executor=remaining[0],
+                    )
+            return False
+        if not remaining or assignment.fallbacks_used >= self.max_fallbacks:
+            why = (
+                "no fallback executor left"
+                if not remaining
+                else f"max_fallbacks ({self.max_fallbacks}) reached"
+            )
+            metrics.count_fallback_exhausted(child.name)
+            audit.write_task_log_line(
+                assignment.log_path,
+                f"hybrid_router: the run on executor '{child.name}' died ({failure.reason}: {failure.detail}); "
+                f"{why}, so the try fails",
+                level="error",
+            )
+            if self._audit_enabled:
+                self._audit.record(
+                    audit.EVENT_FALLBACK_EXHAUSTED, key, failed_on=child.name, reason=failure.reason, why=why
+                )
+            return False
+        try:
+            workload = redispatch_same_try(assignment.ti_id, key.try_number, self.jwt_generator)
+        except Exception:
+            log.exception("Could not reset %s for a fallback run; failing the try as reported", key)
+            return False
+        if workload is None:
+            log.warning(
+                "%s is no longer running or queued at try %s; not re-dispatching it", key, key.try_number
+            )
+            return False
+        child.in_flight.discard(key)
+        self.running.discard(key)
+        assignment.child = None
+        assignment.fallbacks_used += 1
+        self.queued_tasks[key] = workload
+        self._waiting[key] = Pending(
+            candidates=remaining,
+            decision=decision,
+            kind="fallback",
+            since=self._clock(),
+            failure=failure,
+            failed_on=child.name,
+        )
+        return True
+
+    # -- scheduler services ----------------------------------------------------------------------------------
+
+    def has_task(self, task_instance: TaskInstance) -> bool:
+        # True from queueing until the current owner's final event, across any fallback hand-over; children
+        # cannot answer this (LocalExecutor forgets a task once dispatched).
+        return task_instance.key in self._assignments or super().has_task(task_instance)
+
+    def revoke_task(self, *, ti: TaskInstance) -> None:
+        """Forget a task (and ask its child to drop it); never raises, as the scheduler requires."""
+        key = ti.key
+        try:
+            self.queued_tasks.pop(key, None)
+            self._waiting.pop(key, None)
+            self.running.discard(key)
+            assignment = self._assignments.pop(key, None)
+            if assignment is None or assignment.child is None:
+                return
+            child = self._children.get(assignment.child)
+            if child is None:
+                return
+            child.in_flight.discard(key)
+            child.executor.revoke_task(ti=ti)
+        except NotImplementedError:
+            log.info("Child executor of %s cannot revoke tasks; its later events for it are dropped", key)
+        except Exception:
+            log.exception("Revoking %s failed", key)
+
+    def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
+        """Hand each task instance to the child named in its ``external_executor_id``; return the rest."""
+        by_child: dict[str, list[tuple[TaskInstance, str]]] = {}
+        not_adopted: list[TaskInstance] = []
+        for ti in tis:
+            name, child_info = split_external_id(ti.external_executor_id)
+            if name in self._children:
+                by_child.setdefault(name, []).append((ti, ti.external_executor_id))
+                ti.external_executor_id = child_info
+            else:
+                not_adopted.append(ti)
+        for name, items in by_child.items():
+            child = self._children[name]
+            offered = [ti for ti, _ in items]
+            try:
+                refused = {id(ti) for ti in child.executor.try_adopt_task_instances(offered)}
+            except Exception:
+                log.exception("Child executor %s failed to adopt task instances", name)
+                refused = {id(ti) for ti in offered}
+            for ti, original in items:
+                ti.external_executor_id = original
+                if id(ti) in refused:
+                    not_adopted.append(ti)
+                    continue
+                key = ti.key
+                self._assignments[key] = Assignment(ti_id=ti.id, decision=None, child=name, tried=[name])
+                child.in_flight.add(key)
+                self.running.add(key)
+        if tis:
+            log.info("Adopted %d of %d task instances", len(tis) - len(not_adopted), len(tis))
+        return not_adopted
+
+    def debug_dump(self) -> None:
+        super().debug_dump()
+        for child in self._children.values():
+            log.info("child %s: %d in flight, %d free", child.name, len(child.in_flight), child.free_slots())
+            child.executor.debug_dump()

@@ -1,0 +1,133 @@
+"""Re-running a try elsewhere after its first run died for infrastructure reasons.
+
+``same_try`` (the default) hands the same try to another executor without spending one of the task's retries.
+That takes two database steps, both here:
+
+1. A conditional reset of the task instance to QUEUED. The new worker's ``/run`` call is refused (409) unless
+   the task is QUEUED, and ``queued_dttm`` restarts the scheduler's stuck-in-queued clock. The ``WHERE`` makes
+   it a no-op when anything else moved the task meanwhile (a user marked it, another scheduler took it over, a
+   newer try exists): then the router does not touch it.
+2. A fresh workload built from the reloaded row, with a new execution-API token: the first workload's token
+   may be older than its ``task_queued_timeout`` lifetime by now (an async Lambda event can wait for hours).
+
+``next_try`` fails the try as usual and sends the task's next try to the fallback executor; the router only
+has to remember where that next try goes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from airflow.api_fastapi.auth.tokens import JWTGenerator
+    from airflow.executors.workloads import ExecuteTask
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+SAME_TRY = "same_try"
+NEXT_TRY = "next_try"
+# States from which a dead run's try may be handed over: RUNNING once its worker called /run, QUEUED when it
+# died before that.
+RESETTABLE_STATES = ("running", "queued")
+
+
+def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> bool:
+    """Move the try back to QUEUED if, and only if, it is still this try and still running or queued."""
+    from airflow._shared.timezones import timezone
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import update
+
+    result = session.execute(
+        update(TaskInstance)
+        .where(
+            TaskInstance.id == ti_id,
+            TaskInstance.try_number == try_number,
+            TaskInstance.state.in_(RESETTABLE_STATES),
+        )
+        .values(state="queued", queued_dttm=timezone.utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def fresh_workload(session: Session, ti_id: UUID | str, generator: JWTGenerator) -> ExecuteTask | None:
+    """A new ``ExecuteTask`` for the task instance's current row, with a new token; None if the row is gone."""
+    from airflow.executors.workloads import ExecuteTask
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import select
+    from sqlalchemy.orm import joinedload
+
+    ti = session.scalar(
+        select(TaskInstance)
+        .where(TaskInstance.id == ti_id)
+        .options(
+            joinedload(TaskInstance.dag_run).joinedload(DagRun.dag_model), joinedload(TaskInstance.dag_model)
+        )
+    )
+    if ti is None:
+        return None
+    return ExecuteTask.make(ti, generator=generator)
+
+
+def redispatch_same_try(ti_id: UUID | str, try_number: int, generator: JWTGenerator) -> ExecuteTask | None:
+    """Reset and rebuild in one transaction; None when the conditional reset matched no row."""
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        if not reset_to_queued(session, ti_id, try_number):
+            session.rollback()
+            return None
+        workload = fresh_workload(session, ti_id, generator)
+        if workload is None:
+            session.rollback()
+        return workload
+
+
+@dataclass(frozen=True)
+class NextTryRoute:
+    """Where the next try of a task goes after an infrastructure failure, and why."""
+
+    executor: str
+    remaining: tuple[str, ...]
+    failed_on: str
+    reason: str
+
+
+class NextTryRoutes:
+    """Remembers, per (dag_id, task_id, run_id, map_index), the executor for a task's next try.
+
+    Bounded (oldest forgotten first): a task whose next try never comes (no retries left, run cleared) must
+    not keep an entry for the life of the scheduler.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._routes: OrderedDict[tuple[str, str, str, int], tuple[int, NextTryRoute]] = OrderedDict()
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def remember(self, key: TaskInstanceKey, route: NextTryRoute) -> None:
+        self._routes[key.primary] = (key.try_number, route)
+        self._routes.move_to_end(key.primary)
+        while len(self._routes) > self._max_entries:
+            self._routes.popitem(last=False)
+
+    def take(self, key: TaskInstanceKey) -> NextTryRoute | None:
+        """The route for ``key`` if it is a later try than the one that failed; consumed when returned."""
+        entry = self._routes.get(key.primary)
+        if entry is None:
+            return None
+        failed_try, route = entry
+        if key.try_number <= failed_try:
+            return None
+        del self._routes[key.primary]
+        return route

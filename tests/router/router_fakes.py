@@ -1,0 +1,116 @@
+"""Fake child executors and workloads for the router's unit tests: no processes, no database."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import BaseExecutor
+from airflow.executors.workloads.base import BundleInfo
+from airflow.executors.workloads.task import TaskInstanceDTO
+from airflow.utils.state import TaskInstanceState
+
+from hybrid_router.child_protocol import InfrastructureFailure
+
+
+def make_workload(
+    task_id: str,
+    *,
+    dag_id: str = "dag",
+    run_id: str = "run",
+    try_number: int = 1,
+    map_index: int = -1,
+    queue: str = "default",
+    priority_weight: int = 1,
+    executor_config: dict[str, Any] | None = None,
+    log_path: str | None = None,
+) -> workloads.ExecuteTask:
+    ti = TaskInstanceDTO(
+        id=uuid.uuid4(),
+        task_id=task_id,
+        dag_id=dag_id,
+        run_id=run_id,
+        try_number=try_number,
+        map_index=map_index,
+        dag_version_id=uuid.uuid4(),
+        queue=queue,
+        pool_slots=1,
+        priority_weight=priority_weight,
+        executor_config=executor_config,
+    )
+    return workloads.ExecuteTask(
+        ti=ti,
+        dag_rel_path=Path("dag.py"),
+        token="token-of-" + task_id,
+        log_path=log_path,
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+
+
+class FakeChild(BaseExecutor):
+    """Records what it was asked to run; the test decides what happens to each task."""
+
+    supports_callbacks = False
+
+    def __init__(self, parallelism: int = 4, team_name: str | None = None, label: str = "fake") -> None:
+        super().__init__(parallelism=parallelism, team_name=team_name)
+        self.label = label
+        self.started = self.ended = self.terminated = False
+        self.dispatched: list[workloads.ExecuteTask] = []
+        self.revoked: list[Any] = []
+        self.heartbeats = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def _process_workloads(self, workload_items) -> None:
+        for workload in workload_items:
+            self.queued_tasks.pop(workload.key)
+            self.running.add(workload.key)
+            self.dispatched.append(workload)
+            self.running_state(workload.key, f"{self.label}-run-{workload.ti.task_id}")
+
+    def heartbeat(self) -> None:
+        self.heartbeats += 1
+        super().heartbeat()
+
+    def finish(self, key, state=TaskInstanceState.SUCCESS, info=None) -> None:
+        self.change_state(key, state, info)
+
+    def revoke_task(self, *, ti) -> None:
+        self.revoked.append(ti.key)
+        self.running.discard(ti.key)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+class CapacityChild(FakeChild):
+    """A child that offers ``free_capacity()``, like the Lambda executor while throttled."""
+
+    def __init__(self, *args: Any, capacity: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capacity = capacity
+
+    def free_capacity(self) -> int:
+        return self.capacity
+
+
+class DyingChild(FakeChild):
+    """A child whose runs die for infrastructure reasons when the test says so, like a Lambda timeout."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failures: dict[Any, InfrastructureFailure] = {}
+
+    def die(self, key, reason: str = "timeout", detail: str = "Task timed out after 3.00 seconds") -> None:
+        self._failures[key] = InfrastructureFailure(reason=reason, detail=detail)
+        self.fail(key)
+
+    def pop_infrastructure_failure(self, key) -> InfrastructureFailure | None:
+        return self._failures.pop(key, None)

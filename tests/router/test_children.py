@@ -1,0 +1,89 @@
+"""Building child executors from policy entries, and what counts as a free slot."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from airflow.executors.local_executor import LocalExecutor
+from hybrid_router.router.children import Child, ChildConfigError, build_children, instantiate_child
+from router_fakes import CapacityChild, FakeChild, make_workload
+
+
+class WithOptions(FakeChild):
+    def __init__(self, function_name: str, *args, region: str = "us-east-1", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.function_name = function_name
+        self.region = region
+
+
+def test_short_name_resolves_through_airflows_executor_loader_with_parallelism_from_max_concurrency():
+    child = instantiate_child("local", "LocalExecutor", max_concurrency=3, options={})
+    assert type(child) is LocalExecutor
+    assert child.parallelism == 3
+    assert child.name.alias == "local"
+    assert child.name.module_path == "airflow.executors.local_executor.LocalExecutor"
+
+
+def test_options_become_constructor_keywords():
+    child = instantiate_child(
+        "lam", f"{__name__}.WithOptions", max_concurrency=7, options={"function_name": "f", "region": "eu"}
+    )
+    assert (child.function_name, child.region, child.parallelism) == ("f", "eu", 7)
+
+
+def test_an_option_the_class_does_not_take_is_a_clear_error():
+    with pytest.raises(
+        ChildConfigError, match=r"executors\.local\.options: LocalExecutor does not accept funtion"
+    ):
+        instantiate_child("local", "LocalExecutor", max_concurrency=None, options={"funtion": "x"})
+
+
+@pytest.mark.parametrize(
+    ("class_path", "message"),
+    [
+        ("LocalExecuter", r"executors\.x\.class: 'LocalExecuter' is neither an Airflow executor short name"),
+        ("no.such.module.Executor", r"executors\.x\.class: cannot import 'no\.such\.module\.Executor'"),
+        ("collections.OrderedDict", r"executors\.x\.class: 'collections\.OrderedDict' is not a subclass"),
+    ],
+)
+def test_a_bad_class_names_the_entry(class_path, message):
+    with pytest.raises(ChildConfigError, match=message):
+        instantiate_child("x", class_path, max_concurrency=None, options={})
+
+
+def test_build_children_keeps_policy_order():
+    specs = {
+        "b": SimpleNamespace(class_path="LocalExecutor", max_concurrency=2, options={}),
+        "a": SimpleNamespace(
+            class_path=f"{__name__}.WithOptions", max_concurrency=None, options={"function_name": "f"}
+        ),
+    }
+    children = build_children(specs)
+    assert list(children) == ["b", "a"]
+    assert children["b"].limit == 2
+    # No max_concurrency: the child's own parallelism is the bound.
+    assert children["a"].limit == children["a"].executor.parallelism
+
+
+def test_free_slots_is_the_tightest_bound():
+    executor = CapacityChild(parallelism=10, capacity=4)
+    child = Child("lam", executor, max_concurrency=3)
+    assert child.free_slots() == 3
+    child.in_flight.add(make_workload("t").ti.key)
+    assert child.free_slots() == 2
+    executor.capacity = 1  # throttled, or reserved concurrency nearly used
+    assert child.free_slots() == 1
+    executor.capacity = 0
+    assert child.free_slots() == 0
+    executor.queue_workload(make_workload("u"), session=None)
+    executor.capacity = 100
+    assert child.free_slots() == 2  # max_concurrency 3 - 1 in flight; the child's own slots are 9
+
+
+def test_a_failing_free_capacity_counts_as_full():
+    class Broken(CapacityChild):
+        def free_capacity(self):
+            raise RuntimeError("boom")
+
+    assert Child("x", Broken(parallelism=5)).free_slots() == 0
