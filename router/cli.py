@@ -189,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.func(args)
     except SystemExit as done:
+        if done.code is None:
+            return EXIT_OK
         return done.code if isinstance(done.code, int) else EXIT_INVALID
     return EXIT_OK
 

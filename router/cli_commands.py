@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from hybrid_router.router.cli import EXIT_INVALID, EXIT_USAGE
 from hybrid_router.router.policy import Decision, Policy, PolicyError, TaskFacts, load_policy, resolve_facts
+from hybrid_router.router.policy.units import format_duration, format_memory
 
 if TYPE_CHECKING:
     from hybrid_router.config import RouterConfig
@@ -148,31 +149,18 @@ def _rule_line(policy: Policy, decision: Decision) -> int | None:
     return None
 
 
-def _seconds_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f}h ({seconds:.0f}s)"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f}m ({seconds:.0f}s)"
-    return f"{seconds:.0f}s"
-
-
 def _explanation_text(args: argparse.Namespace, result: dict[str, Any]) -> str:
     rule = result.get("rule")
-    where = f"rule #{result.get('rule_index')} {rule!r}" if rule else "no rule matched"
+    where = f"rule {rule!r}" if result.get("rule_index", -1) >= 0 else f"no rule matched, {rule}"
     if result.get("rule_line"):
         where += f" at {result['policy']}:{result['rule_line']}"
-    memory = result.get("memory_mb")
     lines = [
         f"{args.dag_id}.{args.task_id} -> {result['executor']}",
         f"  decided by: {where}",
         f"  overflow:   {', '.join(result.get('overflow') or []) or 'none (waits for a free slot)'}",
         f"  fallback:   {', '.join(result.get('fallback') or []) or 'none (an infrastructure failure fails the try)'}",
-        f"  duration:   {_seconds_text(result.get('expected_duration_s'))}"
-        f" from {result.get('duration_source') or 'unknown'}",
-        f"  memory:     {f'{memory} MB' if memory is not None else 'unknown'}"
-        f" from {result.get('memory_source') or 'unknown'}",
+        f"  duration:   {format_duration(result['expected_duration_s'])} from {result['duration_source']}",
+        f"  memory:     {format_memory(result['memory_mb'])} from {result['memory_source']}",
         "  why:",
     ]
     lines += [f"    - {reason}" for reason in result.get("reasons") or []]

@@ -1,7 +1,8 @@
 """How long tasks really run: the p95 of each task's recent successful runs, from Airflow's metadata database.
 
 The router asks for a task's expected duration on every routing decision, so the history of all tasks is read
-with one query and kept for ``ttl`` seconds; a decision never waits for the database.
+with one query and kept for ``ttl`` seconds: one decision per ``ttl`` waits for that query, the others read
+memory.
 
 What counts is worker time, not wall time. A task resumed after deferral keeps the ``start_date`` of its
 first run, so ``end_date - start_date`` (and Airflow's ``duration`` column) includes the time it waited in
