@@ -1,0 +1,67 @@
+"""Handlers the local Lambda service runs in tests (this folder is the functions' code_path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def noop(event: Any, context: Any) -> dict[str, Any]:
+    return {"ok": True}
+
+
+def describe(event: Any, context: Any) -> dict[str, Any]:
+    """Echo the event and what the runtime offers, so tests can check both."""
+    print("describe called", flush=True)
+    return {
+        "event": event,
+        "request_id": context.aws_request_id,
+        "function_name": context.function_name,
+        "memory_limit_in_mb": context.memory_limit_in_mb,
+        "log_stream_name": context.log_stream_name,
+        "remaining_ms": context.get_remaining_time_in_millis(),
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "env_marker": os.environ.get("FIXTURE_MARKER", ""),
+    }
+
+
+def record(event: Any, context: Any) -> dict[str, Any]:
+    """Append one line per run to the file the event names (counts runs, retries and duplicates)."""
+    with open(event["record_file"], "a") as out:
+        out.write(json.dumps({"request_id": context.aws_request_id, "pid": os.getpid()}) + "\n")
+    if event.get("fail"):
+        raise RuntimeError(event["fail"])
+    time.sleep(event.get("sleep", 0))
+    return {"ok": True}
+
+
+def sleep_with_child(event: Any, context: Any) -> None:
+    """Sleep past any timeout, with a grandchild in another session that must die with the sandbox."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    with open(event["pid_file"], "w") as out:
+        json.dump({"sandbox": os.getpid(), "child": child.pid}, out)
+    time.sleep(event.get("seconds", 300))
+
+
+def hog(event: Any, context: Any) -> None:
+    """Touch memory in 16 MB steps, up to the event's ``mb``: what a task that needs too much does."""
+    with open(event["pid_file"], "w") as out:
+        json.dump({"sandbox": os.getpid()}, out)
+    chunks = []
+    for _ in range(event["mb"] // 16):
+        chunks.append(b"x" * (16 * 1024 * 1024))
+        time.sleep(0.02)
+    time.sleep(5)
+
+
+def fail(event: Any, context: Any) -> None:
+    raise ValueError("the handler failed on purpose")
+
+
+def exit_runtime(event: Any, context: Any) -> None:
+    os._exit(3)
