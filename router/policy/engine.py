@@ -1,0 +1,179 @@
+"""A loaded policy and its decisions: pure, fast, and cached per TaskFacts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from cachetools import LRUCache
+
+from .conditions import Condition, Subject
+from .errors import PolicyIssue
+from .model import (
+    SOURCE_POLICY_DEFAULT,
+    SOURCE_TASK_FACTS,
+    Decision,
+    Defaults,
+    ExecutorSpec,
+    FallbackMode,
+    TaskFacts,
+)
+from .units import format_duration
+
+DEFAULT_CACHE_SIZE = 65536
+DEFAULTS_RULE_NAME = "defaults.run_on"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One routing rule; ``conditions`` is empty for a catch-all (a rule without ``if``)."""
+
+    index: int
+    name: str
+    conditions: tuple[Condition, ...]
+    run_on: str
+    overflow: tuple[str, ...]
+    fallback: tuple[str, ...]
+    line: int
+
+    @property
+    def is_catch_all(self) -> bool:
+        return not self.conditions
+
+
+class CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class Policy:
+    """Executors, defaults and rules of one policy file; ``decide`` says where a task runs."""
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        version: int,
+        executors: Mapping[str, ExecutorSpec],
+        defaults: Defaults,
+        rules: Sequence[Rule],
+        warnings: Sequence[PolicyIssue] = (),
+        fallback_mode: FallbackMode = "same_try",
+        max_fallbacks: int = 2,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ):
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.source = source
+        self.version = version
+        self.executors: dict[str, ExecutorSpec] = dict(executors)
+        self.defaults = defaults
+        self.rules: list[Rule] = list(rules)
+        self.warnings: list[PolicyIssue] = list(warnings)
+        self.fallback_mode = fallback_mode
+        self.max_fallbacks = max_fallbacks
+        # (max duration, max memory) per executor with inf for "no limit": two float compares per check
+        self._bounds = {name: spec.limits.bounds() for name, spec in self.executors.items()}
+        self._cache: LRUCache[TaskFacts, Decision] = LRUCache(maxsize=cache_size)
+        self._cache_lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    def __repr__(self) -> str:
+        return f"<Policy {self.source!r}: {len(self.executors)} executors, {len(self.rules)} rules>"
+
+    def decide(self, facts: TaskFacts) -> Decision:
+        """The decision for ``facts``, from the cache when the same facts were decided before."""
+        with self._cache_lock:
+            decision = self._cache.get(facts)
+            if decision is not None:
+                self._hits += 1
+                return decision
+            self._misses += 1
+        decision = self.decide_uncached(facts)
+        with self._cache_lock:
+            self._cache[facts] = decision
+        return decision
+
+    def cache_info(self) -> CacheInfo:
+        with self._cache_lock:
+            return CacheInfo(self._hits, self._misses, self._cache.maxsize, self._cache.currsize)
+
+    def cache_clear(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+    def decide_uncached(self, facts: TaskFacts) -> Decision:
+        """First rule whose conditions hold and whose executor can take the task; else defaults.run_on."""
+        subject = self._subject(facts)
+        duration, memory = subject.duration_s, subject.memory_mb
+        bounds = self._bounds
+        skipped: list[str] = []
+        for rule in self.rules:
+            for condition in rule.conditions:
+                if not condition.matches(subject):
+                    break
+            else:
+                max_duration, max_memory = bounds[rule.run_on]
+                if duration <= max_duration and memory <= max_memory:
+                    return self._decision(subject, rule, skipped)
+                breaches = self.executors[rule.run_on].limits.breaches(rule.run_on, duration, memory)
+                skipped.append(f"rule {rule.name!r} skipped: {'; '.join(breaches)}")
+        return self._decision(subject, None, skipped)
+
+    def _subject(self, facts: TaskFacts) -> Subject:
+        if facts.expected_duration_s is None:
+            duration, duration_source = self.defaults.expected_duration_s, SOURCE_POLICY_DEFAULT
+        else:
+            duration, duration_source = facts.expected_duration_s, facts.duration_source or SOURCE_TASK_FACTS
+        if facts.memory_mb is None:
+            memory, memory_source = self.defaults.memory_mb, SOURCE_POLICY_DEFAULT
+        else:
+            memory, memory_source = facts.memory_mb, facts.memory_source or SOURCE_TASK_FACTS
+        operator_class = facts.operator.rpartition(".")[2] if facts.operator else None
+        return Subject(facts, duration, duration_source, memory, memory_source, operator_class)
+
+    def _decision(self, subject: Subject, rule: Rule | None, skipped: list[str]) -> Decision:
+        # Only the winner's reasons are written out: losing rules cost a failed compare, nothing more.
+        reasons = [
+            f"expected duration {format_duration(subject.duration_s)} from {subject.duration_source}, "
+            f"memory {subject.memory_mb} MB from {subject.memory_source}",
+            *skipped,
+        ]
+        if rule is None:
+            # the loader guarantees defaults.run_on exists and has no limits whenever this can be reached
+            executor = self.defaults.run_on
+            assert executor is not None
+            reasons.append(f"no rule took the task; {DEFAULTS_RULE_NAME} sends it to {executor}")
+            return Decision(executor, (), (), DEFAULTS_RULE_NAME, -1, tuple(reasons), *_figures(subject))
+        if rule.is_catch_all:
+            reasons.append(f"rule {rule.name!r} takes every task")
+        else:
+            reasons.extend(condition.describe(subject, rule.name) for condition in rule.conditions)
+        reasons.append(f"rule {rule.name!r} sends the task to {rule.run_on}")
+        overflow = self._fitting("overflow", rule.overflow, subject, reasons)
+        fallback = self._fitting("fallback", rule.fallback, subject, reasons)
+        return Decision(
+            rule.run_on, overflow, fallback, rule.name, rule.index, tuple(reasons), *_figures(subject)
+        )
+
+    def _fitting(
+        self, role: str, executors: tuple[str, ...], subject: Subject, reasons: list[str]
+    ) -> tuple[str, ...]:
+        kept = []
+        for name in executors:
+            breaches = self.executors[name].limits.breaches(name, subject.duration_s, subject.memory_mb)
+            if breaches:
+                reasons.append(f"{role} {name!r} dropped: {'; '.join(breaches)}")
+            else:
+                kept.append(name)
+        return tuple(kept)
+
+
+def _figures(subject: Subject) -> tuple[float, str, int, str]:
+    return subject.duration_s, subject.duration_source, subject.memory_mb, subject.memory_source

@@ -1,0 +1,451 @@
+"""Policy files to Policy objects: YAML with positions, the JSON Schema, then the checks a schema cannot make.
+
+Every problem becomes a PolicyIssue naming file, line, column and field; all of them are collected before
+PolicyError is raised, so one run of ``validate`` shows everything that needs fixing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+from hybrid_router.policies import SCHEMA
+
+from .conditions import (
+    ComparisonCondition,
+    Condition,
+    GlobCondition,
+    NamesCondition,
+    OperatorCondition,
+    parse_comparison,
+)
+from .engine import Policy, Rule
+from .errors import PolicyError, PolicyIssue, did_you_mean
+from .model import Defaults, ExecutorSpec, Limits
+from .source import ROOT_PATH_NAME, FieldPath, SourceMap, load_yaml
+from .units import format_duration, parse_duration, parse_memory_mb
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSION = 1
+BUILTIN_EXPECTED_DURATION_S = 300.0
+BUILTIN_MEMORY_MB = 512
+BUILTIN_FALLBACK_MODE = "same_try"
+BUILTIN_MAX_FALLBACKS = 2
+# The short names Airflow resolves itself (airflow.executors.executor_constants.CORE_EXECUTOR_NAMES, minus
+# its test-only MockExecutor); kept here because the policy engine does not import Airflow.
+AIRFLOW_SHORT_EXECUTOR_NAMES = frozenset({"LocalExecutor", "CeleryExecutor", "KubernetesExecutor"})
+
+# cheapest first: the order only changes how soon a losing rule is abandoned, never the outcome
+_CONDITION_COST = {"queue": 0, "pool": 0, "operator": 1, "expected_duration": 2, "memory_mb": 2}
+_GLOB_KEYS = ("dag_id", "task_id")
+_JSON_TYPES = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and check a policy file; raises PolicyError (also for a file that cannot be read)."""
+    filename = os.fspath(path)
+    try:
+        raw = Path(filename).read_bytes()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise PolicyError(
+            [PolicyIssue(filename, 1, 1, ROOT_PATH_NAME, f"cannot read the file: {reason}")]
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise PolicyError(
+            [PolicyIssue(filename, line, column, ROOT_PATH_NAME, f"not UTF-8 text: {error.reason}")]
+        ) from None
+    return load_policy_text(text, filename)
+
+
+def load_policy_text(text: str, filename: str = "<string>") -> Policy:
+    """Check a policy given as text; ``filename`` is what issues and ``Policy.source`` call it."""
+    data, source, issues = load_yaml(text, filename)
+    builder = _PolicyBuilder(source, issues)
+    try:
+        return builder.build(data)
+    except PolicyError:
+        raise
+    except Exception as error:
+        # A bug of ours must still reach a validator as an issue, not as a traceback in the scheduler.
+        log.exception("Unexpected failure while checking policy %s", filename)
+        raise PolicyError(
+            [*builder.errors, source.issue((), f"internal error while checking the policy: {error!r}")],
+            builder.warnings,
+        ) from error
+
+
+@functools.cache
+def _schema_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+class _PolicyBuilder:
+    def __init__(self, source: SourceMap, issues: Iterable[PolicyIssue]):
+        self.source = source
+        self.errors: list[PolicyIssue] = list(issues)
+        self.warnings: list[PolicyIssue] = []
+        self._flagged: set[FieldPath] = set()  # fields the schema rejected: not checked again
+
+    # -- reporting --------------------------------------------------------------------------------------
+    def error(self, path: FieldPath, message: str, *, at_key: bool = False) -> None:
+        self.errors.append(self.source.issue(path, message, at_key=at_key))
+        self._flagged.add(path)
+
+    def warn(self, path: FieldPath, message: str) -> None:
+        self.warnings.append(self.source.issue(path, message, severity="warning"))
+
+    def _usable(self, path: FieldPath) -> bool:
+        return not any(path[:length] in self._flagged for length in range(len(path) + 1))
+
+    def _parsed(self, path: FieldPath, value: Any, parse: Callable[[Any], Any]) -> Any | None:
+        """``parse(value)``, or None after reporting its ValueError at ``path``."""
+        if value is None or not self._usable(path):
+            return None
+        try:
+            return parse(value)
+        except ValueError as error:
+            self.error(path, str(error))
+            return None
+
+    # -- the whole file ---------------------------------------------------------------------------------
+    def build(self, data: Any) -> Policy:
+        self._check_schema(data)
+        if not isinstance(data, dict):
+            raise PolicyError(self.errors, self.warnings)
+        executors = self._executors(data.get("executors"))
+        rules = self._rules(data.get("rules"), executors)
+        defaults = self._defaults(_mapping(data.get("defaults")), executors, rules)
+        settings = _mapping(data.get("settings"))
+        self._check_unused(executors, rules, defaults)
+        if self.errors:
+            raise PolicyError(self.errors, self.warnings)
+        return Policy(
+            source=self.source.filename,
+            version=int(data["version"]),
+            executors=executors,
+            defaults=defaults,
+            rules=rules,
+            warnings=sorted(self.warnings, key=lambda issue: (issue.line, issue.column)),
+            fallback_mode=settings.get("fallback_mode", BUILTIN_FALLBACK_MODE),
+            max_fallbacks=int(settings.get("max_fallbacks", BUILTIN_MAX_FALLBACKS)),
+        )
+
+    # -- structure --------------------------------------------------------------------------------------
+    def _check_schema(self, data: Any) -> None:
+        seen: set[tuple[FieldPath, str]] = set()
+        for error in _schema_validator().iter_errors(data):
+            for path, message, at_key in _explain_schema_error(error):
+                if (path, message) not in seen:
+                    seen.add((path, message))
+                    self.error(path, message, at_key=at_key)
+
+    # -- executors --------------------------------------------------------------------------------------
+    def _executors(self, raw: Any) -> dict[str, ExecutorSpec]:
+        executors: dict[str, ExecutorSpec] = {}
+        for name, spec in _mapping(raw).items():
+            path: FieldPath = ("executors", name)
+            spec = _mapping(spec)
+            class_path = spec.get("class")
+            if isinstance(class_path, str) and self._usable((*path, "class")) and "." not in class_path:
+                if class_path not in AIRFLOW_SHORT_EXECUTOR_NAMES:
+                    self.error(
+                        (*path, "class"),
+                        f"unknown executor {class_path!r}{did_you_mean(class_path, AIRFLOW_SHORT_EXECUTOR_NAMES)};"
+                        " give an import path such as 'airflow.providers.amazon.aws.executors.ecs.ecs_executor."
+                        "AwsEcsExecutor', or one of " + ", ".join(sorted(AIRFLOW_SHORT_EXECUTOR_NAMES)),
+                    )
+            concurrency = spec.get("max_concurrency")
+            executors[name] = ExecutorSpec(
+                name=name,
+                class_path=class_path if isinstance(class_path, str) else "",
+                max_concurrency=int(concurrency) if _is_number(concurrency) else None,
+                limits=self._limits((*path, "limits"), _mapping(spec.get("limits"))),
+                options=_mapping(spec.get("options")),
+            )
+        return executors
+
+    def _limits(self, path: FieldPath, raw: dict[str, Any]) -> Limits:
+        max_duration = self._parsed((*path, "max_duration"), raw.get("max_duration"), _positive_duration)
+        if "max_memory" in raw and "max_memory_mb" in raw:
+            self.error((*path, "max_memory"), "give max_memory or max_memory_mb, not both", at_key=True)
+        key = "max_memory" if "max_memory" in raw else "max_memory_mb"
+        max_memory = self._parsed((*path, key), raw.get(key), parse_memory_mb)
+        return Limits(max_duration_s=max_duration, max_memory_mb=max_memory)
+
+    # -- rules ------------------------------------------------------------------------------------------
+    def _rules(self, raw: Any, executors: dict[str, ExecutorSpec]) -> list[Rule]:
+        rules: list[Rule] = []
+        first_by_name: dict[str, FieldPath] = {}
+        shadowing: Rule | None = None  # first catch-all whose executor takes every task
+        for index, item in enumerate(raw if isinstance(raw, list) else []):
+            path: FieldPath = ("rules", index)
+            item = _mapping(item)
+            name = item.get("name")
+            name = name if isinstance(name, str) else f"rules[{index}]"
+            if name in first_by_name and self._usable((*path, "name")):
+                first = first_by_name[name]
+                self.error(
+                    (*path, "name"),
+                    f"duplicate rule name {name!r} (first used by rules[{first[1]}] at line "
+                    f"{self.source.value_at(first).line})",
+                )
+            first_by_name.setdefault(name, path)
+            run_on = item.get("run_on")
+            run_on = run_on if isinstance(run_on, str) else ""
+            self._check_reference((*path, "run_on"), run_on, executors)
+            rule = Rule(
+                index=index,
+                name=name,
+                conditions=self._conditions((*path, "if"), _mapping(item.get("if"))),
+                run_on=run_on,
+                overflow=self._executor_list((*path, "overflow"), item.get("overflow"), run_on, executors),
+                fallback=self._executor_list((*path, "fallback"), item.get("fallback"), run_on, executors),
+                line=self.source.value_at(path).line,
+            )
+            if shadowing is not None:
+                self.error(
+                    path,
+                    f"can never match: shadowed by catch-all rule {shadowing.name!r} at line {shadowing.line}",
+                )
+            elif "if" not in item and run_on in executors and executors[run_on].limits.is_unlimited:
+                shadowing = rule
+            if run_on in executors:
+                self._check_rule_limits(path, rule, executors[run_on])
+            rules.append(rule)
+        return rules
+
+    def _conditions(self, path: FieldPath, raw: dict[str, Any]) -> tuple[Condition, ...]:
+        conditions: list[Condition] = []
+        for key, value in raw.items():
+            field_path = (*path, key)
+            if not self._usable(field_path):
+                continue
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                continue  # the schema has said what is wrong with it
+            if key in ("queue", "pool"):
+                conditions.append(NamesCondition(key, frozenset(items)))
+            elif key == "operator":
+                conditions.append(OperatorCondition.from_names(items))
+            elif key in _GLOB_KEYS:
+                conditions.append(GlobCondition.from_globs(key, items))
+            elif key in ("expected_duration", "memory_mb"):
+                condition = self._comparisons(field_path, key, value, items)
+                if condition is not None:
+                    conditions.append(condition)
+        conditions.sort(key=lambda condition: _CONDITION_COST.get(condition.key, 3))
+        return tuple(conditions)
+
+    def _comparisons(
+        self, path: FieldPath, key: str, value: Any, items: list[str]
+    ) -> ComparisonCondition | None:
+        parse_bound = parse_duration if key == "expected_duration" else parse_memory_mb
+        comparisons = []
+        for position, text in enumerate(items):
+            item_path = path if isinstance(value, str) else (*path, position)
+            comparison = self._parsed(item_path, text, lambda text: parse_comparison(text, parse_bound))
+            if comparison is None:
+                return None
+            comparisons.append(comparison)
+        return ComparisonCondition(key, tuple(comparisons))
+
+    def _executor_list(
+        self, path: FieldPath, raw: Any, run_on: str, executors: dict[str, ExecutorSpec]
+    ) -> tuple[str, ...]:
+        if raw is None or not self._usable(path):
+            return ()
+        names = [raw] if isinstance(raw, str) else raw
+        role = path[-1]
+        kept: list[str] = []
+        for position, name in enumerate(names):
+            item_path = path if isinstance(raw, str) else (*path, position)
+            if not isinstance(name, str) or not self._check_reference(item_path, name, executors):
+                continue
+            if name == run_on:
+                self.error(item_path, f"{name!r} is this rule's run_on; {role} must name other executors")
+            elif name in kept:
+                self.error(item_path, f"{name!r} is listed twice in {role}")
+            else:
+                kept.append(name)
+        return tuple(kept)
+
+    def _check_reference(self, path: FieldPath, name: str, executors: dict[str, ExecutorSpec]) -> bool:
+        """Whether ``name`` is a defined executor; reports it when not (unless already reported)."""
+        if name in executors:
+            return True
+        if self._usable(path) and name:
+            self.error(path, f"unknown executor {name!r}{did_you_mean(name, executors)}")
+        return False
+
+    def _check_rule_limits(self, path: FieldPath, rule: Rule, executor: ExecutorSpec) -> None:
+        """Warn when a rule's conditions let through tasks its executor cannot take (they skip the rule)."""
+        conditions = {condition.key: condition for condition in rule.conditions}
+        checks = (
+            (
+                "expected_duration",
+                executor.limits.max_duration_s,
+                "longer than",
+                "max_duration",
+                format_duration,
+            ),
+            ("memory_mb", executor.limits.max_memory_mb, "bigger than", "max_memory_mb", str),
+        )
+        for key, limit, comparative, limit_name, show in checks:
+            if limit is None:
+                continue
+            condition = conditions.get(key)
+            if isinstance(condition, ComparisonCondition):
+                if not condition.admits_above(limit):
+                    continue
+                because = f"its {key} condition allows more"
+            else:
+                because = f"it has no {key} condition"
+            self.warn(
+                (*path, "run_on"),
+                f"rule {rule.name!r} admits tasks {comparative} {executor.name}'s {limit_name} {show(limit)} "
+                f"({because}); such tasks skip this rule",
+            )
+
+    # -- defaults and the executor of last resort ----------------------------------------------------------
+    def _defaults(
+        self, raw: dict[str, Any], executors: dict[str, ExecutorSpec], rules: list[Rule]
+    ) -> Defaults:
+        path: FieldPath = ("defaults",)
+        duration = self._parsed((*path, "expected_duration"), raw.get("expected_duration"), parse_duration)
+        memory = self._parsed((*path, "memory_mb"), raw.get("memory_mb"), parse_memory_mb)
+        run_on = raw.get("run_on")
+        run_on = run_on if isinstance(run_on, str) else None
+        catch_all = next(
+            (
+                rule
+                for rule in rules
+                if rule.is_catch_all
+                and rule.run_on in executors
+                and executors[rule.run_on].limits.is_unlimited
+            ),
+            None,
+        )
+        if run_on is not None:
+            if self._check_reference((*path, "run_on"), run_on, executors):
+                limits = executors[run_on].limits
+                if not limits.is_unlimited:
+                    self.error(
+                        (*path, "run_on"),
+                        f"{run_on!r} has limits, so a task exceeding them would have nowhere to run; "
+                        "name an executor without limits",
+                    )
+        elif catch_all is None and "run_on" not in raw and rules and executors:
+            self.error(
+                (*path, "run_on"),
+                "missing: no rule without 'if' sends every task to an executor without limits, so tasks that "
+                "no rule takes need a defaults.run_on",
+            )
+        return Defaults(
+            expected_duration_s=BUILTIN_EXPECTED_DURATION_S if duration is None else duration,
+            memory_mb=BUILTIN_MEMORY_MB if memory is None else memory,
+            run_on=run_on,
+        )
+
+    def _check_unused(
+        self, executors: dict[str, ExecutorSpec], rules: list[Rule], defaults: Defaults
+    ) -> None:
+        used = {defaults.run_on}
+        for rule in rules:
+            used.update((rule.run_on, *rule.overflow, *rule.fallback))
+        for name in executors:
+            if name not in used:
+                self.warn(
+                    ("executors", name), f"executor {name!r} is not used by any rule or defaults.run_on"
+                )
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {value!r}: must be greater than 0")
+    return seconds
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    kind = {str: "string", int: "integer", float: "number"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
+def _explain_schema_error(error: jsonschema.ValidationError) -> list[tuple[FieldPath, str, bool]]:
+    """(field path, message, whether to point at the key) for one jsonschema error, in our words."""
+    path: FieldPath = tuple(error.absolute_path)
+    validator, expected, instance = error.validator, error.validator_value, error.instance
+    description = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+    if "propertyNames" in error.relative_schema_path or "propertyNames" in error.schema_path:
+        return [((*path, instance), f"invalid name {instance!r}: {description or error.message}", True)]
+    if validator == "additionalProperties" and isinstance(instance, dict):
+        known = error.schema.get("properties", {})
+        return [
+            ((*path, key), f"unknown key {key!r}{did_you_mean(key, known)}", True)
+            for key in instance
+            if key not in known
+        ]
+    if validator == "required" and isinstance(instance, dict):
+        return [
+            ((*path, key), f"missing required key {key!r}", False) for key in expected if key not in instance
+        ]
+    if validator == "type":
+        kinds = [expected] if isinstance(expected, str) else list(expected)
+        wanted = " or ".join(_JSON_TYPES.get(kind, kind) for kind in kinds)
+        return [(path, f"expected {wanted}, got {_describe(instance)}", False)]
+    if validator == "const" and path == ("version",):
+        return [(path, f"unsupported version {instance!r}: this release reads version {expected}", False)]
+    if validator == "enum":
+        choices = ", ".join(repr(choice) for choice in expected)
+        hint = (
+            did_you_mean(instance, [str(choice) for choice in expected]) if isinstance(instance, str) else ""
+        )
+        return [(path, f"{_describe(instance)} is not one of {choices}{hint}", False)]
+    if validator in ("minItems", "minProperties", "minLength"):
+        return [(path, "must not be empty", False)]
+    if validator == "minimum":
+        return [(path, f"must be at least {expected}, got {_describe(instance)}", False)]
+    if validator == "maximum":
+        return [(path, f"must be at most {expected}, got {_describe(instance)}", False)]
+    if validator == "pattern":
+        return [(path, f"invalid value {instance!r}: {description or error.message}", False)]
+    return [(path, error.message, False)]

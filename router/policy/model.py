@@ -1,0 +1,114 @@
+"""The typed, frozen values a policy is made of, and what a decision says."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .units import format_duration
+
+FallbackMode = Literal["same_try", "next_try"]
+FALLBACK_MODES: tuple[str, ...] = ("same_try", "next_try")
+
+# Where the expected duration / memory need of a task came from (Decision.duration_source, memory_source).
+SOURCE_EXECUTOR_CONFIG = "executor_config"
+SOURCE_EXECUTION_TIMEOUT = "execution_timeout"
+SOURCE_HISTORY = "history"
+SOURCE_POLICY_DEFAULT = "policy_default"
+SOURCE_TASK_FACTS = "task_facts"  # a TaskFacts built by hand without saying where its figure came from
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a task may need at most to run on an executor; None means no limit."""
+
+    max_duration_s: float | None = None
+    max_memory_mb: int | None = None
+
+    @property
+    def is_unlimited(self) -> bool:
+        return self.max_duration_s is None and self.max_memory_mb is None
+
+    def breaches(self, executor: str, duration_s: float, memory_mb: int) -> list[str]:
+        """Sentences for each limit the task exceeds, e.g. "expected 40m exceeds lambda's max_duration 15m"."""
+        found = []
+        if self.max_duration_s is not None and duration_s > self.max_duration_s:
+            found.append(
+                f"expected {format_duration(duration_s)} exceeds {executor}'s max_duration "
+                f"{format_duration(self.max_duration_s)}"
+            )
+        if self.max_memory_mb is not None and memory_mb > self.max_memory_mb:
+            found.append(f"memory {memory_mb} MB exceeds {executor}'s max_memory_mb {self.max_memory_mb}")
+        return found
+
+    def bounds(self) -> tuple[float, float]:
+        """(max duration, max memory) with math.inf for no limit: the form the decision loop compares with."""
+        return (
+            math.inf if self.max_duration_s is None else self.max_duration_s,
+            math.inf if self.max_memory_mb is None else float(self.max_memory_mb),
+        )
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """One executor the router builds and owns."""
+
+    name: str
+    class_path: str  # import path, or the short name of one of Airflow's core executors
+    max_concurrency: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    expected_duration_s: float
+    memory_mb: int
+    # None only when a rule without conditions sends every task to an executor without limits
+    run_on: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFacts:
+    """What the policy may look at for one task. Hashable: decisions are cached per TaskFacts."""
+
+    dag_id: str
+    task_id: str
+    queue: str | None = None
+    pool: str | None = None
+    operator: str | None = None  # class name or full import path
+    expected_duration_s: float | None = None
+    duration_source: str | None = None
+    memory_mb: int | None = None
+    memory_source: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a task runs, where it may spill to, where it is re-run after an infrastructure failure, and why."""
+
+    executor: str
+    overflow: tuple[str, ...]
+    fallback: tuple[str, ...]
+    rule: str
+    rule_index: int  # index into Policy.rules; -1 when no rule took the task and defaults.run_on did
+    reasons: tuple[str, ...]
+    expected_duration_s: float
+    duration_source: str
+    memory_mb: int
+    memory_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "executor": self.executor,
+            "rule": self.rule,
+            "rule_index": self.rule_index,
+            "overflow": list(self.overflow),
+            "fallback": list(self.fallback),
+            "reasons": list(self.reasons),
+            "expected_duration_s": self.expected_duration_s,
+            "duration_source": self.duration_source,
+            "memory_mb": self.memory_mb,
+            "memory_source": self.memory_source,
+        }
