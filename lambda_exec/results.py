@@ -1,0 +1,177 @@
+"""A background reader of one SQS queue (results or dead letters): long polling, batch receive, batch delete.
+
+The reader owns every SQS call on its queue, so the scheduler loop never waits on SQS. For each message it asks
+its ``sort`` callback what to do:
+
+- ``DELIVER``: the message is for a dispatch this executor owns; the callback has handed it to the executor.
+  It is deleted only when the executor acknowledges it (``ack``), one heartbeat later, after the scheduler has
+  taken the event: a scheduler that dies in between finds the message again once it becomes visible.
+- ``DELETE``: malformed, forged, superseded or stale; deleted in the next batch.
+- ``RELEASE``: for a dispatch another executor (or a future adopter) owns; hidden for a while with a longer
+  visibility timeout so no reader re-reads it in a hot loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from enum import Enum
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from hybrid_router.lambda_exec.aws import QueueMessage, batch_failures, parse_receive_response
+
+log = logging.getLogger(__name__)
+
+SQS_BATCH = 10
+# How long a received message we own stays hidden before another receive can see it again: well above the
+# time between receiving it and acknowledging it one heartbeat later.
+OWNED_VISIBILITY_TIMEOUT_S = 120
+# How often an idle reader (no dispatch in flight) checks whether it has work again.
+IDLE_CHECK_S = 0.5
+ERROR_PAUSE_S = 1.0
+
+
+class Disposition(str, Enum):
+    DELIVER = "deliver"
+    DELETE = "delete"
+    RELEASE = "release"
+
+
+class QueueReader:
+    """One thread long-polling one queue; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        sqs: Any,
+        queue_url: str,
+        sort: Callable[[QueueMessage], Disposition],
+        is_active: Callable[[], bool],
+        wait_seconds: int,
+        release_visibility_s: int,
+    ):
+        self.name = name
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._sort = sort
+        self._is_active = is_active
+        self._wait_seconds = wait_seconds
+        self._release_visibility_s = release_visibility_s
+        self._acks: SimpleQueue[str] = SimpleQueue()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._flush_on_stop = True
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.received = 0
+
+    # -- control (scheduler thread) --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ack(self, receipt_handles: list[str]) -> None:
+        """Delete these delivered messages at the reader's next batch."""
+        for handle in receipt_handles:
+            self._acks.put(handle)
+        if receipt_handles:
+            self._wake.set()
+
+    def wake(self) -> None:
+        """Start polling now instead of at the next idle check (a dispatch was just registered)."""
+        self._wake.set()
+
+    def stop(self, *, flush: bool = True, timeout: float | None = None) -> None:
+        """Stop the thread; with ``flush`` delete the acknowledged messages first."""
+        self._flush_on_stop = flush
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout if timeout is not None else self._wait_seconds + 10)
+        if self._thread.is_alive():
+            log.warning("%s did not stop within its long-poll wait; it is a daemon thread", self.name)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._delete(self._drain_acks())
+                if not self._is_active():
+                    self._wake.wait(IDLE_CHECK_S)
+                    self._wake.clear()
+                    continue
+                self._poll_once()
+            except Exception:
+                # The thread must outlive any single failure (network, throttling, a bug in one message).
+                log.exception("%s: reading %s failed; retrying", self.name, self._queue_url)
+                self._stop.wait(ERROR_PAUSE_S)
+        if self._flush_on_stop:
+            try:
+                self._delete(self._drain_acks())
+            except Exception:
+                log.exception("%s: could not delete acknowledged messages at stop", self.name)
+
+    def _poll_once(self) -> None:
+        response = self._sqs.receive_message(
+            QueueUrl=self._queue_url,
+            MaxNumberOfMessages=SQS_BATCH,
+            WaitTimeSeconds=self._wait_seconds,
+            VisibilityTimeout=OWNED_VISIBILITY_TIMEOUT_S,
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageAttributeNames=["All"],
+        )
+        messages = parse_receive_response(response)
+        self.received += len(messages)
+        to_delete: list[str] = []
+        to_release: list[str] = []
+        for message in messages:
+            try:
+                disposition = self._sort(message)
+            except Exception:
+                log.exception("%s: could not handle message %s; leaving it", self.name, message.message_id)
+                disposition = Disposition.RELEASE
+            if disposition is Disposition.DELETE:
+                to_delete.append(message.receipt_handle)
+            elif disposition is Disposition.RELEASE:
+                to_release.append(message.receipt_handle)
+        # Deletes of messages delivered in earlier batches ride along with this batch's.
+        self._delete(to_delete + self._drain_acks())
+        self._release(to_release)
+
+    def _drain_acks(self) -> list[str]:
+        handles = []
+        while True:
+            try:
+                handles.append(self._acks.get_nowait())
+            except Empty:
+                return handles
+
+    def _delete(self, handles: list[str]) -> None:
+        for start in range(0, len(handles), SQS_BATCH):
+            chunk = handles[start : start + SQS_BATCH]
+            response = self._sqs.delete_message_batch(
+                QueueUrl=self._queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": handle} for i, handle in enumerate(chunk)],
+            )
+            for failure in batch_failures(response):
+                log.warning("%s: could not delete a message: %s", self.name, failure)
+
+    def _release(self, handles: list[str]) -> None:
+        for start in range(0, len(handles), SQS_BATCH):
+            chunk = handles[start : start + SQS_BATCH]
+            response = self._sqs.change_message_visibility_batch(
+                QueueUrl=self._queue_url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": self._release_visibility_s}
+                    for i, handle in enumerate(chunk)
+                ],
+            )
+            for failure in batch_failures(response):
+                log.debug("%s: could not release a message: %s", self.name, failure)

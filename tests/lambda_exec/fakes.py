@@ -1,0 +1,126 @@
+"""Scriptable stand-ins for the boto clients, for unit tests that drive time and answers exactly.
+
+Integration tests use moto's SQS server and the local Lambda service instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from botocore.exceptions import ClientError
+from hybrid_router.lambda_exec.aws import AwsClients
+
+
+def client_error(code: str, status: int, message: str = "", operation: str = "Invoke") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": message or code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
+
+
+class FakeLambda:
+    """Answers 202 unless an answer (an exception) was queued with ``answer``."""
+
+    def __init__(self, timeout_s: int = 60, reserved: int | None = None):
+        self.invokes: list[dict[str, Any]] = []
+        self._answers: deque[BaseException | None] = deque()
+        self._lock = threading.Lock()
+        self.timeout_s = timeout_s
+        self.reserved = reserved
+
+    def answer(self, *answers: BaseException | None) -> None:
+        self._answers.extend(answers)
+
+    def invoke(self, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            self.invokes.append(kwargs)
+            answer = self._answers.popleft() if self._answers else None
+        if answer is not None:
+            raise answer
+        return {
+            "StatusCode": 202,
+            "ResponseMetadata": {"RequestId": str(uuid.uuid4()), "HTTPStatusCode": 202},
+        }
+
+    def get_function(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Configuration": {"FunctionName": kwargs["FunctionName"], "Timeout": self.timeout_s}}
+
+    def get_function_concurrency(self, **kwargs: Any) -> dict[str, Any]:
+        return {"ReservedConcurrentExecutions": self.reserved} if self.reserved else {}
+
+    def get_function_event_invoke_config(self, **kwargs: Any) -> dict[str, Any]:
+        return {"MaximumRetryAttempts": 0}
+
+
+class FakeSqs:
+    """Per-queue lists of messages; receive hands out what is visible, like SQS without the network."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, deque[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self.deleted: list[str] = []
+        self.released: list[str] = []
+        self.receives = 0
+
+    def send(
+        self, queue_url: str, body: str, *, receive_count: int = 1, attributes: dict[str, str] | None = None
+    ):
+        message_id = f"m{next(self._ids)}"
+        message = {
+            "MessageId": message_id,
+            "ReceiptHandle": f"rh-{message_id}",
+            "Body": body,
+            "Attributes": {"ApproximateReceiveCount": str(receive_count)},
+            "MessageAttributes": {
+                name: {"DataType": "String", "StringValue": value}
+                for name, value in (attributes or {}).items()
+            },
+        }
+        with self._lock:
+            self._queues.setdefault(queue_url, deque()).append(message)
+        return message_id
+
+    def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            self.receives += 1
+            queue = self._queues.setdefault(kwargs["QueueUrl"], deque())
+            batch = [queue.popleft() for _ in range(min(len(queue), kwargs.get("MaxNumberOfMessages", 1)))]
+        if not batch:
+            time.sleep(min(0.05, kwargs.get("WaitTimeSeconds", 0)))
+        return {"Messages": batch} if batch else {}
+
+    def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            self.deleted.extend(entry["ReceiptHandle"] for entry in kwargs["Entries"])
+        return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
+
+    def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            self.released.extend(entry["ReceiptHandle"] for entry in kwargs["Entries"])
+        return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
+
+    def get_queue_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        return {"Attributes": {"QueueArn": "arn:aws:sqs:us-east-1:000000000000:q"}}
+
+
+def fake_clients(lambda_: FakeLambda | None = None, sqs: FakeSqs | None = None) -> AwsClients:
+    lambda_ = lambda_ or FakeLambda()
+    sqs = sqs or FakeSqs()
+    return AwsClients(lambda_=lambda_, sqs=sqs, all=(lambda_, sqs))
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

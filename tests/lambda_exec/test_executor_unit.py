@@ -1,0 +1,427 @@
+"""The LambdaExecutor against scripted boto clients and a fake clock: message handling, throttling, adoption."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from airflow.utils.state import TaskInstanceState
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.executor import LambdaExecutor, external_id, parse_external_id
+from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
+
+from .conftest import SECRET, drive
+from .fakes import FakeClock, FakeLambda, FakeSqs, client_error, fake_clients
+from .workloads import make_workload
+
+RESULTS = "http://sqs.local/results"
+DLQ = "http://sqs.local/dlq"
+
+
+def make_executor(lambda_=None, sqs=None, clock=None, **options):
+    lambda_ = lambda_ or FakeLambda()
+    sqs = sqs or FakeSqs()
+    opts = {
+        "function_name": "airflow-task",
+        "results_queue_url": RESULTS,
+        "dead_letter_queue_url": DLQ,
+        "signing_secret": SECRET,
+        "aws_conn_id": "",
+        "max_invoke_workers": 4,
+        "poll_wait_seconds": 0,
+        **options,
+    }
+    executor = LambdaExecutor(
+        parallelism=16, clock=clock or time.time, clients=fake_clients(lambda_, sqs), **opts
+    )
+    return executor, lambda_, sqs
+
+
+@pytest.fixture
+def started():
+    created = []
+
+    def factory(**kwargs):
+        executor, lambda_, sqs = make_executor(**kwargs)
+        executor.start()
+        created.append(executor)
+        return executor, lambda_, sqs
+
+    yield factory
+    for executor in created:
+        executor.terminate()
+
+
+def sent_event(lambda_: FakeLambda, index: int = -1) -> protocol.InvokeEvent:
+    return protocol.open_event(lambda_.invokes[index]["Payload"].decode(), SECRET.encode())
+
+
+def result(
+    event: protocol.InvokeEvent,
+    phase: Phase,
+    outcome: Outcome | None = None,
+    *,
+    now=None,
+    secret=SECRET,
+    request_id="req-1",
+    detail="",
+) -> str:
+    now = time.time() if now is None else now
+    message = ResultMessage(
+        phase=phase,
+        dispatch_id=event.dispatch_id,
+        task=event.task,
+        sent_at=now,
+        started_at=now,
+        outcome=outcome,
+        return_code=None if outcome is None else (0 if outcome is Outcome.SUCCESS else 1),
+        request_id=request_id,
+        function_name="airflow-task",
+        detail=detail,
+    )
+    return protocol.seal_result(message, secret.encode())
+
+
+def invoke_and_accept(executor, lambda_, workload):
+    executor.queue_workload(workload, session=None)
+    events = drive(executor, lambda ev: workload.ti.key in ev)
+    state, info = events[workload.ti.key]
+    assert state == TaskInstanceState.QUEUED
+    return sent_event(lambda_), info
+
+
+# -- external ids ------------------------------------------------------------------------------------------------
+
+
+def test_external_id_round_trip_with_arn():
+    arn = "arn:aws:lambda:us-east-1:123456789012:function:airflow-task"
+    value = external_id(arn, "a-b-c", "d1")
+    assert value.startswith(f"lambda:{arn}:")
+    assert parse_external_id(value) == (arn, "a-b-c", "d1")
+    assert parse_external_id("lambda:fn:-:d2") == ("fn", "", "d2")
+    assert parse_external_id("celery-task-id") is None
+    assert parse_external_id(None) is None
+
+
+# -- the happy path and the task's own outcomes ------------------------------------------------------------------
+
+
+def test_success_flow_events_and_batch_deletes(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("ok")
+    key = workload.ti.key
+    event, queued_info = invoke_and_accept(executor, lambda_, workload)
+    assert lambda_.invokes[0]["InvocationType"] == "Event"
+    assert event.task == TaskRef(*key)
+    assert json.loads(event.workload)["ti"]["task_id"] == "ok"
+    assert event.not_after - event.issued_at == 300
+    assert parse_external_id(queued_info)[2] == event.dispatch_id
+    assert executor.has_task(SimpleNamespace(id=workload.ti.id, key=key))
+
+    sqs.send(RESULTS, result(event, Phase.STARTED, request_id="req-9"))
+    events = drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.RUNNING)
+    assert events[key][1] == f"lambda:airflow-task:req-9:{event.dispatch_id}"
+
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.SUCCESS))
+    events = drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.SUCCESS)
+    assert key not in executor.running
+    assert executor.pop_infrastructure_failure(key) is None
+    # Delivered messages are deleted one heartbeat later, in batches.
+    drive(executor, lambda ev: len(sqs.deleted) == 2)
+
+
+def test_task_failure_is_an_ordinary_failure(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("boom")
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.FAILED))
+    events = drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
+    assert "return code 1" in events[workload.ti.key][1]
+    assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
+def test_handler_timeout_is_an_infrastructure_failure_popped_once(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("slow")
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    sqs.send(
+        RESULTS, result(event, Phase.FINISHED, Outcome.TIMEOUT, detail="stopped 5.0s before the deadline")
+    )
+    events = drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
+    assert events[workload.ti.key][1].startswith("lambda infrastructure failure: timeout")
+    failure = executor.pop_infrastructure_failure(workload.ti.key)
+    assert failure.reason == "timeout" and "deadline" in failure.detail
+    assert failure.executor == "lambda:airflow-task"
+    assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "reason"),
+    [
+        ("Unhandled", "2026-01-01T00:00:00Z abc Task timed out after 5.00 seconds", "timeout"),
+        (
+            "Unhandled",
+            "RequestId: x Error: Runtime exited with error: signal: killed Runtime.OutOfMemory",
+            "out_of_memory",
+        ),
+        (
+            "Unhandled",
+            "RequestId: x Error: Runtime exited with error: exit status 1 Runtime.ExitError",
+            "runtime_crash",
+        ),
+        ("", "EventAgeExceeded", "event_expired"),
+        ("", "", "dead_lettered"),
+    ],
+)
+def test_dead_letters_are_classified(started, code, message, reason):
+    executor, lambda_, sqs = started()
+    workload = make_workload("dl")
+    _event, _ = invoke_and_accept(executor, lambda_, workload)
+    body = lambda_.invokes[0]["Payload"].decode()  # AWS puts the original event in the DLQ message's body
+    sqs.send(DLQ, body, attributes={"RequestID": "req-dl", "ErrorCode": code, "ErrorMessage": message})
+    drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
+    assert executor.pop_infrastructure_failure(workload.ti.key).reason == reason
+
+
+# -- messages that must change nothing ---------------------------------------------------------------------------
+
+
+def test_forged_malformed_and_foreign_messages_change_nothing(started, monkeypatch):
+    counted = []
+    from airflow.sdk.observability.stats import Stats
+
+    monkeypatch.setattr(Stats, "incr", lambda name, *a, **k: counted.append(name))
+    executor, lambda_, sqs = started(stale_after_sightings=5)
+    workload = make_workload("victim")
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    forged = sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.SUCCESS, secret="not-the-secret"))
+    garbage = sqs.send(RESULTS, "{not json eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.abc")
+    unsigned = sqs.send(RESULTS, json.dumps({"v": 1, "payload": "{}"}))
+    other = protocol.InvokeEvent(**{**event.__dict__, "dispatch_id": "someone-elses"})
+    foreign = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS))
+    stale = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS), receive_count=5)
+    forged_dlq = sqs.send(DLQ, "{}", attributes={"ErrorMessage": "Task timed out after 5.00 seconds"})
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(sqs.deleted) < 5:
+        executor.heartbeat()
+        time.sleep(0.02)
+    assert sorted(sqs.deleted) == sorted(f"rh-{m}" for m in (forged, garbage, unsigned, stale, forged_dlq))
+    assert sqs.released == [f"rh-{foreign}"]  # left for its owner, hidden for a while
+    assert executor.get_event_buffer() == {}
+    assert workload.ti.key in executor.running
+    assert counted.count("lambda_executor.malformed_message") == 4
+    assert counted.count("lambda_executor.stale_message") == 1
+
+
+def test_result_of_an_old_dispatch_is_ignored(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("moved")
+    old_event, _ = invoke_and_accept(executor, lambda_, workload)
+    executor.revoke_task(ti=SimpleNamespace(key=workload.ti.key))
+    assert workload.ti.key not in executor.running
+    # Another task keeps the reader polling (an idle executor does not read its queues).
+    invoke_and_accept(executor, lambda_, make_workload("keeps-reader-busy"))
+    handle = sqs.send(RESULTS, result(old_event, Phase.FINISHED, Outcome.SUCCESS))
+    drive(executor, lambda ev: f"rh-{handle}" in sqs.deleted)
+    assert executor.get_event_buffer() == {}
+
+
+def test_revoke_never_raises():
+    executor, _, _ = make_executor()
+    executor.revoke_task(ti=SimpleNamespace(key=None))
+    executor.revoke_task(ti=object())  # no key at all
+
+
+# -- invoking: payload size, throttling, errors ------------------------------------------------------------------
+
+
+def test_oversized_event_fails_at_once(started):
+    executor, lambda_, _ = started(max_payload_bytes=2000)
+    workload = make_workload("big", dag_rel_path="x" * 3000)
+    executor.queue_workload(workload, session=None)
+    events = drive(executor, lambda ev: workload.ti.key in ev)
+    state, info = events[workload.ti.key]
+    assert state == TaskInstanceState.FAILED
+    assert "max_payload_bytes=2000" in info
+    assert lambda_.invokes == []
+
+
+def wait_invokes(executor, lambda_, count, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while len(lambda_.invokes) < count:
+        assert time.monotonic() < deadline, f"expected {count} invokes, got {len(lambda_.invokes)}"
+        time.sleep(0.01)
+    # Let the pool thread finish, then one heartbeat collects the answer.
+    time.sleep(0.05)
+    executor.heartbeat()
+
+
+def test_throttling_backs_off_without_blocking_and_reports_no_capacity(started):
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(
+        client_error("TooManyRequestsException", 429), client_error("TooManyRequestsException", 429)
+    )
+    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=60)
+    workload = make_workload("throttled")
+    executor.queue_workload(workload, session=None)
+    assert executor.free_capacity() == 15  # parallelism 16, one queued
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    assert executor.free_capacity() == 0
+    # Time stands still: heartbeats do not invoke again and do not block.
+    started_at = time.monotonic()
+    for _ in range(5):
+        executor.heartbeat()
+    assert time.monotonic() - started_at < 0.5
+    assert len(lambda_.invokes) == 1
+    clock.advance(25)  # past any back-off of a first or second attempt (cap 20 s + jitter)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 2)
+    clock.advance(25)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 3)
+    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.QUEUED
+    assert executor.free_capacity() == 15
+
+
+def test_throttled_beyond_the_bound_is_an_infrastructure_failure(started):
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(*[client_error("TooManyRequestsException", 429)] * 10)
+    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
+    workload = make_workload("never")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    for attempt in (2, 3):
+        clock.advance(21)
+        executor.heartbeat()
+        wait_invokes(executor, lambda_, attempt)
+    state, info = executor.get_event_buffer()[workload.ti.key]
+    assert state == TaskInstanceState.FAILED and "throttled" in info
+    assert executor.pop_infrastructure_failure(workload.ti.key).reason == "throttled"
+
+
+def test_client_error_fails_with_reason_and_server_error_is_retried(started):
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(client_error("ServiceException", 500))
+    executor, _, _ = started(lambda_=lambda_, clock=clock)
+    retried = make_workload("retried")
+    executor.queue_workload(retried, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    assert executor.free_capacity() > 0  # a 5xx is not throttling
+    clock.advance(25)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 2)
+    assert executor.get_event_buffer()[retried.ti.key][0] == TaskInstanceState.QUEUED
+
+    lambda_.answer(client_error("ResourceNotFoundException", 404, "Function not found: airflow-task"))
+    rejected = make_workload("rejected")
+    executor.queue_workload(rejected, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 3)
+    state, info = executor.get_event_buffer()[rejected.ti.key]
+    assert state == TaskInstanceState.FAILED
+    assert "ResourceNotFoundException: Function not found" in info
+    assert executor.pop_infrastructure_failure(rejected.ti.key) is None
+
+
+def test_reserved_concurrency_bounds_runs_in_flight(started):
+    executor, lambda_, sqs = started(reserved_concurrency=2)
+    loads = [make_workload(f"t{i}") for i in range(3)]
+    for workload in loads:
+        executor.queue_workload(workload, session=None)
+    drive(executor, lambda ev: len(ev) == 2)
+    time.sleep(0.1)
+    executor.heartbeat()
+    assert len(lambda_.invokes) == 2
+    assert executor.free_capacity() == 0
+    first = sent_event(lambda_, 0)
+    sqs.send(RESULTS, result(first, Phase.FINISHED, Outcome.SUCCESS))
+    drive(executor, lambda ev: len(lambda_.invokes) == 3)
+
+
+# -- watchdog, adoption, lifecycle -------------------------------------------------------------------------------
+
+
+def test_event_never_started_expires_after_not_after(started):
+    clock = FakeClock()
+    executor, lambda_, _ = started(clock=clock)
+    workload = make_workload("lost")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    clock.advance(300 + 10)
+    executor.heartbeat()
+    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.QUEUED
+    clock.advance(10)
+    executor.heartbeat()
+    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.FAILED
+    assert executor.pop_infrastructure_failure(workload.ti.key).reason == "event_expired"
+
+
+def test_adopts_own_tasks_and_reports_a_result_left_in_the_queue(started):
+    executor, _, sqs = started()
+    workload = make_workload("adopted")
+    key = workload.ti.key
+    mine = SimpleNamespace(
+        key=key,
+        state=TaskInstanceState.RUNNING,
+        external_executor_id=external_id("airflow-task", "r1", "d-old"),
+    )
+    other_fn = SimpleNamespace(
+        key=make_workload("x").ti.key,
+        state=TaskInstanceState.RUNNING,
+        external_executor_id=external_id("airflow-task-10g", "r2", "d2"),
+    )
+    foreign = SimpleNamespace(
+        key=make_workload("y").ti.key, state=TaskInstanceState.RUNNING, external_executor_id="abc"
+    )
+    assert executor.try_adopt_task_instances([mine, other_fn, foreign]) == [other_fn, foreign]
+    assert key in executor.running
+    old_event = protocol.InvokeEvent(
+        dispatch_id="d-old",
+        task=TaskRef(*key),
+        workload="{}",
+        results_queue_url=RESULTS,
+        issued_at=time.time(),
+        not_after=time.time() + 300,
+    )
+    sqs.send(RESULTS, result(old_event, Phase.FINISHED, Outcome.SUCCESS))
+    events = drive(executor, lambda ev: key in ev)
+    assert events[key][0] == TaskInstanceState.SUCCESS
+
+
+def test_end_and_terminate_leave_no_thread(no_thread_leak):
+    for stop in ("end", "terminate"):
+        executor, _, _ = make_executor()
+        executor.start()
+        assert any(t.name.startswith("lambda-results-") for t in threading.enumerate())
+        workload = make_workload(f"w-{stop}")
+        executor.queue_workload(workload, session=None)
+        executor.heartbeat()
+        getattr(executor, stop)()
+
+
+def test_constructing_is_side_effect_free(no_thread_leak):
+    # No config needed, no client, no thread: the API server builds executors just to read logs.
+    executor = LambdaExecutor()
+    ti = SimpleNamespace(external_executor_id=None)
+    assert executor.get_task_log(ti, 1) == ([], [])
+
+
+def test_get_task_log_points_at_the_lambda_log():
+    executor, _, _ = make_executor(lambda_endpoint_url="http://127.0.0.1:9")  # nothing listens there
+    ti = SimpleNamespace(external_executor_id=external_id("airflow-task", "req-42", "d1"))
+    sources, lines = executor.get_task_log(ti, 1)
+    assert sources == [
+        "AWS Lambda airflow-task: request req-42 (dispatch d1), log group /aws/lambda/airflow-task"
+    ]
+    assert len(lines) == 1 and lines[0].startswith("(the Lambda log could not be read")
