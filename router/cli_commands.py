@@ -21,6 +21,8 @@ from hybrid_router.router.policy import Decision, Policy, PolicyError, TaskFacts
 from hybrid_router.router.policy.units import format_duration, format_memory
 
 if TYPE_CHECKING:
+    from hybrid_router.router.history import TaskKey, TaskRunStats
+
     from hybrid_router.config import RouterConfig
 
 COMMAND_LINE_SOURCE = "command_line"
@@ -49,8 +51,6 @@ def _load_policy(path: str | None) -> tuple[Policy, str]:
         return load_policy(path), path
     except PolicyError as error:
         _fail(EXIT_INVALID, *(str(issue) for issue in error.issues), f"{path}: invalid policy")
-    except OSError as error:
-        _fail(EXIT_INVALID, f"{path}: cannot read: {error.strerror or error}")
 
 
 def _print_json(payload: Any) -> None:
@@ -74,10 +74,6 @@ def validate(args: argparse.Namespace) -> None:
                 print(f"{issue} (warning)")
             print(f"{path}: invalid, {len(error.issues)} error(s), {len(error.warnings)} warning(s)")
             continue
-        except OSError as error:
-            invalid += 1
-            print(f"{path}: cannot read: {error.strerror or error}")
-            continue
         for issue in policy.warnings:
             print(f"{issue} (warning)")
         print(f"{path}: valid, {len(policy.rules)} rule(s), {len(policy.warnings)} warning(s)")
@@ -90,25 +86,34 @@ def validate(args: argparse.Namespace) -> None:
 
 def _history_lookup(dag_id: str, task_id: str) -> tuple[Callable[[str, str], float | None] | None, list[str]]:
     """The metadata database's duration history, and notes for the reasons when it cannot help."""
+    from hybrid_router.router.history import trusted_p95
+
     config = _router_config()
     if not config.history_enabled:
         return None, ["duration history is disabled ([hybrid_router] history_days = 0)"]
-    from airflow.utils.session import create_session
-    from hybrid_router.router.history import TaskDurationHistory
-
-    history = TaskDurationHistory(
-        create_session, config.history_days, config.history_min_runs, config.history_cache_ttl
-    )
-    stats = history.stats()
-    if history.last_error is not None:
-        return None, [f"metadata database not reachable, duration history not used ({history.last_error})"]
+    stats, error = _read_run_stats(config.history_days)
+    if error is not None:
+        return None, [f"metadata database not reachable, duration history not used ({error})"]
+    notes = []
     runs = stats[(dag_id, task_id)].runs if (dag_id, task_id) in stats else 0
     if runs < config.history_min_runs:
-        return history, [
+        notes.append(
             f"duration history: {runs} successful run(s) in the last {config.history_days} days, "
             f"fewer than [hybrid_router] history_min_runs = {config.history_min_runs}"
-        ]
-    return history, []
+        )
+    return lambda dag, task: trusted_p95(stats, dag, task, config.history_min_runs), notes
+
+
+def _read_run_stats(days: int) -> tuple[dict[TaskKey, TaskRunStats], str | None]:
+    """Every task's runs in the last ``days`` days, or an empty dict and why the database could not say."""
+    from airflow.utils.session import create_session
+    from hybrid_router.router.history import read_task_run_stats
+
+    try:
+        with create_session() as session:
+            return read_task_run_stats(session, days=days), None
+    except Exception as error:  # whatever the database layer raises: reported, never a traceback
+        return {}, f"{type(error).__name__}: {str(error).splitlines()[0]}"
 
 
 def explain(args: argparse.Namespace) -> None:
@@ -192,7 +197,10 @@ def simulate(args: argparse.Namespace) -> None:
         days = args.days if args.days is not None else config.history_days
         if days <= 0:
             _fail(EXIT_USAGE, "error: [hybrid_router] history_days is 0: pass --days N")
-        rows = rows_from_history(_read_history(days), config.history_min_runs)
+        stats, error = _read_run_stats(days)
+        if error is not None:
+            _fail(EXIT_INVALID, f"error: cannot read the metadata database: {error}")
+        rows = rows_from_history(stats, config.history_min_runs)
         if not rows:
             _fail(
                 EXIT_INVALID,
@@ -204,15 +212,3 @@ def simulate(args: argparse.Namespace) -> None:
         _print_json(report.to_dict())
     else:
         print(report.to_text())
-
-
-def _read_history(days: int) -> dict:
-    from airflow.utils.session import create_session
-    from hybrid_router.router.history import read_task_run_stats
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        with create_session() as session:
-            return read_task_run_stats(session, days=days)
-    except SQLAlchemyError as error:
-        _fail(EXIT_INVALID, f"error: cannot read the metadata database: {str(error).splitlines()[0]}")

@@ -128,6 +128,14 @@ def summarise_runs(rows: Iterable[Any]) -> dict[TaskKey, TaskRunStats]:
     return summary
 
 
+def trusted_p95(
+    stats: Mapping[TaskKey, TaskRunStats], dag_id: str, task_id: str, min_runs: int
+) -> float | None:
+    """The task's p95 worker seconds when it has at least ``min_runs`` runs in ``stats``, else None."""
+    task = stats.get((dag_id, task_id))
+    return task.p95_seconds if task is not None and task.runs >= min_runs else None
+
+
 def read_task_run_stats(
     session: Session, *, days: float, now: datetime | None = None
 ) -> dict[TaskKey, TaskRunStats]:
@@ -176,10 +184,7 @@ class TaskDurationHistory:
 
     def p95(self, dag_id: str, task_id: str) -> float | None:
         """The task's p95 worker seconds, or None with fewer than ``min_runs`` runs or no database."""
-        stats = self.stats().get((dag_id, task_id))
-        if stats is None or stats.runs < self.min_runs:
-            return None
-        return stats.p95_seconds
+        return trusted_p95(self.stats(), dag_id, task_id, self.min_runs)
 
     __call__ = p95  # the policy engine takes any ``(dag_id, task_id) -> seconds | None`` callable
 

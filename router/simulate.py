@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_router.router.history import TaskKey, TaskRunStats
+from hybrid_router.router.history import TaskKey, TaskRunStats, trusted_p95
 from hybrid_router.router.policy import (
     Policy,
     TaskFacts,
@@ -142,10 +142,6 @@ def _header_problems(path: Path, header: Sequence[str]) -> list[str]:
 def rows_from_history(stats: Mapping[TaskKey, TaskRunStats], min_runs: int) -> list[TaskRow]:
     """One row per task with runs in the database: routed as the router would route its next run."""
 
-    def p95(dag_id: str, task_id: str) -> float | None:
-        task = stats.get((dag_id, task_id))
-        return task.p95_seconds if task is not None and task.runs >= min_runs else None
-
     return [
         TaskRow(
             facts=resolve_facts(
@@ -154,7 +150,7 @@ def rows_from_history(stats: Mapping[TaskKey, TaskRunStats], min_runs: int) -> l
                 queue=task.queue,
                 pool=task.pool,
                 operator=task.operator,
-                history=p95,
+                history=lambda dag_id, task_id: trusted_p95(stats, dag_id, task_id, min_runs),
             ),
             count=task.runs,
             worker_seconds=task.worker_seconds,
