@@ -32,6 +32,7 @@ from typing import Any
 
 from hybrid_router.lambda_exec.local import errors
 from hybrid_router.lambda_exec.local.config import (
+    AWS_MIN_EVENT_AGE_S,
     MAX_EVENT_AGE_S,
     ConfigError,
     FunctionConfig,
@@ -52,6 +53,24 @@ DLQ_MESSAGE_LIMIT = 1024  # AWS puts the first 1 KB of the error message in Erro
 AWS_DEFAULT_RETRY_ATTEMPTS = 2
 EXPIRY_SCAN_INTERVAL_S = 0.25
 REAP_INTERVAL_S = 5.0
+# Every counter that stats() reports, always present (zero until it happens). The Ending values count how
+# runs ended: success, handled_error, timeout, out_of_memory, crash, init_error.
+COUNTERS = (
+    "invocations",
+    "sync_invocations",
+    "async_accepted",
+    "cold_starts",
+    "warm_starts",
+    "throttles",
+    "retries",
+    "expired",
+    "dlq_sends",
+    "dlq_failures",
+    "dropped",
+    "duplicates_delivered",
+    "init_errors",
+    *(ending.value for ending in Ending),
+)
 
 
 @dataclass
@@ -78,7 +97,7 @@ class FunctionState:
         self.sandboxes: set[Sandbox] = set()
         self.deleted = False
         self.request_times: collections.deque[float] = collections.deque()
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
 
 class LambdaBackend:
@@ -261,6 +280,13 @@ class LambdaBackend:
                 "DeadLetterConfig for failed asynchronous events"
             )
         state = self._state(name)
+        age = body.get("MaximumEventAgeInSeconds")
+        if age is not None and (
+            not isinstance(age, int) or not AWS_MIN_EVENT_AGE_S <= age <= MAX_EVENT_AGE_S
+        ):
+            raise errors.InvalidParameterValueException(
+                f"MaximumEventAgeInSeconds: expected {AWS_MIN_EVENT_AGE_S} to {MAX_EVENT_AGE_S}, got {age!r}"
+            )
         changes: dict[str, Any] = {}
         for key, attribute, default in (
             ("MaximumRetryAttempts", "maximum_retry_attempts", AWS_DEFAULT_RETRY_ATTEMPTS),

@@ -32,12 +32,31 @@ def describe(event: Any, context: Any) -> dict[str, Any]:
 
 def record(event: Any, context: Any) -> dict[str, Any]:
     """Append one line per run to the file the event names (counts runs, retries and duplicates)."""
-    with open(event["record_file"], "a") as out:
-        out.write(json.dumps({"request_id": context.aws_request_id, "pid": os.getpid()}) + "\n")
+    started = time.time()
     if event.get("fail"):
+        _append(event["record_file"], context, started)
         raise RuntimeError(event["fail"])
     time.sleep(event.get("sleep", 0))
+    _append(event["record_file"], context, started)
     return {"ok": True}
+
+
+def _append(path: str, context: Any, started: float) -> None:
+    line = {"request_id": context.aws_request_id, "pid": os.getpid(), "start": started, "end": time.time()}
+    with open(path, "a") as out:
+        out.write(json.dumps(line) + "\n")
+
+
+def real_handler_with_fake_workload(event: Any, context: Any) -> Any:
+    """The project's handler, with the Airflow workload command replaced by a tiny script (no Airflow here)."""
+    from hybrid_router.lambda_exec import handler
+
+    def command(path: str) -> list[str]:
+        script = "import json, sys; spec = json.load(open(sys.argv[1])); print('fake task ran'); sys.exit(spec['exit'])"
+        return [sys.executable, "-c", script, path]
+
+    handler.build_workload_command = command
+    return handler.handler(event, context)
 
 
 def sleep_with_child(event: Any, context: Any) -> None:

@@ -1,0 +1,510 @@
+"""The local Lambda service through real processes: the service itself, its sandboxes, moto's SQS and boto3."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import psutil
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
+
+from .conftest import FAKE_AWS_ENV, SECRET, Moto
+
+CODE_PATH = str(Path(__file__).parent)
+
+StartService = Callable[..., LocalLambdaService]
+
+
+@pytest.fixture
+def start_service(moto_server: Moto, tmp_path: Path) -> Iterator[StartService]:
+    started: list[LocalLambdaService] = []
+
+    def start(*functions: FunctionConfig, **options: Any) -> LocalLambdaService:
+        options.setdefault("retry_delays_s", (0.2, 0.4))
+        service = LocalLambdaService(
+            functions=list(functions),
+            env={**os.environ, **FAKE_AWS_ENV},
+            sqs_endpoint_url=moto_server.url,
+            log_dir=tmp_path / "lambda-logs",
+            **options,
+        )
+        started.append(service)
+        return service.start()
+
+    try:
+        yield start
+    finally:
+        for service in started:
+            service.stop()
+
+
+def fixture_fn(name: str, handler: str, **options: Any) -> FunctionConfig:
+    options.setdefault("memory_mb", 256)
+    return FunctionConfig(name, handler=f"fixture_handlers.{handler}", code_path=CODE_PATH, **options)
+
+
+def lambda_client(service: LocalLambdaService, retries: bool = False) -> Any:
+    # No botocore retries by default: the tests look at the first answer (a 429 would be retried).
+    config = Config(retries={"total_max_attempts": 3 if retries else 1, "mode": "standard"})
+    return boto3.client(
+        "lambda",
+        endpoint_url=service.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=config,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def error_of(excinfo: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, dict[str, Any]]:
+    response = excinfo.value.response
+    return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"], response
+
+
+# -- the round trip -----------------------------------------------------------------------------------------
+
+
+def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
+    start_service: StartService, moto_server: Moto
+) -> None:
+    results_url, _ = moto_server.new_queue("results")
+    fn = fixture_fn(
+        "airflow-task",
+        "real_handler_with_fake_workload",
+        environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
+    )
+    service = start_service(fn)
+    now = time.time()
+    event = InvokeEvent(
+        dispatch_id=uuid.uuid4().hex,
+        task=TaskRef("dag", "task", "run", 1),
+        workload=json.dumps({"exit": 0}),
+        results_queue_url=results_url,
+        issued_at=now,
+        not_after=now + 300,
+    )
+
+    answer = lambda_client(service).invoke(
+        FunctionName="airflow-task",
+        InvocationType="Event",
+        Payload=protocol.seal_event(event, SECRET.encode()),
+    )
+
+    assert answer["StatusCode"] == 202
+    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    messages = moto_server.receive_all(results_url, 2, timeout=20)
+    results = sorted(
+        (protocol.open_result(m["Body"], SECRET.encode()) for m in messages),
+        key=lambda r: r.phase != Phase.STARTED,
+    )
+    assert [r.phase for r in results] == [Phase.STARTED, Phase.FINISHED]
+    finished = results[1]
+    assert finished.outcome is Outcome.SUCCESS
+    assert finished.dispatch_id == event.dispatch_id
+    assert finished.request_id == request_id
+    assert finished.function_name == "airflow-task"
+    # The log stream named in the result exists and holds Lambda's lines and the task's output.
+    stream = service.log_stream_path("airflow-task", finished.log_stream).read_text()
+    assert f"START RequestId: {request_id} Version: $LATEST" in stream
+    assert "fake task ran" in stream
+    assert f"END RequestId: {request_id}" in stream
+    assert f"REPORT RequestId: {request_id}\tDuration: " in stream
+    assert "Max Memory Used: " in stream
+
+
+def test_sync_invoke_context_environment_and_warm_reuse(start_service: StartService) -> None:
+    fn = fixture_fn("describe", "describe", environment={"FIXTURE_MARKER": "from-function-env"}, timeout_s=30)
+    service = start_service(fn)
+    client = lambda_client(service)
+
+    first = client.invoke(FunctionName="describe", Payload=b'{"hello": "world"}', LogType="Tail")
+    second = client.invoke(FunctionName="describe", Payload=b"{}")
+
+    assert first["StatusCode"] == 200 and "FunctionError" not in first
+    one, two = json.loads(first["Payload"].read()), json.loads(second["Payload"].read())
+    assert one["event"] == {"hello": "world"}
+    assert one["request_id"] == first["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    assert one["function_name"] == "describe"
+    assert one["memory_limit_in_mb"] == "256"
+    assert 25_000 < one["remaining_ms"] <= 30_000
+    assert one["env_marker"] == "from-function-env"
+    assert one["pgid"] == one["pid"], "a sandbox runs in its own process group"
+    assert two["pid"] == one["pid"], "the second invocation reuses the warm sandbox"
+    assert "Init Duration" in __import__("base64").b64decode(first["LogResult"]).decode()
+    stats = service.stats()["functions"]["describe"]
+    assert stats["cold_starts"] == 1 and stats["warm_starts"] == 1
+
+
+def test_function_errors_are_200_with_function_error_header(start_service: StartService) -> None:
+    service = start_service(fixture_fn("fails", "fail"), fixture_fn("exits", "exit_runtime"))
+    client = lambda_client(service)
+
+    failed = client.invoke(FunctionName="fails", Payload=b"{}")
+    body = json.loads(failed["Payload"].read())
+    assert failed["StatusCode"] == 200 and failed["FunctionError"] == "Unhandled"
+    assert body["errorType"] == "ValueError"
+    assert body["errorMessage"] == "the handler failed on purpose"
+    assert any("fixture_handlers.py" in frame for frame in body["stackTrace"])
+
+    exited = client.invoke(FunctionName="exits", Payload=b"{}")
+    body = json.loads(exited["Payload"].read())
+    assert exited["FunctionError"] == "Unhandled"
+    assert body["errorType"] == "Runtime.ExitError"
+    assert body["errorMessage"] == "Runtime exited with error: exit status 3"
+
+
+# -- API errors as boto3 sees them -----------------------------------------------------------------------------
+
+
+def test_error_codes_and_statuses(start_service: StartService) -> None:
+    service = start_service(fixture_fn("noop", "noop"), fixture_fn("closed", "noop", reserved_concurrency=0))
+    client = lambda_client(service)
+
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="missing", Payload=b"{}")
+    assert error_of(excinfo)[:2] == ("ResourceNotFoundException", 404)
+    with pytest.raises(ClientError) as excinfo:
+        client.get_function(FunctionName="missing")
+    assert error_of(excinfo)[:2] == ("ResourceNotFoundException", 404)
+
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="noop", Payload=b"{not json")
+    assert error_of(excinfo)[:2] == ("InvalidRequestContentException", 400)
+
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="noop", InvocationType="Event", Payload=json.dumps("x" * (1024 * 1024)))
+    assert error_of(excinfo)[:2] == ("RequestTooLargeException", 413)
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="noop", Payload=json.dumps("x" * (6 * 1024 * 1024)))
+    assert error_of(excinfo)[:2] == ("RequestTooLargeException", 413)
+    # Between the two limits: too large for an async event, fine for a synchronous call.
+    assert (
+        client.invoke(FunctionName="noop", Payload=json.dumps("x" * (2 * 1024 * 1024)))["StatusCode"] == 200
+    )
+
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="closed", Payload=b"{}")
+    code, status, response = error_of(excinfo)
+    assert (code, status) == ("TooManyRequestsException", 429)
+    assert response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+
+    assert client.invoke(FunctionName="noop", InvocationType="DryRun")["StatusCode"] == 204
+    with pytest.raises(ClientError) as excinfo:
+        client.invoke(FunctionName="noop", Qualifier="7", Payload=b"{}")
+    assert error_of(excinfo)[:2] == ("ResourceNotFoundException", 404)
+
+
+def test_sync_invoke_over_reserved_concurrency_is_throttled(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    service = start_service(fixture_fn("single", "record", reserved_concurrency=1))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    busy = threading.Thread(
+        target=client.invoke,
+        kwargs={"FunctionName": "single", "Payload": json.dumps({"record_file": str(record), "sleep": 1.5})},
+    )
+    busy.start()
+    try:
+        wait_for(lambda: service.stats()["functions"]["single"]["in_flight"] == 1, what="the first run")
+        with pytest.raises(ClientError) as excinfo:
+            client.invoke(FunctionName="single", Payload=json.dumps({"record_file": str(record)}))
+        code, status, response = error_of(excinfo)
+        assert (code, status, response["Reason"]) == (
+            "TooManyRequestsException",
+            429,
+            "ReservedFunctionConcurrentInvocationLimitExceeded",
+        )
+        assert response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "1"
+    finally:
+        busy.join()
+    assert service.stats()["functions"]["single"]["throttles"] == 1
+
+
+def test_request_rate_limit_throttles_async_invokes_too(start_service: StartService) -> None:
+    service = start_service(fixture_fn("limited", "noop", max_requests_per_s=3))
+    client = lambda_client(service)
+
+    codes = []
+    for _ in range(6):
+        try:
+            codes.append(
+                client.invoke(FunctionName="limited", InvocationType="Event", Payload=b"{}")["StatusCode"]
+            )
+        except ClientError as exc:
+            assert exc.response["Reason"] == "FunctionInvocationRateLimitExceeded"
+            codes.append(exc.response["ResponseMetadata"]["HTTPStatusCode"])
+
+    assert codes[:3] == [202, 202, 202]
+    assert 429 in codes[3:]
+
+
+# -- concurrency, queueing, retries, age, duplicates --------------------------------------------------------
+
+
+def test_reserved_concurrency_queues_async_events(start_service: StartService, tmp_path: Path) -> None:
+    service = start_service(fixture_fn("serial", "record", reserved_concurrency=1))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record), "sleep": 0.3})
+
+    begin = time.monotonic()
+    answers = [
+        client.invoke(FunctionName="serial", InvocationType="Event", Payload=payload) for _ in range(4)
+    ]
+    accept_time = time.monotonic() - begin
+
+    assert [a["StatusCode"] for a in answers] == [202] * 4
+    assert accept_time < 1.0, "async invokes over concurrency are queued, not throttled or blocked"
+    assert service.stats()["functions"]["serial"]["queued"] >= 2
+    runs = wait_for(lambda: len(read_lines(record)) == 4 and read_lines(record), what="4 runs")
+    runs.sort(key=lambda r: r["start"])
+    for earlier, later in zip(runs, runs[1:]):
+        assert later["start"] >= earlier["end"] - 0.01, "never two runs at once with reserved concurrency 1"
+    assert service.stats()["functions"]["serial"]["throttles"] == 0
+
+
+def test_async_retries_then_dlq_with_aws_attributes(
+    start_service: StartService, moto_server: Moto, tmp_path: Path
+) -> None:
+    dlq_url, _ = moto_server.new_queue("dlq")
+    fn = fixture_fn("flaky", "record", maximum_retry_attempts=2, dead_letter_queue_url=dlq_url)
+    service = start_service(fn)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record), "fail": "boom from the handler"})
+
+    answer = lambda_client(service).invoke(FunctionName="flaky", InvocationType="Event", Payload=payload)
+
+    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
+    assert message["Body"] == payload, "the DLQ message body is exactly the payload the invoker sent"
+    attributes = message["MessageAttributes"]
+    assert attributes["RequestID"] == {"StringValue": request_id, "DataType": "String"}
+    assert attributes["ErrorCode"] == {"StringValue": "200", "DataType": "Number"}
+    assert attributes["ErrorMessage"]["StringValue"] == "boom from the handler"
+    runs = read_lines(record)
+    assert len(runs) == 3 and {r["request_id"] for r in runs} == {request_id}
+    # Delays 0.2 s then 0.4 s between the runs.
+    assert runs[1]["start"] - runs[0]["end"] >= 0.15
+    assert runs[2]["start"] - runs[1]["end"] >= 0.35
+    stats = service.stats()["functions"]["flaky"]
+    assert stats["retries"] == 2 and stats["dlq_sends"] == 1
+
+
+def test_events_older_than_the_maximum_age_go_to_the_dlq(
+    start_service: StartService, moto_server: Moto
+) -> None:
+    dlq_url, _ = moto_server.new_queue("dlq")
+    fn = fixture_fn(
+        "starved", "noop", reserved_concurrency=0, maximum_event_age_s=1, dead_letter_queue_url=dlq_url
+    )
+    service = start_service(fn)
+
+    begin = time.monotonic()
+    lambda_client(service).invoke(FunctionName="starved", InvocationType="Event", Payload=b'{"n": 1}')
+    (message,) = moto_server.receive_all(dlq_url, 1, timeout=10)
+
+    assert 1.0 <= time.monotonic() - begin < 5.0
+    assert message["Body"] == '{"n": 1}'
+    assert message["MessageAttributes"]["ErrorCode"]["StringValue"] == "429"
+    assert "MaximumEventAgeInSeconds" in message["MessageAttributes"]["ErrorMessage"]["StringValue"]
+    assert service.stats()["functions"]["starved"]["expired"] == 1
+
+
+def test_duplicate_delivery_hook_runs_the_next_event_twice(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    service = start_service(fixture_fn("dup", "record"))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record)})
+
+    assert service.set_delivery_faults(duplicate_next=1) == {"duplicate_next": 1}
+    first = client.invoke(FunctionName="dup", InvocationType="Event", Payload=payload)
+    second = client.invoke(FunctionName="dup", InvocationType="Event", Payload=payload)
+
+    runs = wait_for(lambda: len(read_lines(record)) >= 3 and read_lines(record), what="3 runs")
+    time.sleep(0.3)  # a fourth run would show up by now
+    ids = [r["request_id"] for r in read_lines(record)]
+    first_id = first["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    second_id = second["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    assert sorted(ids) == sorted([first_id, first_id, second_id]), runs
+    assert service.stats()["functions"]["dup"]["duplicates_delivered"] == 1
+
+
+# -- limits: timeout and memory ------------------------------------------------------------------------------
+
+
+def test_timeout_kills_the_sandbox_tree_and_dead_letters_the_event(
+    start_service: StartService, moto_server: Moto, tmp_path: Path
+) -> None:
+    dlq_url, _ = moto_server.new_queue("dlq")
+    fn = fixture_fn("slow", "sleep_with_child", timeout_s=2, dead_letter_queue_url=dlq_url)
+    service = start_service(fn)
+    pid_file = tmp_path / "pids.json"
+    payload = json.dumps({"pid_file": str(pid_file), "seconds": 60})
+
+    answer = lambda_client(service).invoke(FunctionName="slow", InvocationType="Event", Payload=payload)
+    (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
+
+    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    assert message["Body"] == payload
+    assert message["MessageAttributes"]["RequestID"]["StringValue"] == request_id
+    assert message["MessageAttributes"]["ErrorCode"]["StringValue"] == "200"
+    assert message["MessageAttributes"]["ErrorMessage"]["StringValue"] == "Task timed out after 2.00 seconds"
+    pids = json.loads(pid_file.read_text())
+    wait_for(lambda: gone(pids["sandbox"]) and gone(pids["child"]), timeout=5, what="the sandbox tree to die")
+    stats = service.stats()["functions"]["slow"]
+    assert stats["timeout"] == 1 and stats["sandboxes"] == 0
+    (stream,) = (service.log_dir / "slow").glob("*.log")
+    text = stream.read_text()
+    assert f"{request_id} Task timed out after 2.00 seconds" in text
+    assert "Status: error\tError Type: Sandbox.Timedout" in text
+
+
+def test_memory_over_the_limit_is_killed_as_out_of_memory(
+    start_service: StartService, moto_server: Moto, tmp_path: Path
+) -> None:
+    dlq_url, _ = moto_server.new_queue("dlq")
+    fn = fixture_fn("hungry", "hog", memory_mb=256, timeout_s=30, dead_letter_queue_url=dlq_url)
+    service = start_service(fn)
+    client = lambda_client(service)
+    pid_file = tmp_path / "pids.json"
+    payload = json.dumps({"pid_file": str(pid_file), "mb": 1024})
+
+    client.invoke(FunctionName="hungry", InvocationType="Event", Payload=payload)
+    (message,) = moto_server.receive_all(dlq_url, 1, timeout=20)
+
+    assert message["Body"] == payload
+    error_message = message["MessageAttributes"]["ErrorMessage"]["StringValue"]
+    assert error_message == "Runtime exited with error: signal: killed"
+    assert gone(json.loads(pid_file.read_text())["sandbox"])
+
+    # Synchronously, the error type says what happened.
+    answer = client.invoke(FunctionName="hungry", Payload=payload)
+    body = json.loads(answer["Payload"].read())
+    assert answer["FunctionError"] == "Unhandled"
+    assert body["errorType"] == "Runtime.OutOfMemory"
+    stats = service.stats()["functions"]["hungry"]
+    assert stats["out_of_memory"] == 2 and stats["cold_starts"] == 2
+
+
+# -- management API -----------------------------------------------------------------------------------------
+
+
+def test_management_api_round_trips(start_service: StartService, moto_server: Moto) -> None:
+    dlq_url, dlq_arn = moto_server.new_queue("dlq")
+    service = start_service()
+    client = lambda_client(service)
+
+    created = client.create_function(
+        FunctionName="made-by-api",
+        Runtime="python3.12",
+        Role="arn:aws:iam::123456789012:role/any",
+        Handler="hybrid_router.lambda_exec.handler.handler",  # no signing secret set: every run fails
+        Code={"ZipFile": b"PK\x05\x06" + b"\x00" * 18},
+        Timeout=5,
+        MemorySize=512,
+        DeadLetterConfig={"TargetArn": dlq_arn},
+    )
+    assert created["FunctionName"] == "made-by-api" and created["MemorySize"] == 512
+    with pytest.raises(ClientError) as excinfo:
+        client.create_function(
+            FunctionName="made-by-api", Role="arn:aws:iam::123456789012:role/any", Code={"ZipFile": b"x"}
+        )
+    assert error_of(excinfo)[:2] == ("ResourceConflictException", 409)
+
+    assert client.get_function(FunctionName="made-by-api")["Configuration"]["DeadLetterConfig"] == {
+        "TargetArn": dlq_arn
+    }
+    assert client.get_function_configuration(FunctionName="made-by-api")["Timeout"] == 5
+    assert (
+        client.get_function_concurrency(FunctionName="made-by-api").get("ReservedConcurrentExecutions")
+        is None
+    )
+    client.put_function_concurrency(FunctionName="made-by-api", ReservedConcurrentExecutions=3)
+    assert client.get_function_concurrency(FunctionName="made-by-api")["ReservedConcurrentExecutions"] == 3
+    assert client.get_function(FunctionName="made-by-api")["Concurrency"] == {
+        "ReservedConcurrentExecutions": 3
+    }
+    client.delete_function_concurrency(FunctionName="made-by-api")
+    assert "ReservedConcurrentExecutions" not in client.get_function_concurrency(FunctionName="made-by-api")
+
+    put = client.put_function_event_invoke_config(
+        FunctionName="made-by-api", MaximumRetryAttempts=0, MaximumEventAgeInSeconds=60
+    )
+    assert (put["MaximumRetryAttempts"], put["MaximumEventAgeInSeconds"]) == (0, 60)
+    got = client.get_function_event_invoke_config(FunctionName="made-by-api")
+    assert (got["MaximumRetryAttempts"], got["MaximumEventAgeInSeconds"]) == (0, 60)
+    with pytest.raises(ClientError) as excinfo:
+        client.put_function_event_invoke_config(FunctionName="made-by-api", MaximumEventAgeInSeconds=30_000)
+    assert error_of(excinfo)[:2] == ("InvalidParameterValueException", 400)
+
+    # The failed run goes to the DLQ that was given as an ARN: the service resolves it on the SQS endpoint.
+    arn = "arn:aws:lambda:us-east-1:123456789012:function:made-by-api"
+    client.invoke(FunctionName=arn, InvocationType="Event", Payload=b'{"k": "v"}')
+    (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
+    assert message["Body"] == '{"k": "v"}'
+    assert "HYBRID_ROUTER_SIGNING_SECRET" in message["MessageAttributes"]["ErrorMessage"]["StringValue"]
+
+    client.delete_function(FunctionName="made-by-api")
+    with pytest.raises(ClientError) as excinfo:
+        client.get_function(FunctionName="made-by-api")
+    assert error_of(excinfo)[:2] == ("ResourceNotFoundException", 404)
+
+
+# -- shutting down --------------------------------------------------------------------------------------------
+
+
+def test_stop_leaves_no_sandbox_or_child_behind(start_service: StartService, tmp_path: Path) -> None:
+    service = start_service(fixture_fn("lingering", "sleep_with_child", timeout_s=120))
+    pid_file = tmp_path / "pids.json"
+    lambda_client(service).invoke(
+        FunctionName="lingering", InvocationType="Event", Payload=json.dumps({"pid_file": str(pid_file)})
+    )
+    wait_for(pid_file.exists, what="the handler to start")
+    pids = json.loads(pid_file.read_text())
+    service_pid = service.pid
+    assert service_pid is not None
+
+    begin = time.monotonic()
+    service.stop()
+
+    assert time.monotonic() - begin < 8, "SIGTERM is enough: the service stops its sandboxes itself"
+    assert gone(service_pid)
+    wait_for(lambda: gone(pids["sandbox"]) and gone(pids["child"]), timeout=5, what="no orphans")
