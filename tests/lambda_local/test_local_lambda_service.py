@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -294,7 +295,7 @@ def test_reserved_concurrency_queues_async_events(start_service: StartService, t
     assert service.stats()["functions"]["serial"]["queued"] >= 2
     runs = wait_for(lambda: len(read_lines(record)) == 4 and read_lines(record), what="4 runs")
     runs.sort(key=lambda r: r["start"])
-    for earlier, later in zip(runs, runs[1:]):
+    for earlier, later in itertools.pairwise(runs):
         assert later["start"] >= earlier["end"] - 0.01, "never two runs at once with reserved concurrency 1"
     assert service.stats()["functions"]["serial"]["throttles"] == 0
 
