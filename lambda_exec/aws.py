@@ -220,9 +220,12 @@ def classify_dead_letter(error_code: str, error_message: str) -> Outcome:
 
     Lambda writes e.g. ``Task timed out after 5.00 seconds``, or ``Runtime exited with error: signal: killed``
     with ``Runtime.OutOfMemory`` for a run over its memory size. Order matters: an out-of-memory kill is also a
-    runtime exit.
+    runtime exit, and an event that aged out after a failed run is classified by that run's error.
     """
     text = f"{error_code} {error_message}"
+    # ErrorCode is the invocation's status: 429 means the event aged out waiting and never ran.
+    if error_code.strip() == "429" or (_EXPIRED_RE.search(text) and "last error" not in text):
+        return Outcome.EVENT_EXPIRED
     if _TIMEOUT_RE.search(text):
         return Outcome.TIMEOUT
     if _OOM_RE.search(text):

@@ -45,6 +45,9 @@ class LambdaExecutorConfig:
     check_health_on_startup: bool = True
     event_max_age_seconds: int = 300
     deadline_margin_seconds: float = 5.0
+    # Where the local Lambda service writes its log streams (``<dir>/<function>/<stream>.log``); set it to
+    # show a local run's Lambda log in the task log view. Empty with real AWS: CloudWatch Logs is read.
+    local_log_dir: str = ""
     # Not in [lambda_executor] (rarely worth changing), but accepted as per-instance options.
     unowned_visibility_timeout: int = 30
     stale_after_sightings: int = 10
@@ -200,6 +203,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "check_health_on_startup": _boolean,
     "event_max_age_seconds": _integer,
     "deadline_margin_seconds": _number,
+    "local_log_dir": _text,
     "unowned_visibility_timeout": _integer,
     "stale_after_sightings": _integer,
 }

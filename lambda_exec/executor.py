@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
@@ -479,42 +480,53 @@ class LambdaExecutor(BaseExecutor):
     # -- task logs ---------------------------------------------------------------------------------------------
 
     def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
-        """Where the Lambda run's own log is, and its lines when CloudWatch Logs (or the local service) has them.
+        """Where the Lambda run's own log is, and its lines when they can be read.
 
-        Called by the API server on an executor that was never started, so it relies only on the task's
-        external id and the configuration.
+        The task's Airflow log (written by the task runner inside Lambda to ``log_path``) is shown by Airflow
+        itself; this adds the function's log for the run: its lines between ``START RequestId`` and ``END
+        RequestId`` from the local service's log files (``local_log_dir``), or the lines CloudWatch Logs has
+        for the request id on real AWS. Called by the API server on an executor that was never started, so it
+        relies only on the task's external id and the configuration, and never raises.
         """
         parsed = parse_external_id(getattr(ti, "external_executor_id", None))
         if parsed is None:
             return [], []
         function_name, request_id, dispatch_id = parsed
         short_name = function_name.rsplit(":function:", 1)[-1].split(":", 1)[0]
-        group = f"/aws/lambda/{short_name}"
+        try:
+            config = self.config
+        except LambdaConfigError as exc:
+            return [f"AWS Lambda {function_name}: request {request_id or '?'}"], [f"({exc})"]
+        if config.local_log_dir:
+            where = f"local Lambda log folder {config.local_log_dir}/{short_name}"
+        else:
+            where = f"CloudWatch Logs group /aws/lambda/{short_name}"
         sources = [
-            f"AWS Lambda {function_name}: request {request_id or '?'} (dispatch {dispatch_id}), log group {group}"
+            f"AWS Lambda {function_name}: request {request_id or '?'} (dispatch {dispatch_id}), {where}"
         ]
         if not request_id:
             return sources, []
         try:
-            lines = self._lambda_log_lines(group, request_id)
+            if config.local_log_dir:
+                lines = local_invocation_log(Path(config.local_log_dir) / short_name, request_id)
+            elif config.lambda_endpoint_url:
+                return sources, []  # a non-AWS endpoint without a log folder: nothing more to read
+            else:
+                lines = self._cloudwatch_lines(f"/aws/lambda/{short_name}", request_id)
         except Exception as exc:
             return sources, [f"(the Lambda log could not be read: {protocol.scrub(str(exc), 300)})"]
         return sources, lines
 
-    def _lambda_log_lines(self, group: str, request_id: str, limit: int = 1000) -> list[str]:
+    def _cloudwatch_lines(self, group: str, request_id: str, limit: int = 1000) -> list[str]:
         import boto3
         from botocore.config import Config
 
-        config = self.config
         # The API server calls this while rendering a page: fail fast rather than retry.
         kwargs: dict[str, Any] = {
             "config": Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5)
         }
-        if config.region_name:
-            kwargs["region_name"] = config.region_name
-        # The local Lambda service answers the CloudWatch Logs calls for its functions on its own endpoint.
-        if config.lambda_endpoint_url:
-            kwargs["endpoint_url"] = config.lambda_endpoint_url
+        if self.config.region_name:
+            kwargs["region_name"] = self.config.region_name
         logs = boto3.client("logs", **kwargs)
         response = logs.filter_log_events(logGroupName=group, filterPattern=f'"{request_id}"', limit=limit)
         return [
@@ -835,6 +847,24 @@ class LambdaExecutor(BaseExecutor):
         from airflow.sdk.observability.stats import Stats
 
         Stats.timing(self._metric(name), seconds * 1000.0, tags=self._tags())
+
+
+def local_invocation_log(folder: Path, request_id: str, max_lines: int = 5000) -> list[str]:
+    """One invocation's lines from the local service's log streams (``START RequestId`` to ``REPORT``)."""
+    start_marker = f"START RequestId: {request_id}"
+    end_marker = f"REPORT RequestId: {request_id}"
+    for stream in sorted(folder.glob("*.log")):
+        lines: list[str] = []
+        with stream.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not lines and not line.startswith(start_marker):
+                    continue
+                lines.append(protocol.scrub(line.rstrip("\n")))
+                if line.startswith(end_marker) or len(lines) >= max_lines:
+                    return lines
+        if lines:
+            return lines  # the run is still going: what it wrote so far
+    return []
 
 
 def _backoff_delay(attempt: int, cap: float) -> float:

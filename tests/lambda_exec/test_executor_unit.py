@@ -172,7 +172,9 @@ def test_handler_timeout_is_an_infrastructure_failure_popped_once(started):
             "RequestId: x Error: Runtime exited with error: exit status 1 Runtime.ExitError",
             "runtime_crash",
         ),
-        ("", "EventAgeExceeded", "event_expired"),
+        ("429", "Event age exceeded the function's MaximumEventAgeInSeconds (60 s)", "event_expired"),
+        ("200", "Event age exceeded (60 s); last error: Task timed out after 5.00 seconds", "timeout"),
+        ("200", "Runtime exited with error: signal: killed", "out_of_memory"),
         ("", "", "dead_lettered"),
     ],
 )
@@ -417,11 +419,30 @@ def test_constructing_is_side_effect_free(no_thread_leak):
     assert executor.get_task_log(ti, 1) == ([], [])
 
 
-def test_get_task_log_points_at_the_lambda_log():
-    executor, _, _ = make_executor(lambda_endpoint_url="http://127.0.0.1:9")  # nothing listens there
+def test_get_task_log_reads_the_local_service_log(tmp_path):
+    folder = tmp_path / "airflow-task"
+    folder.mkdir()
+    (folder / "2026-01-01-[$LATEST]abc.log").write_text(
+        "START RequestId: other Version: $LATEST\nnoise\nEND RequestId: other\nREPORT RequestId: other\n"
+        "START RequestId: req-42 Version: $LATEST\nfake task running token eyJa.eyJb.c\n"
+        "END RequestId: req-42\nREPORT RequestId: req-42\tDuration: 5 ms\nSTART RequestId: next\n"
+    )
+    executor, _, _ = make_executor(local_log_dir=str(tmp_path))
     ti = SimpleNamespace(external_executor_id=external_id("airflow-task", "req-42", "d1"))
     sources, lines = executor.get_task_log(ti, 1)
     assert sources == [
-        "AWS Lambda airflow-task: request req-42 (dispatch d1), log group /aws/lambda/airflow-task"
+        f"AWS Lambda airflow-task: request req-42 (dispatch d1), local Lambda log folder {tmp_path}/airflow-task"
     ]
-    assert len(lines) == 1 and lines[0].startswith("(the Lambda log could not be read")
+    assert lines == [
+        "START RequestId: req-42 Version: $LATEST",
+        "fake task running token <token>",
+        "END RequestId: req-42",
+        "REPORT RequestId: req-42\tDuration: 5 ms",
+    ]
+
+
+def test_get_task_log_without_config_still_points_at_the_function():
+    ti = SimpleNamespace(external_executor_id=external_id("airflow-task", "req-1", "d1"))
+    sources, lines = LambdaExecutor().get_task_log(ti, 1)
+    assert sources == ["AWS Lambda airflow-task: request req-1"]
+    assert "function_name" in lines[0] or "required" in lines[0]
