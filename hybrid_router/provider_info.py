@@ -163,10 +163,17 @@ LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {
         "True",
     ),
     "event_max_age_seconds": _option(
-        "Oldest an invoke event may be when the handler picks it up; an older event is reported as expired "
-        "instead of running a task with a stale token.\n",
+        "Oldest an invoke event may be (seconds since the executor sent it, 60-21600) when the handler picks "
+        "it up; an older event is reported as expired instead of running a task with a stale token.\n",
         "integer",
         "300",
+    ),
+    "local_log_dir": _option(
+        "Folder where the local Lambda service writes its log streams; set it to show a local run's Lambda "
+        "log in the task log view. Empty with real AWS: the executor reads CloudWatch Logs.\n",
+        "string",
+        "",
+        "/tmp/local-lambda/logs",
     ),
     "deadline_margin_seconds": _option(
         "Seconds before the function's timeout at which the handler stops the task and reports a timeout "

@@ -97,3 +97,12 @@ def test_cli_module_stays_light():
 @pytest.mark.parametrize("section", ["hybrid_router", "lambda_executor"])
 def test_sections_have_descriptions(section):
     assert get_provider_info()["config"][section]["description"]
+
+
+def test_declared_lambda_options_are_the_ones_the_executor_reads():
+    from dataclasses import fields
+
+    from hybrid_router.lambda_exec.config import LambdaExecutorConfig
+
+    declared = set(get_provider_info()["config"]["lambda_executor"]["options"])
+    assert declared <= {field.name for field in fields(LambdaExecutorConfig)}
