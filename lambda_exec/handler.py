@@ -54,6 +54,16 @@ POLL_INTERVAL_S = 0.05
 SEND_MAX_ATTEMPTS = 5
 
 
+# Lambda gives each execution environment a fresh /tmp, so a HOME below it (see examples/aws/Dockerfile)
+# cannot exist in the image: create it once per sandbox, as libraries write caches there.
+_home = os.environ.get("HOME", "")
+if _home and not os.path.isdir(_home):
+    try:
+        os.makedirs(_home, exist_ok=True)
+    except OSError:  # a read-only HOME is the deployment's problem, not a reason to fail every invocation
+        pass
+
+
 class LambdaContext(Protocol):
     """The parts of Lambda's context object the handler reads."""
 
