@@ -38,6 +38,10 @@ class Condition:
         """Why a task that matches, matches: a sentence for Decision.reasons."""
         raise NotImplementedError
 
+    def describe_mismatch(self, subject: Subject) -> str:
+        """Why a task does not match, for Policy.explain."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class NamesCondition(Condition):
@@ -51,6 +55,9 @@ class NamesCondition(Condition):
 
     def describe(self, subject: Subject, rule: str) -> str:
         return f"{self.key} {getattr(subject.facts, self.key)!r} matches rule {rule!r}"
+
+    def describe_mismatch(self, subject: Subject) -> str:
+        return f"{self.key} {_shown(getattr(subject.facts, self.key))} is not {_alternatives(self.names)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,10 @@ class OperatorCondition(Condition):
     def describe(self, subject: Subject, rule: str) -> str:
         return f"operator {subject.facts.operator!r} matches rule {rule!r}"
 
+    def describe_mismatch(self, subject: Subject) -> str:
+        names = self.class_names | self.full_paths
+        return f"operator {_shown(subject.facts.operator)} is not {_alternatives(names)}"
+
 
 @dataclass(frozen=True, slots=True)
 class GlobCondition(Condition):
@@ -98,6 +109,10 @@ class GlobCondition(Condition):
         value = getattr(subject.facts, self.key)
         glob = next((glob for glob in self.globs if fnmatch.fnmatchcase(value, glob)), self.globs[0])
         return f"{self.key} {value!r} matches {glob!r} of rule {rule!r}"
+
+    def describe_mismatch(self, subject: Subject) -> str:
+        value = getattr(subject.facts, self.key)
+        return f"{self.key} {_shown(value)} matches none of {_alternatives(self.globs)}"
 
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -149,11 +164,19 @@ class ComparisonCondition(Condition):
 
     def describe(self, subject: Subject, rule: str) -> str:
         tests = " and ".join(f"{c.symbol} {self._show(c.bound)}" for c in self.comparisons)
+        return f"{self._describe_figure(subject)} {tests}, as rule {rule!r} requires"
+
+    def describe_mismatch(self, subject: Subject) -> str:
+        failed = next(c for c in self.comparisons if not c.test(self._figure(subject), c.bound))
+        return f"{self._describe_figure(subject)} is not {failed.symbol} {self._show(failed.bound)}"
+
+    def _figure(self, subject: Subject) -> float:
+        return subject.duration_s if self.key == "expected_duration" else subject.memory_mb
+
+    def _describe_figure(self, subject: Subject) -> str:
         if self.key == "expected_duration":
-            figure = f"expected duration {format_duration(subject.duration_s)} from {subject.duration_source}"
-        else:
-            figure = f"memory {subject.memory_mb} MB from {subject.memory_source}"
-        return f"{figure} {tests}, as rule {rule!r} requires"
+            return f"expected duration {format_duration(subject.duration_s)} from {subject.duration_source}"
+        return f"memory {subject.memory_mb} MB from {subject.memory_source}"
 
     def _show(self, bound: float) -> str:
         return format_duration(bound) if self.key == "expected_duration" else f"{bound:g} MB"
@@ -162,3 +185,12 @@ class ComparisonCondition(Condition):
         """Whether a figure above ``limit`` can pass: '< 20m' or '>= 1m' can, '< 15m' or '<= 15m' cannot."""
         upper = min((c.bound for c in self.comparisons if c.symbol in ("<", "<=", "==")), default=math.inf)
         return upper > limit
+
+
+def _shown(value: str | None) -> str:
+    return "(not set)" if value is None else repr(value)
+
+
+def _alternatives(values: frozenset[str] | tuple[str, ...]) -> str:
+    ordered = sorted(values) if isinstance(values, frozenset) else list(values)
+    return " or ".join(repr(value) for value in ordered)

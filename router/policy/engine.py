@@ -110,21 +110,35 @@ class Policy:
 
     def decide_uncached(self, facts: TaskFacts) -> Decision:
         """First rule whose conditions hold and whose executor can take the task; else defaults.run_on."""
+        return self._decide(facts, explain=False)
+
+    def explain(self, facts: TaskFacts) -> Decision:
+        """The same decision as ``decide``, whose reasons also say why each earlier rule did not match.
+
+        Not cached, and slower with many rules: meant for people (the ``explain`` command), not the scheduler.
+        """
+        return self._decide(facts, explain=True)
+
+    def _decide(self, facts: TaskFacts, *, explain: bool) -> Decision:
         subject = self._subject(facts)
         duration, memory = subject.duration_s, subject.memory_mb
         bounds = self._bounds
-        skipped: list[str] = []
+        passed_over: list[str] = []  # rules that did not take the task, when it matters to say why
         for rule in self.rules:
             for condition in rule.conditions:
                 if not condition.matches(subject):
+                    if explain:
+                        passed_over.append(
+                            f"rule {rule.name!r} does not match: {condition.describe_mismatch(subject)}"
+                        )
                     break
             else:
                 max_duration, max_memory = bounds[rule.run_on]
                 if duration <= max_duration and memory <= max_memory:
-                    return self._decision(subject, rule, skipped)
+                    return self._decision(subject, rule, passed_over)
                 breaches = self.executors[rule.run_on].limits.breaches(rule.run_on, duration, memory)
-                skipped.append(f"rule {rule.name!r} skipped: {'; '.join(breaches)}")
-        return self._decision(subject, None, skipped)
+                passed_over.append(f"rule {rule.name!r} skipped: {'; '.join(breaches)}")
+        return self._decision(subject, None, passed_over)
 
     def _subject(self, facts: TaskFacts) -> Subject:
         if facts.expected_duration_s is None:
@@ -138,12 +152,12 @@ class Policy:
         operator_class = facts.operator.rpartition(".")[2] if facts.operator else None
         return Subject(facts, duration, duration_source, memory, memory_source, operator_class)
 
-    def _decision(self, subject: Subject, rule: Rule | None, skipped: list[str]) -> Decision:
+    def _decision(self, subject: Subject, rule: Rule | None, passed_over: list[str]) -> Decision:
         # Only the winner's reasons are written out: losing rules cost a failed compare, nothing more.
         reasons = [
             f"expected duration {format_duration(subject.duration_s)} from {subject.duration_source}, "
             f"memory {subject.memory_mb} MB from {subject.memory_source}",
-            *skipped,
+            *passed_over,
         ]
         if rule is None:
             # the loader guarantees defaults.run_on exists and has no limits whenever this can be reached

@@ -39,16 +39,16 @@ class PolicyError(ValueError):
     """A policy file that cannot be used; ``issues`` lists every error found, in file order."""
 
     def __init__(self, issues: Iterable[PolicyIssue], warnings: Iterable[PolicyIssue] = ()):
-        self.issues: list[PolicyIssue] = sorted(issues, key=_file_order)
+        self.issues: list[PolicyIssue] = sorted(issues, key=in_file_order)
         if not self.issues:
             raise ValueError("PolicyError needs at least one issue")
         # warnings found on the way, so that a validator can show them beside the errors
-        self.warnings: list[PolicyIssue] = sorted(warnings, key=_file_order)
+        self.warnings: list[PolicyIssue] = sorted(warnings, key=in_file_order)
         super().__init__("\n".join(str(issue) for issue in self.issues))
 
 
-def _file_order(issue: PolicyIssue) -> tuple[int, int]:
-    return issue.line, issue.column
+def in_file_order(issue: PolicyIssue) -> tuple[int, int, str]:
+    return issue.line, issue.column, issue.path
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

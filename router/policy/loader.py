@@ -27,7 +27,7 @@ from .conditions import (
     parse_comparison,
 )
 from .engine import Policy, Rule
-from .errors import PolicyError, PolicyIssue, did_you_mean
+from .errors import PolicyError, PolicyIssue, did_you_mean, in_file_order
 from .model import Defaults, ExecutorSpec, Limits
 from .source import ROOT_PATH_NAME, FieldPath, SourceMap, load_yaml
 from .units import format_duration, parse_duration, parse_memory_mb
@@ -80,17 +80,20 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 def load_policy_text(text: str, filename: str = "<string>") -> Policy:
     """Check a policy given as text; ``filename`` is what issues and ``Policy.source`` call it."""
-    data, source, issues = load_yaml(text, filename)
-    builder = _PolicyBuilder(source, issues)
+    document = load_yaml(text, filename)
+    builder = _PolicyBuilder(document.source, document.issues, document.rejected)
     try:
-        return builder.build(data)
+        return builder.build(document.value)
     except PolicyError:
         raise
     except Exception as error:
         # A bug of ours must still reach a validator as an issue, not as a traceback in the scheduler.
         log.exception("Unexpected failure while checking policy %s", filename)
         raise PolicyError(
-            [*builder.errors, source.issue((), f"internal error while checking the policy: {error!r}")],
+            [
+                *builder.errors,
+                document.source.issue((), f"internal error while checking the policy: {error!r}"),
+            ],
             builder.warnings,
         ) from error
 
@@ -102,11 +105,11 @@ def _schema_validator() -> jsonschema.Draft202012Validator:
 
 
 class _PolicyBuilder:
-    def __init__(self, source: SourceMap, issues: Iterable[PolicyIssue]):
+    def __init__(self, source: SourceMap, issues: Iterable[PolicyIssue], rejected: Iterable[FieldPath]):
         self.source = source
         self.errors: list[PolicyIssue] = list(issues)
         self.warnings: list[PolicyIssue] = []
-        self._flagged: set[FieldPath] = set()  # fields the schema rejected: not checked again
+        self._flagged: set[FieldPath] = set(rejected)  # fields already reported: not judged again
 
     # -- reporting --------------------------------------------------------------------------------------
     def error(self, path: FieldPath, message: str, *, at_key: bool = False) -> None:
@@ -147,7 +150,7 @@ class _PolicyBuilder:
             executors=executors,
             defaults=defaults,
             rules=rules,
-            warnings=sorted(self.warnings, key=lambda issue: (issue.line, issue.column)),
+            warnings=sorted(self.warnings, key=in_file_order),
             fallback_mode=settings.get("fallback_mode", BUILTIN_FALLBACK_MODE),
             max_fallbacks=int(settings.get("max_fallbacks", BUILTIN_MAX_FALLBACKS)),
         )
@@ -157,7 +160,7 @@ class _PolicyBuilder:
         seen: set[tuple[FieldPath, str]] = set()
         for error in _schema_validator().iter_errors(data):
             for path, message, at_key in _explain_schema_error(error):
-                if (path, message) not in seen:
+                if (path, message) not in seen and self._usable(path):
                     seen.add((path, message))
                     self.error(path, message, at_key=at_key)
 
@@ -337,15 +340,10 @@ class _PolicyBuilder:
         memory = self._parsed((*path, "memory_mb"), raw.get("memory_mb"), parse_memory_mb)
         run_on = raw.get("run_on")
         run_on = run_on if isinstance(run_on, str) else None
-        catch_all = next(
-            (
-                rule
-                for rule in rules
-                if rule.is_catch_all
-                and rule.run_on in executors
-                and executors[rule.run_on].limits.is_unlimited
-            ),
-            None,
+        # a catch-all on an unknown executor is reported already; asking for defaults.run_on too is noise
+        takes_every_task = any(
+            rule.is_catch_all and (rule.run_on not in executors or executors[rule.run_on].limits.is_unlimited)
+            for rule in rules
         )
         if run_on is not None:
             if self._check_reference((*path, "run_on"), run_on, executors):
@@ -356,7 +354,7 @@ class _PolicyBuilder:
                         f"{run_on!r} has limits, so a task exceeding them would have nowhere to run; "
                         "name an executor without limits",
                     )
-        elif catch_all is None and "run_on" not in raw and rules and executors:
+        elif not takes_every_task and "run_on" not in raw and rules and executors:
             self.error(
                 (*path, "run_on"),
                 "missing: no rule without 'if' sends every task to an executor without limits, so tasks that "

@@ -6,7 +6,6 @@ composed into nodes (which carry marks) and converted here, one node at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ MAX_DEPTH = 64
 MAX_NODES = 100_000
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def format_path(path: FieldPath) -> str:
@@ -82,14 +82,23 @@ class SourceMap:
         )
 
 
-def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[PolicyIssue]]:
-    """The document's value, its source map, and the non-fatal issues (duplicate or non-string keys).
+@dataclass
+class YamlDocument:
+    value: Any
+    source: SourceMap
+    issues: list[PolicyIssue]  # problems that still let the rest of the document be checked
+    rejected: set[FieldPath]  # values replaced by None because of those problems: not to be judged again
+
+
+def load_yaml(text: str, filename: str) -> YamlDocument:
+    """The document's value with its source map and non-fatal issues (duplicate keys, bad scalars, ...).
 
     Raises PolicyError for text that is not one YAML document.
     """
     source = SourceMap(filename)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # checks for forbidden characters already
         node = loader.get_single_node()
         if node is None:
             raise PolicyError(
@@ -97,7 +106,7 @@ def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[PolicyIssu
             )
         converter = _Converter(loader, source)
         value = converter.convert(node, (), 0)
-        return value, source, converter.issues
+        return YamlDocument(value, source, converter.issues, converter.rejected)
     except yaml.MarkedYAMLError as error:
         raise PolicyError([_syntax_issue(error, filename)]) from None
     except yaml.YAMLError as error:  # ReaderError: a character YAML does not allow, marked by position only
@@ -110,7 +119,8 @@ def load_yaml(text: str, filename: str) -> tuple[Any, SourceMap, list[PolicyIssu
     except RecursionError:
         raise PolicyError([source.issue((), "invalid YAML: nested too deeply")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _syntax_issue(error: yaml.MarkedYAMLError, filename: str) -> PolicyIssue:
@@ -128,6 +138,7 @@ class _Converter:
         self.loader = loader
         self.source = source
         self.issues: list[PolicyIssue] = []
+        self.rejected: set[FieldPath] = set()
         self.nodes_seen = 0
         self.open_nodes: set[int] = set()  # ids of the nodes being converted: an alias to one is a cycle
 
@@ -141,11 +152,9 @@ class _Converter:
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node, path)
         if depth >= MAX_DEPTH:
-            self.issues.append(self.source.issue(path, f"nested more than {MAX_DEPTH} levels deep"))
-            return None
+            return self._reject(path, f"nested more than {MAX_DEPTH} levels deep")
         if id(node) in self.open_nodes:
-            self.issues.append(self.source.issue(path, "an alias refers to a value that contains it"))
-            return None
+            return self._reject(path, "an alias refers to a value that contains it")
         self.open_nodes.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -154,32 +163,35 @@ class _Converter:
                     self.convert(item, (*path, index), depth + 1) for index, item in enumerate(node.value)
                 ]
             self._check_tag(node, _MAP_TAG, path)
-            return dict(self._mapping_items(node, path, depth))
+            return self._mapping_items(node, path, depth)
         finally:
             self.open_nodes.discard(id(node))
+
+    def _reject(self, path: FieldPath, message: str) -> None:
+        self.issues.append(self.source.issue(path, message))
+        self.rejected.add(path)
 
     def _scalar(self, node: yaml.ScalarNode, path: FieldPath) -> Any:
         try:
             return self.loader.construct_object(node)
-        except yaml.MarkedYAMLError:
-            raise
+        except yaml.MarkedYAMLError as error:  # a tag the safe loader refuses, such as !!python/object
+            return self._reject(path, f"invalid YAML: {error.problem}")
         except Exception as error:
-            # e.g. "2020-13-01" resolves as a timestamp and fails in datetime, "!!float abc" in float()
-            self.issues.append(
-                self._issue_at(node, path, f"invalid {_tag_name(node.tag)} {node.value!r}: {error}")
-            )
-            return None
+            # PyYAML's scalar constructors raise bare errors: "2020-13-01" resolves as a timestamp and fails
+            # in datetime, "!!float abc" in float()
+            return self._reject(path, f"invalid {_tag_name(node.tag)} {node.value!r}: {error}")
 
     def _check_tag(self, node: yaml.Node, expected: str, path: FieldPath) -> None:
         if node.tag != expected:
             self.issues.append(self.source.issue(path, f"unsupported YAML tag {node.tag!r}"))
 
-    def _mapping_items(
-        self, node: yaml.MappingNode, path: FieldPath, depth: int
-    ) -> Iterator[tuple[str, Any]]:
-        self.loader.flatten_mapping(node)  # resolves "<<" merge keys in place, as PyYAML's own loader does
+    def _mapping_items(self, node: yaml.MappingNode, path: FieldPath, depth: int) -> dict[str, Any]:
+        own_count = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
+        self.loader.flatten_mapping(node)  # puts the pairs of "<<" merges first, as PyYAML's loader does
+        merged_count = len(node.value) - own_count
+        items: dict[str, Any] = {}
         first_seen: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
+        for position, (key_node, value_node) in enumerate(node.value):
             key = self._scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 shown = repr(key) if isinstance(key_node, yaml.ScalarNode) else "a collection"
@@ -187,16 +199,20 @@ class _Converter:
                     self._issue_at(key_node, path, f"keys must be strings, got {shown}; quote the key")
                 )
                 continue
-            if key in first_seen:
-                first = Location.of(first_seen[key].start_mark)
-                self.issues.append(
-                    self._issue_at(
-                        key_node, (*path, key), f"duplicate key {key!r} (first defined at line {first.line})"
+            if position >= merged_count:  # a key written here may override a merged one, not another one here
+                if key in first_seen:
+                    first = Location.of(first_seen[key].start_mark)
+                    self.issues.append(
+                        self._issue_at(
+                            key_node,
+                            (*path, key),
+                            f"duplicate key {key!r} (first defined at line {first.line})",
+                        )
                     )
-                )
-                continue
-            first_seen[key] = key_node
-            yield key, self.convert(value_node, (*path, key), depth + 1, key_node)
+                    continue
+                first_seen[key] = key_node
+            items[key] = self.convert(value_node, (*path, key), depth + 1, key_node)
+        return items
 
     def _issue_at(self, node: yaml.Node, path: FieldPath, message: str) -> PolicyIssue:
         location = Location.of(node.start_mark)

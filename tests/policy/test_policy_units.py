@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hybrid_router.router.policy import format_duration, parse_duration, parse_memory_mb
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("12m", 720),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("1h 30m 15s", 5415),
+        ("1.5h", 5400),
+        ("2d", 172800),
+        ("250ms", 0.25),
+        ("10 minutes", 600),
+        (90, 90),
+        (1.5, 1.5),
+        ("90", 90),
+        (" 45 ", 45),
+        (0, 0),
+        ("0s", 0),
+    ],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "expected '90s'"),
+        ("abc", "expected '90s'"),
+        ("12x", "unknown unit 'x'"),
+        ("30m1h", "largest first"),
+        ("1h1h", "largest first"),
+        ("-5m", "expected '90s'"),
+        (-5, "must be a finite number >= 0"),
+        (math.inf, "must be a finite number >= 0"),
+        (math.nan, "must be a finite number >= 0"),
+        (True, "expected '90s'"),
+        (None, "expected '90s'"),
+        ("5m extra", "expected '90s'"),
+        ("1h 30", "expected '90s'"),
+    ],
+)
+def test_parse_duration_rejects(text, message):
+    with pytest.raises(ValueError, match="invalid duration") as caught:
+        parse_duration(text)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "megabytes"),
+    [
+        ("512", 512),
+        (512, 512),
+        ("512MB", 512),
+        ("3GB", 3072),
+        ("3 GiB", 3072),
+        ("10240MB", 10240),
+        ("10GB", 10240),
+        ("1.5gb", 1536),
+        ("2048 KiB", 2),
+        ("1KB", 1),  # rounded up: a need is never under-stated
+        (0.2, 1),
+        ("1TB", 1048576),
+    ],
+)
+def test_parse_memory_mb(text, megabytes):
+    assert parse_memory_mb(text) == megabytes
+
+
+@pytest.mark.parametrize(
+    "text", ["", "lots", "3 GBs", "3XB", "-1", -1, 0, "0MB", True, None, math.inf, [512]]
+)
+def test_parse_memory_mb_rejects(text):
+    with pytest.raises(ValueError, match="invalid memory size"):
+        parse_memory_mb(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(300, "5m"), (5400, "1h30m"), (90, "1m30s"), (2.5, "2.5s"), (0, "0s"), (86400, "24h"), (3600.4, "1h")],
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("text", ["45s", "12m", "1h30m", "1h", "2h15m10s"])
+def test_format_duration_round_trips(text):
+    assert format_duration(parse_duration(text)) == text
