@@ -139,7 +139,7 @@ def explain(args: argparse.Namespace) -> None:
         facts = replace(facts, memory_mb=args.memory_mb, memory_source=COMMAND_LINE_SOURCE)
     decision = policy.decide(facts)
     result = {"policy": policy_path, **decision.to_dict()}
-    result["reasons"] = [*notes, *result.get("reasons", [])]
+    result["reasons"] = [*notes, *result["reasons"]]
     result["rule_line"] = _rule_line(policy, decision)
     if args.json:
         _print_json(result)
@@ -148,27 +148,26 @@ def explain(args: argparse.Namespace) -> None:
 
 
 def _rule_line(policy: Policy, decision: Decision) -> int | None:
-    for rule in policy.rules:
-        if rule.index == decision.rule_index:
-            return getattr(rule, "line", None)
-    return None
+    # rule_index is -1 when no rule took the task and the policy's defaults.run_on did
+    return policy.rules[decision.rule_index].line if decision.rule_index >= 0 else None
 
 
 def _explanation_text(args: argparse.Namespace, result: dict[str, Any]) -> str:
-    rule = result.get("rule")
-    where = f"rule {rule!r}" if result.get("rule_index", -1) >= 0 else f"no rule matched, {rule}"
-    if result.get("rule_line"):
-        where += f" at {result['policy']}:{result['rule_line']}"
+    rule = result["rule"]
+    if result["rule_line"] is None:
+        where = f"no rule matched, {rule}"
+    else:
+        where = f"rule {rule!r} at {result['policy']}:{result['rule_line']}"
     lines = [
         f"{args.dag_id}.{args.task_id} -> {result['executor']}",
         f"  decided by: {where}",
-        f"  overflow:   {', '.join(result.get('overflow') or []) or 'none (waits for a free slot)'}",
-        f"  fallback:   {', '.join(result.get('fallback') or []) or 'none (an infrastructure failure fails the try)'}",
+        f"  overflow:   {', '.join(result['overflow']) or 'none (waits for a free slot)'}",
+        f"  fallback:   {', '.join(result['fallback']) or 'none (an infrastructure failure fails the try)'}",
         f"  duration:   {format_duration(result['expected_duration_s'])} from {result['duration_source']}",
         f"  memory:     {format_memory(result['memory_mb'])} from {result['memory_source']}",
         "  why:",
     ]
-    lines += [f"    - {reason}" for reason in result.get("reasons") or []]
+    lines += [f"    - {reason}" for reason in result["reasons"]]
     return "\n".join(lines)
 
 

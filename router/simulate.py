@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ def read_tasks_csv(path: str | Path) -> list[TaskRow]:
     """Read a task table; every bad row is reported (``TaskTableError``), none is silently dropped."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
             reader = csv.DictReader(handle)
             header = [name.strip() for name in reader.fieldnames or ()]
             reader.fieldnames = header
@@ -169,7 +169,7 @@ class ExecutorLoad:
 class RuleHits:
     index: int
     name: str
-    line: int | None
+    line: int
     hits: int = 0
 
 
@@ -220,13 +220,13 @@ class SimulationReport:
         lines.append("")
         lines += _table(
             ("#", "rule", "line", "hits"),
-            [(str(rule.index), rule.name, str(rule.line or "?"), str(rule.hits)) for rule in self.rules]
+            [(str(rule.index), rule.name, str(rule.line), str(rule.hits)) for rule in self.rules]
             + ([("-", NO_RULE, "-", str(self.unmatched))] if self.unmatched else []),
         )
         lines.append("")
         if self.never_fired:
             lines.append("Rules that never fire:")
-            lines += [f"  #{rule.index} {rule.name} (line {rule.line or '?'})" for rule in self.never_fired]
+            lines += [f"  #{rule.index} {rule.name} (line {rule.line})" for rule in self.never_fired]
         else:
             lines.append("Every rule fires at least once.")
         return "\n".join(lines)
@@ -246,19 +246,16 @@ def simulate(
     *,
     policy_file: str,
     source: str,
-    on_decision: Callable[[TaskRow, Any], None] | None = None,
 ) -> SimulationReport:
     """Route every row with ``policy.decide`` and add up the outcome."""
     report = SimulationReport(
         policy_file=policy_file,
         source=source,
-        rules=[RuleHits(rule.index, rule.name, getattr(rule, "line", None)) for rule in policy.rules],
+        rules=[RuleHits(rule.index, rule.name, rule.line) for rule in policy.rules],
     )
     by_index = {rule.index: rule for rule in report.rules}
     for row in rows:
         decision = policy.decide(row.facts)
-        if on_decision is not None:
-            on_decision(row, decision)
         report.rows += 1
         report.tasks += row.count
         load = report.executors.setdefault(decision.executor, ExecutorLoad())
