@@ -137,7 +137,7 @@ def explain(args: argparse.Namespace) -> None:
         )
     if args.memory_mb is not None:
         facts = replace(facts, memory_mb=args.memory_mb, memory_source=COMMAND_LINE_SOURCE)
-    decision = policy.decide(facts)
+    decision = policy.explain(facts)  # like decide(), and says why each earlier rule did not take the task
     result = {"policy": policy_path, **decision.to_dict()}
     result["reasons"] = [*notes, *result["reasons"]]
     result["rule_line"] = _rule_line(policy, decision)

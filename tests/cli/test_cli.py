@@ -306,3 +306,12 @@ def test_validate_and_explain_need_no_airflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_explain_says_why_earlier_rules_did_not_take_the_task(capsys):
+    result = explain_json(capsys, "--expected-duration", "40m")
+    passed_over = [
+        reason for reason in result["reasons"] if "does not match" in reason or "skipped" in reason
+    ]
+    assert any("'pinned to lambda by queue'" in reason for reason in passed_over), result["reasons"]
+    assert any("'short and small'" in reason and "40m" in reason for reason in passed_over), result["reasons"]
