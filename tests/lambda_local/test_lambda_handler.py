@@ -247,3 +247,14 @@ def test_handler_module_imports_nothing_heavy_at_start() -> None:
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_the_real_workload_command_runs_airflows_task_runner(results_queue: str, moto_server: Moto) -> None:
+    """No monkeypatching: Airflow's execute_workload reads the workload file and rejects an invalid one."""
+    event = make_event(results_queue, {"not": "an ExecuteTask workload"})
+
+    answer = handler_mod.handler(sealed(event), FakeContext(120))
+
+    assert answer["status"] == "failed" and answer["return_code"] != 0
+    _, finished = results(moto_server, results_queue, 2)
+    assert finished.outcome is Outcome.FAILED
