@@ -48,7 +48,7 @@ SECRET_ENV = "HYBRID_ROUTER_SIGNING_SECRET"
 MARGIN_ENV = "HYBRID_ROUTER_DEADLINE_MARGIN_S"
 DEFAULT_MAX_MARGIN_S = 5.0
 DEFAULT_MARGIN_FRACTION = 0.10
-# Between SIGTERM and SIGKILL: Airflow's task runner needs a moment to report its own state on SIGTERM.
+# Between SIGTERM and SIGKILL at most: Airflow's task runner needs a moment to report its state on SIGTERM.
 TERMINATE_GRACE_S = 1.0
 POLL_INTERVAL_S = 0.05
 SEND_MAX_ATTEMPTS = 5
@@ -182,7 +182,8 @@ def run_workload(workload: str, context: LambdaContext, margin_s: float) -> Work
         while child.poll() is None:
             if context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
                 timed_out = True
-                _stop_group(child)
+                # Half the margin for the task to react to SIGTERM; the other half to report the timeout.
+                _stop_group(child, grace_s=min(TERMINATE_GRACE_S, margin_s / 2))
                 break
             time.sleep(POLL_INTERVAL_S)
         return_code = child.wait()
@@ -205,14 +206,14 @@ def _stream_output(stream: Any) -> None:
         stream.close()
 
 
-def _stop_group(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL what is left after a short grace."""
+def _stop_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after ``grace_s``."""
     try:
         os.killpg(child.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
-        child.wait(timeout=TERMINATE_GRACE_S)
+        child.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     # Grandchildren may outlive the leader: sweep the whole group in every case.

@@ -53,6 +53,7 @@ DLQ_MESSAGE_LIMIT = 1024  # AWS puts the first 1 KB of the error message in Erro
 AWS_DEFAULT_RETRY_ATTEMPTS = 2
 EXPIRY_SCAN_INTERVAL_S = 0.25
 REAP_INTERVAL_S = 5.0
+RUNNER_THREADS = 1024
 # Every counter that stats() reports, always present (zero until it happens). The Ending values count how
 # runs ended: success, handled_error, timeout, out_of_memory, crash, init_error.
 COUNTERS = (
@@ -127,9 +128,8 @@ class LambdaBackend:
         self._sqs: Any = None
         self._dlq_urls: dict[str, str] = {}
         self._watchdog = MemoryWatchdog()
-        self._runner = ThreadPoolExecutor(
-            max_workers=max(4, config.account_concurrency * 2), thread_name_prefix="invoke"
-        )
+        # Threads are made on demand; how many run at once is bounded by the concurrency claims, not here.
+        self._runner = ThreadPoolExecutor(max_workers=RUNNER_THREADS, thread_name_prefix="invoke")
         self._sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlq")
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="async-dispatcher", daemon=True)
         for fn in config.functions:
@@ -418,8 +418,7 @@ class LambdaBackend:
 
     def _execute(self, state: FunctionState, request_id: str, payload: str) -> InvocationResult:
         fn = state.config
-        with self._cond:
-            sandbox = state.idle.pop() if state.idle else None
+        sandbox = self._take_idle(state)
         cold = sandbox is None
         if sandbox is None:
             sandbox = Sandbox(fn, self.base_env, self.log_dir, state.arn, self.config.region)
@@ -448,6 +447,16 @@ class LambdaBackend:
         if not reusable:
             self._retire(state, sandbox, Ending.CRASH)
         return result
+
+    def _take_idle(self, state: FunctionState) -> Sandbox | None:
+        """The most recently used warm sandbox that is still alive (one may have died while idle)."""
+        while True:
+            with self._cond:
+                sandbox = state.idle.pop() if state.idle else None
+            if sandbox is None or sandbox.alive:
+                return sandbox
+            log.warning("Warm sandbox %s of %s died while idle", sandbox.stream_name, state.config.name)
+            self._retire(state, sandbox, Ending.CRASH)
 
     def _count(self, state: FunctionState, key: str) -> None:
         with self._cond:
@@ -567,6 +576,12 @@ class LambdaBackend:
     def _dead_letter(self, state: FunctionState, event: AsyncEvent, error: Mapping[str, Any]) -> None:
         target = state.config.dead_letter_queue_url
         message = str(error.get("errorMessage") or error.get("errorType") or "unknown error")
+        if self._stopped:
+            # The run died because the service is stopping, not because of the function: no verdict to send.
+            log.warning(
+                "Service stopping: event %s of %s is not dead-lettered", event.request_id, state.config.name
+            )
+            return
         if not target:
             self._count(state, "dropped")
             log.warning(
