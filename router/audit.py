@@ -67,7 +67,8 @@ class AuditLog:
 
         rows = list(self._pending)
         try:
-            with create_session() as session:
+            # Not the scheduler's scoped session: this must never commit or close the scheduler's work.
+            with create_session(scoped=False) as session:
                 session.add_all(rows)
         except Exception:
             log.exception("Could not write %d routing audit rows; will retry next heartbeat", len(rows))

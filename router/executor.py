@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from airflow.executors import workloads
@@ -266,8 +267,10 @@ class RoutingExecutor(BaseExecutor):
         from airflow.utils.session import create_session
         from hybrid_router.router.history import TaskDurationHistory
 
+        # Its own sessions, never the scheduler's scoped one: the lookup runs inside the scheduler's
+        # queueing transaction, and closing the scoped session there would detach the scheduler's objects.
         return TaskDurationHistory(
-            create_session,
+            partial(create_session, scoped=False),
             days=self._config.history_days,
             min_runs=self._config.history_min_runs,
             ttl=self._config.history_cache_ttl,

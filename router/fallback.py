@@ -81,7 +81,7 @@ def redispatch_same_try(ti_id: UUID | str, try_number: int, generator: JWTGenera
     """Reset and rebuild in one transaction; None when the conditional reset matched no row."""
     from airflow.utils.session import create_session
 
-    with create_session() as session:
+    with create_session(scoped=False) as session:
         if not reset_to_queued(session, ti_id, try_number):
             session.rollback()
             return None

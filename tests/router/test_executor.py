@@ -1,0 +1,500 @@
+"""The RoutingExecutor against fake children: routing, overflow, waiting, fallback, adoption, revoke, stop."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from airflow.utils.state import TaskInstanceState
+from hybrid_router.router import executor as executor_module
+from hybrid_router.router.children import Child
+from hybrid_router.router.executor import RoutingExecutor, external_id, split_external_id
+from hybrid_router.router.policy import load_policy
+from router_fakes import CapacityChild, DyingChild, FakeChild, make_workload
+
+POLICY = """
+version: 1
+executors:
+  lambda: {class: router_fakes.DyingChild, max_concurrency: 2, limits: {max_duration: 15m}}
+  local_a: {class: router_fakes.FakeChild, max_concurrency: 2}
+  local_b: {class: router_fakes.FakeChild, max_concurrency: 1}
+defaults: {expected_duration: 1m, memory_mb: 512, run_on: local_a}
+settings: {fallback_mode: %(mode)s, max_fallbacks: %(max_fallbacks)s}
+rules:
+  - name: to lambda
+    if: {queue: lambda}
+    run_on: lambda
+    overflow: [local_a]
+    fallback: [local_b, local_a]
+  - name: to b
+    if: {queue: b}
+    run_on: local_b
+    overflow: [local_a]
+  - name: everything else
+    run_on: local_a
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_router(write_policy, clock, audit_rows, task_log_folder):
+    def make(mode: str = "same_try", max_fallbacks: int = 2, **child_overrides) -> RoutingExecutor:
+        policy = load_policy(write_policy(POLICY % {"mode": mode, "max_fallbacks": max_fallbacks}))
+        fakes = {
+            "lambda": DyingChild(parallelism=2, label="lambda"),
+            "local_a": FakeChild(parallelism=2, label="a"),
+            "local_b": FakeChild(parallelism=1, label="b"),
+            **child_overrides,
+        }
+        children = {
+            name: Child(name, fake, max_concurrency=policy.executors[name].max_concurrency)
+            for name, fake in fakes.items()
+        }
+        router = RoutingExecutor(parallelism=32, policy=policy, children=children, clock=clock)
+        router.start()
+        return router
+
+    return make
+
+
+def fake(router: RoutingExecutor, name: str):
+    return router.children[name].executor
+
+
+def events(router: RoutingExecutor) -> dict:
+    return router.get_event_buffer()
+
+
+def test_routes_each_task_to_its_rules_executor_and_says_so(
+    make_router, audit_rows, counters, task_log_folder
+):
+    router = make_router()
+    to_lambda = make_workload("short", queue="lambda", log_path="dag/short/attempt=1.log")
+    to_b = make_workload("other", queue="b", log_path="dag/other/attempt=1.log")
+    to_a = make_workload("plain")
+    for workload in (to_lambda, to_b, to_a):
+        router.queue_workload(workload, session=None)
+    assert all(router.has_task(w.ti) for w in (to_lambda, to_b, to_a))
+
+    router.heartbeat()
+
+    assert [w.ti.task_id for w in fake(router, "lambda").dispatched] == ["short"]
+    assert [w.ti.task_id for w in fake(router, "local_b").dispatched] == ["other"]
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["plain"]
+    buffer = events(router)
+    # The child's RUNNING info comes through behind the child's name: adoption reads it back.
+    assert buffer[to_lambda.ti.key] == (TaskInstanceState.RUNNING, "lambda|lambda-run-short")
+    assert buffer[to_b.ti.key] == (TaskInstanceState.RUNNING, "local_b|b-run-other")
+    assert {row.event for row in audit_rows} == {"hybrid_router.routed"}
+    routed = {row.task_id: json.loads(row.extra) for row in audit_rows}
+    assert routed["short"]["executor"] == "lambda" and routed["short"]["rule"] == "to lambda"
+    assert routed["plain"]["how"] == "policy"
+    assert "hybrid_router.routed.lambda" in counters and "hybrid_router.rule.to_lambda" in counters
+    line = json.loads((task_log_folder / "dag/short/attempt=1.log").read_text().splitlines()[0])
+    assert "routed to executor 'lambda' by rule 'to lambda'" in line["event"]
+    assert line["timestamp"]
+
+
+def test_finished_events_reach_the_scheduler_and_release_the_task(make_router):
+    router = make_router()
+    workload = make_workload("plain")
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    events(router)
+    fake(router, "local_a").finish(workload.ti.key, TaskInstanceState.SUCCESS)
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.SUCCESS, None)}
+    assert not router.has_task(workload.ti)
+    assert router.children["local_a"].in_flight == set()
+
+
+def test_router_only_executor_config_never_reaches_a_child(make_router):
+    router = make_router()
+    config = {"hybrid_router": {"expected_duration": "30s"}, "overrides": {"cpu": 1}}
+    workload = make_workload("plain", executor_config=config)
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    (seen,) = fake(router, "local_a").dispatched
+    assert seen.ti.executor_config == {"overrides": {"cpu": 1}}
+    assert workload.ti.executor_config == config  # the scheduler's object is left alone
+
+
+def test_full_target_overflows_to_the_first_overflow_executor_with_room(make_router, audit_rows, counters):
+    router = make_router()
+    first, second = make_workload("b1", queue="b"), make_workload("b2", queue="b")
+    router.queue_workload(first, session=None)
+    router.queue_workload(second, session=None)
+    router.heartbeat()
+    assert [w.ti.task_id for w in fake(router, "local_b").dispatched] == ["b1"]
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["b2"]
+    extra = {row.task_id: json.loads(row.extra) for row in audit_rows}
+    assert extra["b2"]["how"] == "overflow" and extra["b2"]["overflow_from"] == "local_b"
+    assert "hybrid_router.overflow.local_b.local_a" in counters
+
+
+def test_child_free_capacity_counts_as_room(make_router):
+    throttled = CapacityChild(parallelism=10, label="lambda", capacity=0)
+    router = make_router(**{"lambda": throttled})
+    router.queue_workload(make_workload("short", queue="lambda"), session=None)
+    router.heartbeat()
+    assert throttled.dispatched == []
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["short"]
+
+
+def test_no_room_anywhere_waits_in_priority_order_and_is_never_dropped(make_router, task_log_folder):
+    router = make_router()
+    workloads = [
+        make_workload(f"t{p}", priority_weight=p, log_path=f"dag/t{p}/attempt=1.log") for p in (1, 5, 3, 4)
+    ]
+    for workload in workloads:
+        router.queue_workload(workload, session=None)
+    router.heartbeat()
+    local_a = fake(router, "local_a")
+    assert [w.ti.task_id for w in local_a.dispatched] == ["t5", "t4"]
+    # lambda and local_b have 3 free slots between them, and 2 tasks wait in the router.
+    assert router.slots_available == 3 - 2
+    waiting = [w for w in workloads if w.ti.task_id in ("t1", "t3")]
+    assert all(router.has_task(w.ti) for w in waiting)
+    assert "waiting for a free slot on local_a" in (task_log_folder / "dag/t1/attempt=1.log").read_text()
+    router.heartbeat()  # still no room: nothing changes, nothing fails
+    assert len(local_a.dispatched) == 2 and not any(s == "failed" for s, _ in events(router).values())
+
+    local_a.finish(local_a.dispatched[0].ti.key)
+    router.heartbeat()  # the finish frees a slot during sync; the next heartbeat uses it
+    router.heartbeat()
+    assert [w.ti.task_id for w in local_a.dispatched] == ["t5", "t4", "t3"]
+
+
+def test_slots_available_is_the_childrens_free_room_less_what_waits(make_router):
+    router = make_router()
+    assert router.slots_available == 2 + 2 + 1
+    for i in range(3):
+        router.queue_workload(make_workload(f"t{i}"), session=None)
+    assert router.slots_available == 5 - 3
+    router.heartbeat()
+    assert router.slots_available == 2 + 0 + 1 - 1
+
+
+def test_infrastructure_failure_hands_the_same_try_to_the_fallback(
+    make_router, monkeypatch, audit_rows, counters
+):
+    router = make_router()
+    workload = make_workload("short", queue="lambda", log_path="dag/short/attempt=1.log")
+    fresh = make_workload("short", queue="lambda", log_path="dag/short/attempt=1.log").model_copy(
+        update={"ti": workload.ti, "token": "fresh-token"}
+    )
+    resets = []
+
+    def redispatch(ti_id, try_number, generator):
+        resets.append((ti_id, try_number))
+        return fresh
+
+    monkeypatch.setattr(executor_module, "redispatch_same_try", redispatch)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    events(router)
+    lambda_child, local_b = fake(router, "lambda"), fake(router, "local_b")
+
+    lambda_child.die(workload.ti.key, "timeout", "Task timed out after 900.00 seconds")
+    router.heartbeat()
+
+    assert resets == [(workload.ti.id, 1)]
+    assert [w.token for w in local_b.dispatched] == ["fresh-token"]
+    assert router.has_task(workload.ti)
+    # The fallback run starts in the same heartbeat; the scheduler learns its executor at once.
+    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "local_b")}
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.RUNNING, "local_b|b-run-short")}
+    # The dead run's late events are dropped: the try belongs to local_b now.
+    lambda_child.finish(workload.ti.key, TaskInstanceState.FAILED)
+    router.heartbeat()
+    assert events(router) == {}
+    local_b.finish(workload.ti.key, TaskInstanceState.SUCCESS)
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.SUCCESS, None)}
+    assert not router.has_task(workload.ti)
+
+    fallback_rows = [json.loads(r.extra) for r in audit_rows if r.event == "hybrid_router.fallback"]
+    assert fallback_rows == [
+        {
+            "detail": "Task timed out after 900.00 seconds",
+            "executor": "local_b",
+            "failed_on": "lambda",
+            "how": "fallback",
+            "reason": "timeout",
+            "rule": "to lambda",
+            "rule_index": 0,
+            "waited_s": 0.0,
+        }
+    ]
+    assert "hybrid_router.fallback.lambda.local_b" in counters
+    assert "hybrid_router.fallback_reason.timeout" in counters
+    lines = [json.loads(line)["event"] for line in _task_log(workload).splitlines()]
+    assert lines[0].startswith("hybrid_router: routed to executor 'lambda'")
+    assert "FALLBACK - the run on executor 'lambda' died (timeout" in lines[1]
+    assert "runs again on executor 'local_b'" in lines[1]
+
+
+def _task_log(workload) -> str:
+    from hybrid_router.router.audit import task_log_file
+
+    return task_log_file(workload.log_path).read_text()
+
+
+def test_a_second_death_goes_to_the_next_fallback_until_max_fallbacks(make_router, monkeypatch):
+    dying_b = DyingChild(parallelism=1, label="b")
+    router = make_router(max_fallbacks=1, local_b=dying_b)
+    workload = make_workload("short", queue="lambda")
+    monkeypatch.setattr(executor_module, "redispatch_same_try", lambda *a: workload)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    fake(router, "lambda").die(workload.ti.key)
+    router.heartbeat()
+    events(router)
+    dying_b.die(workload.ti.key, "out_of_memory")
+    router.heartbeat()
+    # max_fallbacks 1 is spent: the FAILED goes to the scheduler, which applies the task's retries.
+    assert events(router) == {workload.ti.key: (TaskInstanceState.FAILED, None)}
+    assert not router.has_task(workload.ti)
+    assert fake(router, "local_a").dispatched == []
+
+
+def test_a_failure_of_the_task_itself_is_never_a_fallback(make_router, monkeypatch):
+    router = make_router()
+    monkeypatch.setattr(executor_module, "redispatch_same_try", pytest.fail)
+    workload = make_workload("short", queue="lambda")
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    events(router)
+    fake(router, "lambda").finish(workload.ti.key, TaskInstanceState.FAILED)
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.FAILED, None)}
+
+
+def test_a_try_that_moved_on_is_not_re_dispatched(make_router, monkeypatch):
+    router = make_router()
+    monkeypatch.setattr(executor_module, "redispatch_same_try", lambda *a: None)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    workload = make_workload("short", queue="lambda")
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    events(router)
+    fake(router, "lambda").die(workload.ti.key)
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.FAILED, None)}
+    assert fake(router, "local_b").dispatched == []
+
+
+def test_next_try_mode_fails_the_try_and_sends_the_next_try_to_the_fallback(make_router, audit_rows):
+    router = make_router(mode="next_try")
+    first = make_workload("short", queue="lambda", run_id="r1")
+    router.queue_workload(first, session=None)
+    router.heartbeat()
+    events(router)
+    fake(router, "lambda").die(first.ti.key)
+    router.heartbeat()
+    assert events(router) == {first.ti.key: (TaskInstanceState.FAILED, None)}
+
+    other_run = make_workload("short", queue="lambda", run_id="r2", try_number=2)
+    second = make_workload("short", queue="lambda", run_id="r1", try_number=2)
+    router.queue_workload(other_run, session=None)
+    router.queue_workload(second, session=None)
+    router.heartbeat()
+    assert [w.ti.key for w in fake(router, "local_b").dispatched] == [second.ti.key]
+    assert [w.ti.key for w in fake(router, "lambda").dispatched] == [first.ti.key, other_run.ti.key]
+    assert "hybrid_router.next_try_fallback" in {row.event for row in audit_rows}
+
+
+def test_adoption_hands_each_task_to_the_child_named_in_its_external_id(make_router):
+    refusing = FakeChild(parallelism=2, label="a")
+    refusing.try_adopt_task_instances = lambda tis: list(tis)  # like LocalExecutor: adopts nothing
+    adopted_by_lambda = []
+    router = make_router(local_a=refusing)
+    fake(router, "lambda").try_adopt_task_instances = lambda tis: adopted_by_lambda.extend(tis) or []
+
+    def ti(task_id, external):
+        key = make_workload(task_id).ti.key
+        return SimpleNamespace(id=task_id, key=key, external_executor_id=external)
+
+    on_lambda, on_a, unknown, none = (
+        ti("x", "lambda|req-1"),
+        ti("y", "local_a"),
+        ti("z", "gone|1"),
+        ti("w", None),
+    )
+    not_adopted = router.try_adopt_task_instances([on_lambda, on_a, unknown, none])
+
+    assert [t.id for t in not_adopted] == ["z", "w", "y"]
+    # The child saw its own id, and the stored id keeps the router's prefix.
+    assert [t.id for t in adopted_by_lambda] == ["x"]
+    assert on_lambda.external_executor_id == "lambda|req-1"
+    assert router.has_task(on_lambda) and not router.has_task(on_a)
+    fake(router, "lambda").finish(on_lambda.key)
+    router.heartbeat()
+    assert events(router)[on_lambda.key][0] == TaskInstanceState.SUCCESS
+
+
+def test_external_id_round_trip():
+    assert split_external_id(external_id("lambda", "abc|def")) == ("lambda", "abc|def")
+    assert split_external_id(external_id("local", None)) == ("local", None)
+    assert split_external_id(None) == (None, None)
+
+
+def test_revoke_task_never_raises(make_router):
+    class Exploding(FakeChild):
+        def revoke_task(self, *, ti):
+            raise RuntimeError("boom")
+
+    router = make_router(local_a=Exploding(parallelism=2))
+    running, waiting = make_workload("a"), make_workload("b", queue="b")
+    router.queue_workload(running, session=None)
+    router.heartbeat()
+    events(router)
+    router.queue_workload(waiting, session=None)
+    router.revoke_task(ti=running.ti)
+    router.revoke_task(ti=waiting.ti)
+    router.revoke_task(ti=make_workload("never-seen").ti)
+    assert not router.has_task(running.ti) and not router.has_task(waiting.ti)
+    fake(router, "local_a").finish(running.ti.key)
+    router.heartbeat()
+    assert running.ti.key not in events(router)
+
+
+def test_end_and_terminate_reach_every_child_even_if_one_fails(make_router):
+    class Broken(FakeChild):
+        def end(self):
+            raise RuntimeError("boom")
+
+        def terminate(self):
+            raise RuntimeError("boom")
+
+    router = make_router(local_a=Broken(parallelism=2))
+    router.end()
+    router.terminate()
+    assert fake(router, "lambda").ended and fake(router, "local_b").ended
+    assert fake(router, "lambda").terminated and fake(router, "local_b").terminated
+
+
+def test_a_broken_child_heartbeat_does_not_stop_the_others(make_router):
+    class Broken(FakeChild):
+        def heartbeat(self):
+            raise RuntimeError("boom")
+
+    router = make_router(local_b=Broken(parallelism=1))
+    workload = make_workload("plain")
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    assert events(router)[workload.ti.key][0] == TaskInstanceState.RUNNING
+
+
+def test_children_task_event_logs_are_saved_by_the_router(make_router, audit_rows):
+    from airflow.models import Log
+
+    router = make_router()
+    workload = make_workload("plain")
+    fake(router, "local_a")._task_event_logs.append(Log(event="child said", task_instance=workload.ti.key))
+    router.heartbeat()
+    assert "child said" in {row.event for row in audit_rows}
+    assert not fake(router, "local_a")._task_event_logs
+
+
+def test_callbacks_are_refused_when_no_child_supports_them(make_router):
+    from airflow.executors.workloads.callback import ExecuteCallback
+
+    router = make_router()
+    assert router.supports_callbacks is False
+    with pytest.raises(NotImplementedError):
+        router.queue_workload(ExecuteCallback.model_construct(), session=None)
+
+
+def test_the_router_starts_its_children_and_reads_nothing_in_init(write_policy):
+    router = RoutingExecutor()
+    assert router.children == {} and router.policy is None
+
+
+def test_a_task_the_policy_cannot_route_fails_with_the_reason(make_router, audit_rows, task_log_folder):
+    router = make_router()
+    workload = make_workload(
+        "bad",
+        executor_config={"hybrid_router": {"expected_duration": "soon"}},
+        log_path="dag/bad/attempt=1.log",
+    )
+    router.queue_workload(workload, session=None)
+    ((state, info),) = events(router).values()
+    assert state == TaskInstanceState.FAILED and "expected_duration" in info
+    assert "cannot route this task" in (task_log_folder / "dag/bad/attempt=1.log").read_text()
+    assert not router.has_task(workload.ti)
+
+
+class TestPolicyReload:
+    @pytest.fixture
+    def setup(self, write_policy, clock, audit_rows):
+        path = write_policy(POLICY % {"mode": "same_try", "max_fallbacks": 2})
+        config = SimpleNamespace(policy_file=path, reload_interval=5.0, audit_log=True, history_enabled=False)
+        children = {
+            name: Child(name, FakeChild(parallelism=2, label=name))
+            for name in ("lambda", "local_a", "local_b")
+        }
+        router = RoutingExecutor(config=config, children=children, clock=clock)
+        router.start()
+        return router, path, clock
+
+    def edit(self, path, old, new):
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new) + "\n# edited\n")
+
+    def test_a_changed_file_is_loaded_at_the_next_reload_interval(self, setup):
+        router, path, clock = setup
+        before = router.policy
+        self.edit(path, "if: {queue: b}", "if: {queue: c}")
+        clock.now += 4.9
+        router.heartbeat()
+        assert router.policy is before  # not before reload_interval has passed
+        clock.now += 0.1
+        router.heartbeat()
+        assert router.policy is not before
+        workload = make_workload("x", queue="c")
+        router.queue_workload(workload, session=None)
+        router.heartbeat()
+        assert [w.ti.task_id for w in fake(router, "local_b").dispatched] == ["x"]
+
+    def test_a_broken_file_keeps_the_last_good_policy(self, setup, caplog):
+        router, path, clock = setup
+        good = router.policy
+        path.write_text("version: 1\nexecutors: [not, a, mapping]\n")
+        clock.now += 5
+        router.heartbeat()
+        assert router.policy is good
+        assert "Policy reload from" in caplog.text and "last good policy" in caplog.text
+        clock.now += 5
+        router.heartbeat()  # the same broken file is not re-read (nor re-reported) until it changes again
+        assert caplog.text.count("Policy reload from") == 1
+
+    def test_a_reload_that_changes_the_executors_is_refused(self, setup, caplog):
+        router, path, clock = setup
+        good = router.policy
+        self.edit(
+            path,
+            "local_b: {class: router_fakes.FakeChild, max_concurrency: 1}",
+            "local_b: {class: LocalExecutor}",
+        )
+        clock.now += 5
+        router.heartbeat()
+        assert router.policy is good
+        assert "changes the executors section" in caplog.text
