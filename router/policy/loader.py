@@ -46,6 +46,10 @@ AIRFLOW_SHORT_EXECUTOR_NAMES = frozenset({"LocalExecutor", "CeleryExecutor", "Ku
 # cheapest first: the order only changes how soon a losing rule is abandoned, never the outcome
 _CONDITION_COST = {"queue": 0, "pool": 0, "operator": 1, "expected_duration": 2, "memory_mb": 2}
 _GLOB_KEYS = ("dag_id", "task_id")
+_EXECUTOR_NAME_RULE = "use letters, digits, '_' and '-', starting with a letter or '_'"
+_CLASS_RULE = (
+    "expected an import path like 'package.module.ExecutorClass' or a short name like 'LocalExecutor'"
+)
 _JSON_TYPES = {
     "object": "a mapping",
     "array": "a list",
@@ -298,7 +302,8 @@ class _PolicyBuilder:
         """Whether ``name`` is a defined executor; reports it when not (unless already reported)."""
         if name in executors:
             return True
-        if self._usable(path) and name:
+        # when the executors section itself is broken, every reference would look unknown: that is noise
+        if self._usable(path) and self._usable(("executors",)) and name:
             self.error(path, f"unknown executor {name!r}{did_you_mean(name, executors)}")
         return False
 
@@ -412,9 +417,8 @@ def _explain_schema_error(error: jsonschema.ValidationError) -> list[tuple[Field
     """(field path, message, whether to point at the key) for one jsonschema error, in our words."""
     path: FieldPath = tuple(error.absolute_path)
     validator, expected, instance = error.validator, error.validator_value, error.instance
-    description = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
-    if "propertyNames" in error.relative_schema_path or "propertyNames" in error.schema_path:
-        return [((*path, instance), f"invalid name {instance!r}: {description or error.message}", True)]
+    if "propertyNames" in error.schema_path:
+        return [((*path, instance), f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}", True)]
     if validator == "additionalProperties" and isinstance(instance, dict):
         known = error.schema.get("properties", {})
         return [
@@ -444,6 +448,8 @@ def _explain_schema_error(error: jsonschema.ValidationError) -> list[tuple[Field
         return [(path, f"must be at least {expected}, got {_describe(instance)}", False)]
     if validator == "maximum":
         return [(path, f"must be at most {expected}, got {_describe(instance)}", False)]
-    if validator == "pattern":
-        return [(path, f"invalid value {instance!r}: {description or error.message}", False)]
+    if validator == "pattern" and path[-1:] == ("class",):
+        return [(path, f"invalid class {instance!r}: {_CLASS_RULE}", False)]
+    if validator == "pattern":  # the other pattern in the schema is the one for executor names
+        return [(path, f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}", False)]
     return [(path, error.message, False)]

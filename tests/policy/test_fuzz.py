@@ -1,0 +1,185 @@
+"""Property-based fuzzing of the policy loader: whatever the input, the outcome is a Policy or a PolicyError
+whose issues all say file, line, column, field and message; never another exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import yaml
+from hybrid_router.policies import DEFAULT_POLICY
+from hybrid_router.router.policy import Policy, PolicyError, TaskFacts, load_policy_text
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+FILENAME = "fuzz.yaml"
+DEFAULT_TEXT = DEFAULT_POLICY.read_text(encoding="utf-8")
+DEFAULT_DATA = yaml.safe_load(DEFAULT_TEXT)
+
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+
+# The words of the format, so that random structures reach the semantic checks and not only the schema.
+KEYWORDS = [
+    "version", "executors", "defaults", "settings", "rules", "class", "max_concurrency", "limits",
+    "max_duration", "max_memory_mb", "max_memory", "options", "expected_duration", "memory_mb", "run_on",
+    "fallback_mode", "max_fallbacks", "name", "if", "queue", "pool", "operator", "dag_id", "task_id",
+    "overflow", "fallback", "lambda", "local", "same_try", "LocalExecutor", "< 12m", "<= 3008", "15m", "<<",
+]  # fmt: skip
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(KEYWORDS)
+    | st.text(max_size=12)
+)
+keys = st.sampled_from(KEYWORDS) | st.text(max_size=8)
+structures = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(keys, children, max_size=6),
+    max_leaves=40,
+)
+# garbage that upsets YAML in many different ways: indicators, quotes, tabs, control characters, anchors
+GARBAGE_PIECES = [*":-?[]{},#&*!|>'\"%@`\t\n\r \x00\x85\ufeff\u2028", "a", "1", "<<", "&x", "*x", "!!str"]
+garbage = st.lists(st.sampled_from(GARBAGE_PIECES), min_size=1, max_size=6).map("".join) | st.text(max_size=4)
+
+
+def assert_well_formed_outcome(text: str) -> Policy | None:
+    try:
+        policy = load_policy_text(text, FILENAME)
+    except PolicyError as error:
+        assert error.issues
+        line_count = text.count("\n") + 2
+        for issue in [*error.issues, *error.warnings]:
+            assert issue.file == FILENAME
+            assert 1 <= issue.line <= line_count, issue
+            assert issue.column >= 1, issue
+            assert issue.path, issue
+            assert issue.message, issue
+            assert "internal error" not in issue.message, issue
+            assert str(issue).startswith(f"{FILENAME}:{issue.line}:{issue.column}: {issue.path}: ")
+        return None
+    assert isinstance(policy, Policy)
+    for issue in policy.warnings:
+        assert issue.severity == "warning" and issue.line >= 1 and issue.column >= 1 and issue.path
+    return policy
+
+
+def assert_decisions_respect_limits(policy: Policy, facts: TaskFacts) -> None:
+    decision = policy.decide(facts)
+    assert decision == policy.decide_uncached(facts)
+    for name in (decision.executor, *decision.overflow, *decision.fallback):
+        limits = policy.executors[name].limits
+        assert not limits.breaches(name, decision.expected_duration_s, decision.memory_mb), (name, decision)
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_random_text(text):
+    assert_well_formed_outcome(text)
+
+
+@FUZZ
+@given(structures)
+def test_random_yaml_structures(value):
+    assert_well_formed_outcome(yaml.safe_dump(value, allow_unicode=True))
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(["version", "executors", "defaults", "settings", "rules"]), structures)
+)
+def test_random_policy_shaped_structures(value):
+    assert_well_formed_outcome(yaml.safe_dump(value, allow_unicode=True))
+
+
+def _paths(value, prefix=()):
+    """Every path to a value inside ``value``, for picking one to mutate."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _paths(child, (*prefix, index))
+
+
+DEFAULT_PATHS = [path for path in _paths(DEFAULT_DATA) if path]
+
+
+@st.composite
+def mutated_default_policies(draw) -> str:
+    data = copy.deepcopy(DEFAULT_DATA)
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        path = draw(st.sampled_from(DEFAULT_PATHS))
+        parent = data
+        try:
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if draw(st.booleans()):
+            del parent[path[-1]]  # delete a key or a list item
+        else:
+            parent[path[-1]] = draw(structures)  # change its type (or its value)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+@FUZZ
+@given(mutated_default_policies(), st.data())
+def test_mutated_default_policy(text, data):
+    policy = assert_well_formed_outcome(text)
+    if policy is not None:
+        assert_decisions_respect_limits(policy, data.draw(task_facts))
+
+
+@FUZZ
+@given(st.data())
+def test_garbage_inserted_into_the_default_policy(data):
+    text = DEFAULT_TEXT
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        position = data.draw(st.integers(min_value=0, max_value=len(text)))
+        text = text[:position] + data.draw(garbage) + text[position:]
+    assume(text != DEFAULT_TEXT)
+    assert_well_formed_outcome(text)
+
+
+durations = (
+    st.none()
+    | st.floats(min_value=0, max_value=86400 * 7, allow_nan=False)
+    | st.sampled_from([0.0, 300.0, 719.9, 720.0, 900.0, 900.1, 2400.0])
+)
+memories = (
+    st.none() | st.integers(min_value=1, max_value=1 << 20) | st.sampled_from([512, 3008, 3009, 10240, 10241])
+)
+task_facts = st.builds(
+    TaskFacts,
+    dag_id=st.sampled_from(["etl_daily", "report", "x"]) | st.text(max_size=8),
+    task_id=st.text(max_size=8),
+    queue=st.none() | st.sampled_from(["lambda", "default"]),
+    pool=st.none() | st.sampled_from(["default_pool"]),
+    operator=st.none() | st.sampled_from(["BashOperator", "a.b.PythonOperator"]),
+    expected_duration_s=durations,
+    memory_mb=memories,
+)
+
+
+@FUZZ
+@given(task_facts)
+def test_default_policy_never_breaks_an_executor_limit(facts):
+    policy = _default_policy()
+    assert_decisions_respect_limits(policy, facts)
+    decision = policy.decide(facts)
+    assert math.isfinite(decision.expected_duration_s)
+
+
+def _default_policy(cache: list[Policy] = []) -> Policy:  # noqa: B006 - loaded once for all examples
+    if not cache:
+        cache.append(load_policy_text(DEFAULT_TEXT, FILENAME))
+    return cache[0]
