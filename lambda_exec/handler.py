@@ -51,6 +51,9 @@ DEFAULT_MARGIN_FRACTION = 0.10
 # Between SIGTERM and SIGKILL at most: Airflow's task runner needs a moment to report its state on SIGTERM.
 TERMINATE_GRACE_S = 1.0
 POLL_INTERVAL_S = 0.05
+# When the workload's process tree is scanned for process groups: soon after start, then every so often.
+FIRST_SCAN_S = 0.2
+SCAN_INTERVAL_S = 1.0
 SEND_MAX_ATTEMPTS = 5
 
 
@@ -167,27 +170,16 @@ def run_workload(workload: str, context: LambdaContext, margin_s: float) -> Work
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(workload)
-        child = subprocess.Popen(
-            build_workload_command(path),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        pump = threading.Thread(
-            target=_stream_output, args=(child.stdout,), name="workload-output", daemon=True
-        )
-        pump.start()
+        tree = WorkloadTree(build_workload_command(path))
         timed_out = False
-        while child.poll() is None:
+        while tree.running():
             if context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
                 timed_out = True
                 # Half the margin for the task to react to SIGTERM; the other half to report the timeout.
-                _stop_group(child, grace_s=min(TERMINATE_GRACE_S, margin_s / 2))
+                tree.stop(grace_s=min(TERMINATE_GRACE_S, margin_s / 2))
                 break
             time.sleep(POLL_INTERVAL_S)
-        return_code = child.wait()
-        pump.join(timeout=2.0)
+        return_code = tree.finish()
         return WorkloadRun(return_code, timed_out, time.monotonic() - begin, margin_s)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -206,21 +198,104 @@ def _stream_output(stream: Any) -> None:
         stream.close()
 
 
-def _stop_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL what is left after ``grace_s``."""
+class WorkloadTree:
+    """The workload's process and everything it starts, including processes in other process groups.
+
+    Airflow's supervisor puts the task runner in a process group of its own, so killing the supervisor's
+    group alone would leave the task running (and able to report a state after we reported a timeout).
+    The groups of all descendants are collected from /proc while the workload runs and all are killed.
+    """
+
+    def __init__(self, command: list[str]):
+        self.child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.groups = {self.child.pid}
+        self._next_scan = time.monotonic() + FIRST_SCAN_S
+        self._pump = threading.Thread(
+            target=_stream_output, args=(self.child.stdout,), name="workload-output", daemon=True
+        )
+        self._pump.start()
+
+    def running(self) -> bool:
+        if self.child.poll() is not None:
+            return False
+        if time.monotonic() >= self._next_scan:
+            self._next_scan = time.monotonic() + SCAN_INTERVAL_S
+            self._scan()
+        return True
+
+    def _scan(self) -> list[int]:
+        pids = []
+        for pid, pgid in _descendants(self.child.pid):
+            pids.append(pid)
+            self.groups.add(pgid)
+        return pids
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM the workload's group (the supervisor forwards it to the task: on_kill), then kill all."""
+        self._scan()
+        try:
+            os.killpg(self.child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill_all()
+
+    def finish(self) -> int:
+        """Wait for the workload, then sweep what it left behind; returns its return code."""
+        return_code = self.child.wait()
+        # Leftovers would hold the output pipe open and, once Lambda freezes the sandbox, wake up inside the
+        # next invocation.
+        self._kill_all()
+        self._pump.join(timeout=2.0)
+        return return_code
+
+    def _kill_all(self) -> None:
+        pids = self._scan() if self.child.poll() is None else []
+        own_group = os.getpgrp()
+        for group in self.groups - {own_group}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, process group) of every process below ``root``, read from /proc (Linux, as Lambda is)."""
+    children: dict[int, list[tuple[int, int]]] = {}
     try:
-        os.killpg(child.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        child.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    # Grandchildren may outlive the leader: sweep the whole group in every case.
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[2])))
+    found: list[tuple[int, int]] = []
+    todo = [root]
+    while todo:
+        for pid, pgid in children.get(todo.pop(), []):
+            found.append((pid, pgid))
+            todo.append(pid)
+    return found
 
 
 class ResultReporter:

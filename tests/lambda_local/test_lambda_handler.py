@@ -23,15 +23,15 @@ from .conftest import SECRET, Moto
 FAKE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0aSJ9.c2lnbmF0dXJl"
 
 # Stands in for `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`: reads the workload
-# file like the real one and acts on it. It also starts a grandchild in its own group, to prove the handler
-# kills the whole group.
+# file like the real one and acts on it. Like Airflow's supervisor with its task runner, it can start a
+# grandchild in a process group of its own, to prove the handler kills the whole tree, not just one group.
 FAKE_WORKLOAD = r"""
 import json, os, subprocess, sys, time
 path = sys.argv[1]
 spec = json.loads(open(path).read())
 record = spec.get("record")
 if record:
-    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     with open(record, "w") as out:
         json.dump({"pid": os.getpid(), "grandchild": grandchild.pid, "argv": sys.argv}, out)
 print("workload output line", spec.get("token", ""), flush=True)
@@ -84,6 +84,15 @@ def make_event(queue_url: str, spec: dict[str, Any], not_after_in: float = 600.0
     )
 
 
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def results(moto: Moto, queue_url: str, expected: int) -> list[protocol.ResultMessage]:
     messages = moto.receive_all(queue_url, expected, timeout=10)
     return [protocol.open_result(m["Body"], SECRET.encode()) for m in messages]
@@ -98,7 +107,8 @@ def test_success_reports_started_then_finished(
     results_queue: str, moto_server: Moto, fake_workload: list[list[str]], tmp_path: Path
 ) -> None:
     record = tmp_path / "record.json"
-    event = make_event(results_queue, {"exit": 0, "record": str(record)})
+    # Long enough for the handler's first scan of the workload's process tree.
+    event = make_event(results_queue, {"exit": 0, "record": str(record), "sleep": 0.5})
 
     answer = handler_mod.handler(sealed(event), FakeContext(60))
 
@@ -114,6 +124,8 @@ def test_success_reports_started_then_finished(
         assert message.log_stream == "2026/11/24/[$LATEST]abcdef"
     # The workload (token inside) went through a private file, not the command line, and the file is gone.
     seen = json.loads(record.read_text())
+    # What the task left running in its process group is swept when it exits.
+    assert wait_gone(seen["grandchild"])
     workload_path = seen["argv"][1]
     assert "token" not in " ".join(seen["argv"])
     assert not os.path.exists(workload_path)
@@ -155,8 +167,7 @@ def test_deadline_watch_kills_the_group_and_reports_timeout(
     assert finished.outcome is Outcome.TIMEOUT
     assert "before the Lambda deadline" in finished.detail
     pids = json.loads(record.read_text())
-    for pid in (pids["pid"], pids["grandchild"]):
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
 
 
 def test_expired_event_reports_and_does_not_run(
