@@ -62,22 +62,34 @@ class NamesCondition(Condition):
 
 @dataclass(frozen=True, slots=True)
 class OperatorCondition(Condition):
-    """``operator``: a class name matches any module's class of that name; a dotted path matches exactly."""
+    """``operator``: a class name matches that class from any module; an import path matches that class.
+
+    Airflow records only the class name of a task's operator (``TaskInstance.operator``), so an import path
+    in a rule also matches facts that carry the bare class name: nothing more precise is known then.
+    """
 
     key: str
     full_paths: frozenset[str]
     class_names: frozenset[str]
+    classes_of_full_paths: frozenset[str]
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> OperatorCondition:
+        full_paths = frozenset(name for name in names if "." in name)
         return cls(
             "operator",
-            frozenset(name for name in names if "." in name),
+            full_paths,
             frozenset(name for name in names if "." not in name),
+            frozenset(path.rpartition(".")[2] for path in full_paths),
         )
 
     def matches(self, subject: Subject) -> bool:
-        return subject.operator_class in self.class_names or subject.facts.operator in self.full_paths
+        operator = subject.facts.operator
+        return (
+            subject.operator_class in self.class_names
+            or operator in self.full_paths
+            or operator in self.classes_of_full_paths  # a bare class name (a dotted path is never in it)
+        )
 
     def describe(self, subject: Subject, rule: str) -> str:
         return f"operator {subject.facts.operator!r} matches rule {rule!r}"

@@ -135,8 +135,10 @@ def glob_policy():
         (facts(operator="airflow.providers.standard.operators.bash.BashOperator"), "bash"),
         (facts(operator="my.company.BashOperatorV2"), "rest"),
         (facts(operator="airflow.providers.standard.operators.python.PythonOperator"), "exact python"),
-        (facts(operator="PythonOperator"), "rest"),  # a full path in the rule asks for exactly that class
+        # Airflow records the bare class name: nothing tells it from another module's class of that name
+        (facts(operator="PythonOperator"), "exact python"),
         (facts(operator="other.module.PythonOperator"), "rest"),
+        (facts(operator="operators.python"), "rest"),
         (facts(pool="warehouse"), "pooled"),
         (facts(pool="default_pool"), "rest"),
         (facts(expected_duration_s=300, memory_mb=2048), "mid-sized"),
