@@ -39,6 +39,7 @@ INIT_TIMEOUT_S = 10.0
 WATCH_INTERVAL_S = 0.1
 # Finding a tree's processes scans /proc; the processes' memory is read every tick, the tree less often.
 TREE_REFRESH_TICKS = 5
+PSS_CHECK_INTERVAL_S = 0.3
 
 
 class Ending(str, enum.Enum):
@@ -103,6 +104,8 @@ class Sandbox:
         self._ticks = 0
         self.kill_reason: Ending | None = None
         self.peak_rss = 0
+        self.peak_pss = 0  # measured only when the resident sum went over the limit
+        self._next_pss_check = 0.0
         self.busy = False
         self.last_used = time.monotonic()
         self.init_ms: float | None = None
@@ -230,6 +233,7 @@ class Sandbox:
         with self._lock:
             self.busy = True
             self.peak_rss = 0
+            self.peak_pss = 0
         request = {
             "request_id": request_id,
             "payload": payload,
@@ -252,9 +256,10 @@ class Sandbox:
         result = self._interpret(reply, timeout_s)
         result.duration_ms = duration_ms
         result.init_ms = self.init_ms if cold else None
-        result.max_memory_mb = max(1, round(self.peak_rss / MIB))
+        # As in Lambda's REPORT line, never more than the memory size (a resident sum can be: shared pages).
+        result.max_memory_mb = max(1, min(round(self.peak_rss / MIB), fn.memory_mb))
         if result.ending is Ending.OUT_OF_MEMORY:
-            result.max_memory_mb = max(result.max_memory_mb, fn.memory_mb)
+            result.max_memory_mb = fn.memory_mb
         self._write_report(request_id, result)
         result.log_tail = self._read_log_tail(log_offset)
         return result
@@ -364,20 +369,54 @@ class Sandbox:
         return total
 
     def watch_tick(self) -> None:
-        """One watchdog sample: kill the tree when it holds more memory than the function has."""
+        """One watchdog sample: kill the tree when it holds more memory than the function has.
+
+        Resident sizes are cheap to read but count pages shared between processes (Airflow's supervisor forks
+        the task runner) once per process; Lambda counts the sandbox's memory once. So a sum over the limit is
+        confirmed with the proportional set size (each shared page split between its users), which costs
+        milliseconds per process and is read at most every PSS_CHECK_INTERVAL_S.
+        """
         if not self.busy or self.kill_reason is not None:
             return
         self._ticks += 1
+        limit = self.function.memory_mb * MIB
         rss = self.sample_memory(refresh_tree=self._ticks % TREE_REFRESH_TICKS == 1)
-        if rss > self.function.memory_mb * MIB and self.busy:
+        if rss <= limit:
+            return
+        now = time.monotonic()
+        if now < self._next_pss_check:
+            return
+        self._next_pss_check = now + PSS_CHECK_INTERVAL_S
+        used = self._tree_pss()
+        if used is None:
+            used = rss  # no smaps_rollup (old kernel): the resident sum is all we have
+        with self._lock:
+            self.peak_pss = max(self.peak_pss, used)
+        if used > limit and self.busy:
             log.info(
                 "Sandbox %s of %s uses %d MB > %d MB: killing it",
                 self.stream_name,
                 self.function.name,
-                rss // MIB,
+                used // MIB,
                 self.function.memory_mb,
             )
             self.kill(Ending.OUT_OF_MEMORY)
+
+    def _tree_pss(self) -> int | None:
+        total = 0
+        for member in list(self._tree):
+            try:
+                with open(f"/proc/{member.pid}/smaps_rollup", "rb") as rollup:
+                    for line in rollup:
+                        if line.startswith(b"Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except FileNotFoundError:
+                if not os.path.exists("/proc/self/smaps_rollup"):
+                    return None
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     # -- pipe ---------------------------------------------------------------------------------------------
 

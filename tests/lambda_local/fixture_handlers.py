@@ -78,6 +78,18 @@ def hog(event: Any, context: Any) -> None:
     time.sleep(5)
 
 
+def fork_sharing_memory(event: Any, context: Any) -> dict[str, Any]:
+    """Touch ``mb`` MB, then fork a child that shares those pages (as Airflow's supervisor and task runner do)."""
+    buffer = b"x" * (event["mb"] * 1024 * 1024)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(event["seconds"])
+        os._exit(0)
+    time.sleep(event["seconds"])
+    os.waitpid(pid, 0)
+    return {"bytes": len(buffer)}
+
+
 def fail(event: Any, context: Any) -> None:
     raise ValueError("the handler failed on purpose")
 

@@ -397,6 +397,16 @@ def test_timeout_kills_the_sandbox_tree_and_dead_letters_the_event(
     assert f"{request_id} Task timed out after 2.00 seconds" in text
     assert "Status: error\tError Type: Sandbox.Timedout" in text
 
+    # Synchronously: a function error, and the next invocation needs a new sandbox (cold start).
+    answer = lambda_client(service).invoke(FunctionName="slow", Payload=payload)
+    body = json.loads(answer["Payload"].read())
+    assert answer["FunctionError"] == "Unhandled"
+    assert (body["errorType"], body["errorMessage"]) == (
+        "Sandbox.Timedout",
+        "Task timed out after 2.00 seconds",
+    )
+    assert service.stats()["functions"]["slow"]["cold_starts"] == 2
+
 
 def test_memory_over_the_limit_is_killed_as_out_of_memory(
     start_service: StartService, moto_server: Moto, tmp_path: Path
@@ -423,6 +433,19 @@ def test_memory_over_the_limit_is_killed_as_out_of_memory(
     assert body["errorType"] == "Runtime.OutOfMemory"
     stats = service.stats()["functions"]["hungry"]
     assert stats["out_of_memory"] == 2 and stats["cold_starts"] == 2
+
+
+def test_pages_shared_by_forked_processes_count_once(start_service: StartService) -> None:
+    """Two processes sharing 200 MB use 200 MB, as Lambda counts them, not the 400 MB their resident sizes add up to."""
+    service = start_service(fixture_fn("forks", "fork_sharing_memory", memory_mb=320, timeout_s=30))
+
+    answer = lambda_client(service).invoke(
+        FunctionName="forks", Payload=json.dumps({"mb": 200, "seconds": 1.5})
+    )
+
+    assert "FunctionError" not in answer, answer["Payload"].read()
+    assert json.loads(answer["Payload"].read()) == {"bytes": 200 * 1024 * 1024}
+    assert service.stats()["functions"]["forks"]["out_of_memory"] == 0
 
 
 # -- management API -----------------------------------------------------------------------------------------
