@@ -193,6 +193,20 @@ class ComparisonCondition(Condition):
     def _show(self, bound: float) -> str:
         return format_duration(bound) if self.key == "expected_duration" else f"{bound:g} MB"
 
+    def can_match(self) -> bool:
+        """False when the comparisons exclude each other ('>= 10m' and '< 5m') or every possible figure."""
+        # (bound, strict) for the lowest and highest figure admitted; figures start at 0 s and at 1 MB
+        low, low_strict = (0.0 if self.key == "expected_duration" else 1.0), False
+        high, high_strict = math.inf, False
+        for comparison in self.comparisons:
+            bound, symbol = comparison.bound, comparison.symbol
+            strict = symbol in ("<", ">")
+            if symbol in (">", ">=", "==") and (bound > low or (bound == low and strict)):
+                low, low_strict = bound, strict
+            if symbol in ("<", "<=", "==") and (bound < high or (bound == high and strict)):
+                high, high_strict = bound, strict
+        return low < high or (low == high and not low_strict and not high_strict)
+
     def admits_above(self, limit: float) -> bool:
         """Whether a figure above ``limit`` can pass: '< 20m' or '>= 1m' can, '< 15m' or '<= 15m' cannot."""
         upper = min((c.bound for c in self.comparisons if c.symbol in ("<", "<=", "==")), default=math.inf)

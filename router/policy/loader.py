@@ -276,7 +276,13 @@ class _PolicyBuilder:
             if comparison is None:
                 return None
             comparisons.append(comparison)
-        return ComparisonCondition(key, tuple(comparisons))
+        condition = ComparisonCondition(key, tuple(comparisons))
+        if not condition.can_match():
+            written = " and ".join(repr(text) for text in items)
+            figure = "expected duration" if key == "expected_duration" else "memory size"
+            self.error(path, f"can never match: no {figure} satisfies {written}")
+            return None
+        return condition
 
     def _executor_list(
         self, path: FieldPath, raw: Any, run_on: str, executors: dict[str, ExecutorSpec]

@@ -193,6 +193,41 @@ def test_comparison_without_operator():
     ]
 
 
+@pytest.mark.parametrize(
+    ("condition", "column", "message"),
+    [
+        ('expected_duration: [">= 10m", "< 5m"]', 29, "no expected duration satisfies '>= 10m' and '< 5m'"),
+        ('expected_duration: "< 0"', 29, "no expected duration satisfies '< 0'"),
+        ('memory_mb: [">= 1GB", "== 512"]', 21, "no memory size satisfies '>= 1GB' and '== 512'"),
+        ('memory_mb: ["> 1GB", "<= 1024"]', 21, "no memory size satisfies '> 1GB' and '<= 1024'"),
+    ],
+)
+def test_comparisons_that_exclude_each_other(condition, column, message):
+    text = policy_text(
+        f"- name: never\n  if: {{{condition}}}\n  run_on: local\n- {{name: all, run_on: local}}\n"
+    )
+    assert errors_of(text) == [
+        f"policy.yaml:11:{column}: rules[0].if.{condition.split(':')[0]}: can never match: {message}"
+    ]
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        'expected_duration: [">= 5m", "<= 5m"]',
+        'expected_duration: "<= 0"',
+        'memory_mb: "<= 1"',
+        'memory_mb: "== 3GB"',
+    ],
+)
+def test_narrow_but_possible_comparisons_are_accepted(condition):
+    load(
+        policy_text(
+            f"- name: narrow\n  if: {{{condition}}}\n  run_on: local\n- {{name: all, run_on: local}}\n"
+        )
+    )
+
+
 def test_zero_limit_is_rejected():
     text = BASE_POLICY.replace("max_duration: 15m", "max_duration: 0") + "  - {name: all, run_on: local}\n"
     assert errors_of(text) == [
