@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from cachetools import LRUCache
 
@@ -68,6 +68,7 @@ class Policy:
     ):
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        _check_every_task_has_a_home(executors, defaults, rules)
         self.source = source
         self.version = version
         self.executors: dict[str, ExecutorSpec] = dict(executors)
@@ -160,9 +161,8 @@ class Policy:
             *passed_over,
         ]
         if rule is None:
-            # the loader guarantees defaults.run_on exists and has no limits whenever this can be reached
-            executor = self.defaults.run_on
-            assert executor is not None
+            # set, known and without limits whenever this is reached: see _check_every_task_has_a_home
+            executor = cast(str, self.defaults.run_on)
             reasons.append(f"no rule took the task; {DEFAULTS_RULE_NAME} sends it to {executor}")
             return Decision(executor, (), (), DEFAULTS_RULE_NAME, -1, tuple(reasons), *_figures(subject))
         if rule.is_catch_all:
@@ -191,3 +191,22 @@ class Policy:
 
 def _figures(subject: Subject) -> tuple[float, str, int, str]:
     return subject.duration_s, subject.duration_source, subject.memory_mb, subject.memory_source
+
+
+def _check_every_task_has_a_home(
+    executors: Mapping[str, ExecutorSpec], defaults: Defaults, rules: Sequence[Rule]
+) -> None:
+    """Refuse a policy that could leave a task with no executor able to take it (the loader reports the
+    same problems as issues with positions; this guards Policy objects built by hand)."""
+    for rule in rules:
+        unknown = {rule.run_on, *rule.overflow, *rule.fallback} - executors.keys()
+        if unknown:
+            raise ValueError(f"rule {rule.name!r} names unknown executors: {', '.join(sorted(unknown))}")
+    if defaults.run_on is not None:
+        spec = executors.get(defaults.run_on)
+        if spec is None or not spec.limits.is_unlimited:
+            raise ValueError(f"defaults.run_on {defaults.run_on!r} must name an executor without limits")
+    elif not any(rule.is_catch_all and executors[rule.run_on].limits.is_unlimited for rule in rules):
+        raise ValueError(
+            "defaults.run_on is required unless a rule without conditions uses an unlimited executor"
+        )

@@ -4,7 +4,16 @@ import json
 
 import pytest
 from hybrid_router.policies import DEFAULT_POLICY
-from hybrid_router.router.policy import Decision, TaskFacts, load_policy
+from hybrid_router.router.policy import (
+    Decision,
+    Defaults,
+    ExecutorSpec,
+    Limits,
+    Policy,
+    Rule,
+    TaskFacts,
+    load_policy,
+)
 
 from .conftest import load, policy_text
 
@@ -256,3 +265,22 @@ def test_decision_is_frozen(default_policy):
     decision: Decision = default_policy.decide(facts())
     with pytest.raises(AttributeError):
         decision.executor = "local"  # type: ignore[misc]
+
+
+def test_policy_built_by_hand_must_give_every_task_a_home():
+    lambda_only = {"lambda": ExecutorSpec("lambda", "x.Lambda", limits=Limits(max_duration_s=900))}
+    rule = Rule(0, "all", (), "lambda", (), (), 1)
+    with pytest.raises(ValueError, match=r"defaults\.run_on is required"):
+        Policy(source="s", version=1, executors=lambda_only, defaults=Defaults(300, 512, None), rules=[rule])
+    with pytest.raises(ValueError, match="must name an executor without limits"):
+        Policy(
+            source="s", version=1, executors=lambda_only, defaults=Defaults(300, 512, "lambda"), rules=[rule]
+        )
+    with pytest.raises(ValueError, match="names unknown executors: ecs"):
+        Policy(
+            source="s",
+            version=1,
+            executors=lambda_only,
+            defaults=Defaults(300, 512, None),
+            rules=[Rule(0, "all", (), "lambda", ("ecs",), (), 1)],
+        )
