@@ -13,15 +13,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
-from hybrid_router.lambda_exec.local.app import make_server
+from hybrid_router.lambda_exec.local.app import LambdaHTTPServer, make_server
 from hybrid_router.lambda_exec.local.config import ConfigError, ServiceConfig, load_config
 from hybrid_router.lambda_exec.local.model import LambdaBackend
 
 log = logging.getLogger("hybrid_router.lambda_exec.local")
 
 URL_LINE_PREFIX = "LOCAL_LAMBDA_URL="
+PARENT_CHECK_INTERVAL_S = 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-dir", help="folder for the functions' log streams (overrides the file)")
     parser.add_argument("--sqs-endpoint-url", help="SQS endpoint for DLQs and sandboxes (overrides the file)")
     parser.add_argument("--log-level", default="INFO", help="the service's own log level (default: INFO)")
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        help="stop (and stop every sandbox) when this process, the one that started us, is gone",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.parent_pid:
+        threading.Thread(
+            target=_stop_when_orphaned, args=(args.parent_pid, server), name="parent-watch", daemon=True
+        ).start()
     log.info("Local Lambda service on %s with functions %s", server.url, [f.name for f in config.functions])
     print(f"{URL_LINE_PREFIX}{server.url}", flush=True)
     try:
@@ -77,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         server.server_close()
         log.info("Local Lambda service stopped")
     return 0
+
+
+def _stop_when_orphaned(parent_pid: int, server: LambdaHTTPServer) -> None:
+    """A test run killed hard must not leave the service and its sandboxes behind."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_INTERVAL_S)
+    log.warning("Parent process %d is gone: stopping", parent_pid)
+    server.shutdown()
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ class LocalLambdaService:
                     str(self.config_path),
                     "--log-level",
                     self.log_level,
+                    "--parent-pid",
+                    str(os.getpid()),
                 ],
                 env=self.env,
                 stdin=subprocess.DEVNULL,

@@ -38,6 +38,7 @@ from hybrid_router.lambda_exec.local.config import (
     FunctionConfig,
     ServiceConfig,
 )
+from hybrid_router.lambda_exec.local.dlq import DeadLetterQueues
 from hybrid_router.lambda_exec.local.sandbox import (
     Ending,
     InvocationResult,
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 ASYNC_PAYLOAD_LIMIT = 1024 * 1024
-DLQ_MESSAGE_LIMIT = 1024  # AWS puts the first 1 KB of the error message in ErrorMessage
 AWS_DEFAULT_RETRY_ATTEMPTS = 2
 EXPIRY_SCAN_INTERVAL_S = 0.25
 REAP_INTERVAL_S = 5.0
@@ -124,9 +124,12 @@ class LambdaBackend:
         self._duplicate_next = 0
         self._seq = 0
         self._stopped = False
-        self._sqs_factory = sqs_client_factory or self._default_sqs_client
-        self._sqs: Any = None
-        self._dlq_urls: dict[str, str] = {}
+        self._dlq = DeadLetterQueues(
+            config.region,
+            config.account_id,
+            config.sqs_endpoint_url or self.base_env.get("AWS_ENDPOINT_URL_SQS"),
+            sqs_client_factory,
+        )
         self._watchdog = MemoryWatchdog()
         # Threads are made on demand; how many run at once is bounded by the concurrency claims, not here.
         self._runner = ThreadPoolExecutor(max_workers=RUNNER_THREADS, thread_name_prefix="invoke")
@@ -251,7 +254,7 @@ class LambdaBackend:
             "EphemeralStorage": {"Size": 512},
         }
         if fn.dead_letter_queue_url:
-            data["DeadLetterConfig"] = {"TargetArn": self._queue_arn(fn.dead_letter_queue_url)}
+            data["DeadLetterConfig"] = {"TargetArn": self._dlq.queue_arn(fn.dead_letter_queue_url)}
         return data
 
     # -- concurrency and event-invoke config --------------------------------------------------------------
@@ -596,63 +599,13 @@ class LambdaBackend:
         # aged out waiting for concurrency without ever running.
         error_code = "200" if event.ran else "429"
         try:
-            client = self._sqs_client()
-            client.send_message(
-                QueueUrl=self._dlq_url(target),
-                MessageBody=event.payload,
-                MessageAttributes={
-                    "RequestID": {"DataType": "String", "StringValue": event.request_id},
-                    "ErrorCode": {"DataType": "Number", "StringValue": error_code},
-                    "ErrorMessage": {"DataType": "String", "StringValue": _first_kb(message)},
-                },
-            )
+            self._dlq.send(target, event.payload, event.request_id, error_code, message)
         except Exception:
             self._count(state, "dlq_failures")
             log.exception("Could not send event %s of %s to its DLQ", event.request_id, state.config.name)
             return
         self._count(state, "dlq_sends")
         log.info("Event %s of %s sent to the DLQ: %s", event.request_id, state.config.name, message[:200])
-
-    def _default_sqs_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "sqs",
-            endpoint_url=self.config.sqs_endpoint_url or self.base_env.get("AWS_ENDPOINT_URL_SQS") or None,
-            region_name=self.config.region,
-            config=Config(retries={"mode": "standard", "max_attempts": 5}),
-        )
-
-    def _sqs_client(self) -> Any:
-        with self._cond:
-            if self._sqs is None:
-                self._sqs = self._sqs_factory()
-            return self._sqs
-
-    def _dlq_url(self, target: str) -> str:
-        """A queue URL for a DLQ given as a URL or (as in DeadLetterConfig.TargetArn) as a queue ARN."""
-        if not target.startswith("arn:"):
-            return target
-        url = self._dlq_urls.get(target)
-        if url is None:
-            parts = target.split(":")
-            if len(parts) != 6 or parts[2] != "sqs":
-                raise errors.InvalidParameterValueException(
-                    f"DeadLetterConfig.TargetArn: not an SQS ARN: {target}"
-                )
-            url = self._sqs_client().get_queue_url(QueueName=parts[5], QueueOwnerAWSAccountId=parts[4])[
-                "QueueUrl"
-            ]
-            self._dlq_urls[target] = url
-        return url
-
-    def _queue_arn(self, target: str) -> str:
-        if target.startswith("arn:"):
-            return target
-        parts = target.rstrip("/").split("/")
-        account, name = (parts[-2], parts[-1]) if len(parts) >= 2 else (self.config.account_id, parts[-1])
-        return f"arn:aws:sqs:{self.config.region}:{account}:{name}"
 
     # -- test hooks and statistics ------------------------------------------------------------------------
 
@@ -727,11 +680,6 @@ def _expiry_error(state: FunctionState, event: AsyncEvent) -> dict[str, Any]:
     if event.last_error.get("errorMessage"):
         reason += f"; last error: {event.last_error['errorMessage']}"
     return {"errorType": "EventAgeExceeded", "errorMessage": reason}
-
-
-def _first_kb(text: str) -> str:
-    data = text.encode("utf-8")[:DLQ_MESSAGE_LIMIT]
-    return data.decode("utf-8", errors="ignore")
 
 
 def _iso_now() -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -532,3 +535,53 @@ def test_stop_leaves_no_sandbox_or_child_behind(start_service: StartService, tmp
     assert time.monotonic() - begin < 8, "SIGTERM is enough: the service stops its sandboxes itself"
     assert gone(service_pid)
     wait_for(lambda: gone(pids["sandbox"]) and gone(pids["child"]), timeout=5, what="no orphans")
+
+
+ORPHAN_PARENT = """
+import json, sys, time
+import boto3
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+
+code_path, log_dir, pid_file = sys.argv[1:4]
+fn = FunctionConfig("f", handler="fixture_handlers.sleep_with_child", code_path=code_path, memory_mb=256,
+                    timeout_s=120)
+service = LocalLambdaService(functions=[fn], log_dir=log_dir).start()
+client = boto3.client("lambda", endpoint_url=service.url, region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+client.invoke(FunctionName="f", InvocationType="Event", Payload=json.dumps({"pid_file": pid_file}))
+print(service.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_service_and_sandboxes_stop_when_the_starting_process_dies(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids.json"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_PARENT, CODE_PATH, str(tmp_path / "logs"), str(pid_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **FAKE_AWS_ENV},
+    )
+    service_pid = None
+    try:
+        assert parent.stdout is not None
+        service_pid = int(parent.stdout.readline())
+        wait_for(pid_file.exists, what="the handler to start")
+        pids = json.loads(pid_file.read_text())
+
+        os.killpg(parent.pid, signal.SIGKILL)  # as when a test run is killed: no chance to clean up
+        parent.wait(timeout=10)
+
+        wait_for(lambda: gone(service_pid), timeout=15, what="the orphaned service to stop")
+        wait_for(
+            lambda: gone(pids["sandbox"]) and gone(pids["child"]), timeout=5, what="its sandboxes to stop"
+        )
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+        if service_pid is not None and not gone(service_pid):
+            os.killpg(service_pid, signal.SIGKILL)
