@@ -22,6 +22,7 @@ MAX_NODES = 100_000
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_UNREADABLE = object()  # a scalar PyYAML could not construct (the issue is recorded already)
 
 
 def format_path(path: FieldPath) -> str:
@@ -150,7 +151,8 @@ class _Converter:
             path, Location.of(node.start_mark), Location.of(key_node.start_mark) if key_node else None
         )
         if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node, path)
+            value = self._scalar(node, path)
+            return None if value is _UNREADABLE else value
         if depth >= MAX_DEPTH:
             return self._reject(path, f"nested more than {MAX_DEPTH} levels deep")
         if id(node) in self.open_nodes:
@@ -171,15 +173,21 @@ class _Converter:
         self.issues.append(self.source.issue(path, message))
         self.rejected.add(path)
 
-    def _scalar(self, node: yaml.ScalarNode, path: FieldPath) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, path: FieldPath, *, is_key: bool = False) -> Any:
+        """The scalar's value, or _UNREADABLE after an issue (for a key, one that leaves the mapping checked)."""
         try:
             return self.loader.construct_object(node)
         except yaml.MarkedYAMLError as error:  # a tag the safe loader refuses, such as !!python/object
-            return self._reject(path, f"invalid YAML: {error.problem}")
+            message = f"invalid YAML: {error.problem}"
         except Exception as error:
             # PyYAML's scalar constructors raise bare errors: "2020-13-01" resolves as a timestamp and fails
             # in datetime, "!!float abc" in float()
-            return self._reject(path, f"invalid {_tag_name(node.tag)} {node.value!r}: {error}")
+            message = f"invalid {_tag_name(node.tag)} {node.value!r}: {error}"
+        if is_key:
+            self.issues.append(self._issue_at(node, path, message))
+        else:
+            self._reject(path, message)
+        return _UNREADABLE
 
     def _check_tag(self, node: yaml.Node, expected: str, path: FieldPath) -> None:
         if node.tag != expected:
@@ -192,11 +200,15 @@ class _Converter:
         items: dict[str, Any] = {}
         first_seen: dict[str, yaml.Node] = {}
         for position, (key_node, value_node) in enumerate(node.value):
-            key = self._scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.issues.append(self._issue_at(key_node, path, "keys must be strings, got a collection"))
+                continue
+            key = self._scalar(key_node, path, is_key=True)
+            if key is _UNREADABLE:
+                continue
             if not isinstance(key, str):
-                shown = repr(key) if isinstance(key_node, yaml.ScalarNode) else "a collection"
                 self.issues.append(
-                    self._issue_at(key_node, path, f"keys must be strings, got {shown}; quote the key")
+                    self._issue_at(key_node, path, f"keys must be strings, got {key!r}; quote the key")
                 )
                 continue
             if position >= merged_count:  # a key written here may override a merged one, not another one here

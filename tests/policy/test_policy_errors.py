@@ -401,6 +401,15 @@ def test_non_string_keys_and_yaml_tags():
     )
 
 
+def test_keys_yaml_reads_as_other_types():
+    text = policy_text("- {name: all, run_on: local}\n") + "on: 1\n2020-13-45: x\n[a, b]: 2\n"
+    assert errors_of(text) == [
+        "policy.yaml:11:1: (document): keys must be strings, got True; quote the key",
+        "policy.yaml:12:1: (document): invalid timestamp '2020-13-45': month must be in 1..12",
+        "policy.yaml:13:1: (document): keys must be strings, got a collection",
+    ]
+
+
 def test_bad_timestamp_value_is_an_issue_not_a_crash():
     text = policy_text("- {name: all, run_on: local}\n").replace("version: 1", "version: 2020-13-45")
     [bad_date] = errors_of(text)
