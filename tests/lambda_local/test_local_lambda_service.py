@@ -326,8 +326,11 @@ def test_async_retries_then_dlq_with_aws_attributes(
     # Delays 0.2 s then 0.4 s between the runs.
     assert runs[1]["start"] - runs[0]["end"] >= 0.15
     assert runs[2]["start"] - runs[1]["end"] >= 0.35
-    stats = service.stats()["functions"]["flaky"]
-    assert stats["retries"] == 2 and stats["dlq_sends"] == 1
+    # The service counts a dead letter once SQS has answered, a moment after the message is visible.
+    stats = wait_for(
+        lambda: (s := service.stats()["functions"]["flaky"])["dlq_sends"] == 1 and s, what="count"
+    )
+    assert stats["retries"] == 2
 
 
 def test_events_older_than_the_maximum_age_go_to_the_dlq(
