@@ -1,0 +1,95 @@
+"""Support for the ECS child tests: in-memory workloads and a child executor that only records.
+
+The recording executor stands in for every non-ECS child of a policy, so a test sees exactly which tasks the
+router handed to which child without running anything.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from airflow.executors import workloads
+from airflow.executors.base_executor import BaseExecutor
+from airflow.executors.workloads.base import BundleInfo
+from airflow.executors.workloads.task import TaskInstanceDTO
+
+from hybrid_router.devstack import MotoServer
+
+# Import path of RecordingExecutor as a policy's ``class``: this folder is on sys.path while its tests run.
+RECORDING_EXECUTOR = "ecs_support.RecordingExecutor"
+
+
+@dataclass(frozen=True)
+class EcsAccount:
+    """What the ECS executor is configured to use on moto."""
+
+    moto: MotoServer
+    cluster: str
+    task_family: str
+    container: str
+
+    def client(self) -> Any:
+        return self.moto.client("ecs")
+
+
+def make_workload(
+    task_id: str,
+    *,
+    dag_id: str = "ecs_dag",
+    run_id: str = "manual__1",
+    try_number: int = 1,
+    queue: str = "default",
+    executor_config: dict[str, Any] | None = None,
+) -> workloads.ExecuteTask:
+    """An ``ExecuteTask`` as the scheduler would queue it, built without a database."""
+    ti = TaskInstanceDTO(
+        id=uuid.uuid4(),
+        dag_id=dag_id,
+        task_id=task_id,
+        run_id=run_id,
+        try_number=try_number,
+        map_index=-1,
+        dag_version_id=uuid.uuid4(),
+        pool_slots=1,
+        priority_weight=1,
+        queue=queue,
+        executor_config=executor_config,
+    )
+    return workloads.ExecuteTask(
+        ti=ti,
+        dag_rel_path=Path(f"{dag_id}.py"),
+        token=f"token-of-{task_id}",
+        log_path=f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt={try_number}.log",
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+
+
+class RecordingExecutor(BaseExecutor):
+    """Takes every workload it is given, reports it RUNNING, and never runs it."""
+
+    def __init__(self, parallelism: int = 8, team_name: str | None = None) -> None:
+        super().__init__(parallelism=parallelism, team_name=team_name)
+        self.started = False
+        self.dispatched: list[workloads.ExecuteTask] = []
+
+    def start(self) -> None:
+        self.started = True
+
+    def _process_workloads(self, workload_items: Any) -> None:
+        for workload in workload_items:
+            self.queued_tasks.pop(workload.key)
+            self.running.add(workload.key)
+            self.dispatched.append(workload)
+            self.running_state(workload.key, f"recorded-{workload.ti.task_id}")
+
+    def sync(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
