@@ -81,6 +81,7 @@ class AsyncEvent:
     received_at: float  # monotonic
     attempts: int = 0  # runs so far
     ran: bool = False  # reached a sandbox at least once
+    unreserved: bool = False  # its current run holds a slot of the unreserved pool
     last_error: dict[str, Any] = field(default_factory=dict)
 
 
@@ -355,12 +356,12 @@ class LambdaBackend:
                     else "ConcurrentInvocationLimitExceeded"
                 )
                 raise errors.TooManyRequestsException("Rate Exceeded.", reason=reason)
-            self._claim(state)
+            unreserved = self._claim(state)
             state.counters["sync_invocations"] += 1
         try:
             result = self._execute(state, request_id, text)
         finally:
-            self._release(state)
+            self._release(state, unreserved)
         return request_id, result
 
     def invoke_async(self, name: str, payload: bytes, qualifier: str | None = None) -> str:
@@ -404,17 +405,20 @@ class LambdaBackend:
             return state.in_flight < reserved
         return self._unreserved_in_flight < self.config.account_concurrency
 
-    def _claim(self, state: FunctionState) -> None:
+    def _claim(self, state: FunctionState) -> bool:
+        """Take one concurrency slot (under the lock). Returns whether it came from the unreserved pool."""
         state.in_flight += 1
-        if state.config.reserved_concurrency is None:
+        unreserved = state.config.reserved_concurrency is None
+        if unreserved:
             self._unreserved_in_flight += 1
+        return unreserved
 
-    def _release(self, state: FunctionState) -> None:
+    def _release(self, state: FunctionState, unreserved: bool) -> None:
+        # ``unreserved`` as claimed: the function's reserved concurrency may have changed meanwhile.
         with self._cond:
             state.in_flight -= 1
-            if state.config.reserved_concurrency is None:
+            if unreserved:
                 self._unreserved_in_flight -= 1
-            self._unreserved_in_flight = max(0, self._unreserved_in_flight)
             self._cond.notify_all()
 
     # -- running in a sandbox -----------------------------------------------------------------------------
@@ -497,7 +501,7 @@ class LambdaBackend:
                         if now - event.received_at > state.config.maximum_event_age_s:
                             expired.append((state, event))
                             continue
-                        self._claim(state)
+                        event.unreserved = self._claim(state)
                         to_run.append((state, event))
                     if state.pending:
                         wake_at = min(wake_at, now + EXPIRY_SCAN_INTERVAL_S)
@@ -535,7 +539,7 @@ class LambdaBackend:
                 Ending.CRASH, error={"errorType": "ServiceException", "errorMessage": str(exc)}
             )
         finally:
-            self._release(state)
+            self._release(state, event.unreserved)
         if not result.failed:
             return
         event.last_error = result.error

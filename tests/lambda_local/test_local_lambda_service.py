@@ -303,6 +303,28 @@ def test_reserved_concurrency_queues_async_events(start_service: StartService, t
     assert service.stats()["functions"]["serial"]["throttles"] == 0
 
 
+def test_raising_reserved_concurrency_starts_queued_events(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    service = start_service(fixture_fn("grows", "record", reserved_concurrency=1))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record), "sleep": 1.0})
+    for _ in range(3):
+        client.invoke(FunctionName="grows", InvocationType="Event", Payload=payload)
+    wait_for(lambda: service.stats()["functions"]["grows"]["in_flight"] == 1, what="the first run")
+
+    client.put_function_concurrency(FunctionName="grows", ReservedConcurrentExecutions=3)
+
+    runs = wait_for(lambda: len(read_lines(record)) == 3 and read_lines(record), what="3 runs")
+    runs.sort(key=lambda r: r["start"])
+    assert runs[2]["start"] < runs[0]["end"], "the queued events started as soon as the limit was raised"
+    stats = wait_for(
+        lambda: (s := service.stats()["functions"]["grows"])["in_flight"] == 0 and s, what="idle"
+    )
+    assert stats["queued"] == 0
+
+
 def test_async_retries_then_dlq_with_aws_attributes(
     start_service: StartService, moto_server: Moto, tmp_path: Path
 ) -> None:
