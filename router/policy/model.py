@@ -34,10 +34,10 @@ class Limits:
         """Sentences for each limit the task exceeds, e.g. "expected 40m exceeds lambda's max_duration 15m"."""
         found = []
         if self.max_duration_s is not None and duration_s > self.max_duration_s:
-            found.append(
-                f"expected {format_duration(duration_s)} exceeds {executor}'s max_duration "
-                f"{format_duration(self.max_duration_s)}"
-            )
+            expected, limit = format_duration(duration_s), format_duration(self.max_duration_s)
+            if expected == limit:  # over by less than the short form shows
+                expected = f"{duration_s:g}s"
+            found.append(f"expected {expected} exceeds {executor}'s max_duration {limit}")
         if self.max_memory_mb is not None and memory_mb > self.max_memory_mb:
             found.append(f"memory {memory_mb} MB exceeds {executor}'s max_memory_mb {self.max_memory_mb}")
         return found

@@ -126,13 +126,16 @@ def parse_memory_mb(value: str | float) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """The short form people write: 300 -> "5m", 5400 -> "1h30m", 2.5 -> "2.5s"."""
-    if seconds < 60 and seconds != int(seconds):
-        return f"{seconds:g}s"
-    whole = round(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    """The short form people write: 300 -> "5m", 5400 -> "1h30m", 2.5 -> "2.5s", 1234.56 -> "20m34.6s"."""
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    tenths = round(seconds * 10)
+    hours, rest = divmod(tenths, 36000)
+    minutes, rest = divmod(rest, 600)
+    secs = rest / 10
+    text = (
+        (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs:g}s" if secs else "")
+    )
     return text or "0s"
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hybrid_router.router.policy import format_duration, parse_duration, parse_memory_mb
+from hybrid_router.router.policy import Limits, format_duration, parse_duration, parse_memory_mb
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,18 @@ def test_parse_memory_mb_rejects(text):
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(300, "5m"), (5400, "1h30m"), (90, "1m30s"), (2.5, "2.5s"), (0, "0s"), (86400, "24h"), (3600.4, "1h")],
+    [
+        (300, "5m"),
+        (5400, "1h30m"),
+        (90, "1m30s"),
+        (2.5, "2.5s"),
+        (0.25, "0.25s"),
+        (0, "0s"),
+        (86400, "24h"),
+        (3600.4, "1h0.4s"),
+        (1234.56, "20m34.6s"),
+        (899.99, "15m"),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -94,3 +105,13 @@ def test_format_duration(seconds, text):
 @pytest.mark.parametrize("text", ["45s", "12m", "1h30m", "1h", "2h15m10s"])
 def test_format_duration_round_trips(text):
     assert format_duration(parse_duration(text)) == text
+
+
+def test_limit_breach_that_rounds_to_the_limit_shows_exact_seconds():
+    assert Limits(max_duration_s=900).breaches("lambda", 900.01, 512) == [
+        "expected 900.01s exceeds lambda's max_duration 15m"
+    ]
+    assert Limits(max_duration_s=900).breaches("lambda", 900, 512) == []
+    assert Limits(max_memory_mb=10240).breaches("lambda", 1, 10241) == [
+        "memory 10241 MB exceeds lambda's max_memory_mb 10240"
+    ]
