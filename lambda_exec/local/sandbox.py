@@ -422,27 +422,29 @@ class Sandbox:
 
     def _read_message(self, deadline: float) -> dict[str, Any] | None:
         """The next JSON line from the runtime; None at end of file; TimeoutError at the deadline."""
-        while b"\n" not in self._buffer:
+        parts = [self._buffer]
+        # A newline can only be in the newest part: the earlier ones were searched already.
+        while b"\n" not in parts[-1]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._buffer = b"".join(parts)
                 raise TimeoutError
             fd = self._control_in
             if fd < 0:
                 return None
+            # poll, not select: descriptor numbers pass FD_SETSIZE when many sandboxes and connections are open.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
             try:
-                ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-            except (OSError, ValueError):  # closed by a kill from the watchdog
-                return None
-            if not ready:
-                continue
-            try:
+                if not poller.poll(min(remaining, 0.5) * 1000):
+                    continue
                 chunk = os.read(fd, 1 << 16)
             except OSError:
                 return None
             if not chunk:
                 return None
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
+            parts.append(chunk)
+        line, self._buffer = b"".join(parts).split(b"\n", 1)
         return json.loads(line)
 
 
