@@ -15,6 +15,8 @@ from airflow.sdk import dag, task
 START = pendulum.datetime(2024, 1, 1, tz="UTC")
 # How many tasks the burst runs at once: more than the demo Lambda function's reserved concurrency (3).
 BURST_SIZE = 8
+# Longer than the demo function's timeout (25 s, set by `make demo`), so that Lambda stops the task.
+TOO_SLOW_S = 32
 
 
 @dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
@@ -24,9 +26,14 @@ def hybrid_router_demo():
         """No hint at all: the policy's default expected duration (short) sends it to Lambda."""
         return "done quickly"
 
-    @task(execution_timeout=timedelta(minutes=40))
+    # The hint repeats the execution_timeout: in the scheduler the router sees only the task instance row, not
+    # the task, so it cannot read execution_timeout there yet (a known router gap; drop the hint once it can).
+    @task(
+        execution_timeout=timedelta(minutes=40),
+        executor_config={"hybrid_router": {"expected_duration": "40m"}},
+    )
     def long_task() -> str:
-        """Its execution_timeout (40m) is over Lambda's 15-minute cap: it runs on the Local executor."""
+        """Expected to run 40 minutes, over Lambda's 15-minute cap: it runs on the Local executor."""
         time.sleep(1)
         return "done slowly"
 
@@ -44,7 +51,7 @@ def hybrid_router_demo():
     @task(executor_config={"hybrid_router": {"expected_duration": "1m"}})
     def too_slow() -> str:
         """Claims one minute, outlives the demo function's timeout: Lambda stops it, Local finishes it."""
-        time.sleep(12)
+        time.sleep(TOO_SLOW_S)
         return "finished on the fallback"
 
     @task(executor_config={"hybrid_router": {"expected_duration": "30s", "memory_mb": 512}})
@@ -55,12 +62,16 @@ def hybrid_router_demo():
             block[offset] = 1
         return len(block)
 
-    short_task()
+    # The order keeps the demo's outcome independent of timing. The function has 3 slots: too_slow, memory_hog
+    # and short_task take them first; pinned_task starts once memory_hog has died on Lambda (and finished on
+    # Local), so a slot is free for it; the burst comes last and finds at most two free slots.
+    hog = memory_hog()
+    short = short_task()
+    pinned = pinned_task()
+    hog >> pinned
+    [short, pinned] >> burst.expand(i=list(range(BURST_SIZE)))
     long_task()
-    pinned_task()
-    burst.expand(i=list(range(BURST_SIZE)))
     too_slow()
-    memory_hog()
 
 
 @dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
