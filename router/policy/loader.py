@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from .conditions import (
 from .engine import Policy, Rule
 from .errors import PolicyError, PolicyIssue, did_you_mean, in_file_order
 from .model import Defaults, ExecutorSpec, Limits
-from .source import ROOT_PATH_NAME, FieldPath, SourceMap, load_yaml
+from .source import ROOT_PATH_NAME, FieldPath, SourceMap, YamlDocument, load_yaml
 from .units import format_duration, parse_duration, parse_memory_mb
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 def load_policy_text(text: str, filename: str = "<string>") -> Policy:
     """Check a policy given as text; ``filename`` is what issues and ``Policy.source`` call it."""
     document = load_yaml(text, filename)
-    builder = _PolicyBuilder(document.source, document.issues, document.rejected)
+    builder = _PolicyBuilder(document)
     try:
         return builder.build(document.value)
     except PolicyError:
@@ -95,7 +95,7 @@ def load_policy_text(text: str, filename: str = "<string>") -> Policy:
         log.exception("Unexpected failure while checking policy %s", filename)
         raise PolicyError(
             [
-                *builder.errors,
+                *builder.all_errors(),
                 document.source.issue((), f"internal error while checking the policy: {error!r}"),
             ],
             builder.warnings,
@@ -109,11 +109,22 @@ def _schema_validator() -> jsonschema.Draft202012Validator:
 
 
 class _PolicyBuilder:
-    def __init__(self, source: SourceMap, issues: Iterable[PolicyIssue], rejected: Iterable[FieldPath]):
-        self.source = source
-        self.errors: list[PolicyIssue] = list(issues)
+    def __init__(self, document: YamlDocument):
+        self.source: SourceMap = document.source
+        self._yaml_issues = document.issues
+        self.errors: list[PolicyIssue] = []
         self.warnings: list[PolicyIssue] = []
-        self._flagged: set[FieldPath] = set(rejected)  # fields already reported: not judged again
+        self._flagged: set[FieldPath] = set(document.rejected)  # fields already reported: not judged again
+        self._unknown_keys: list[FieldPath] = []
+
+    def all_errors(self) -> list[PolicyIssue]:
+        """Errors found so far; YAML problems inside a key that should not be there at all are noise."""
+        inside_unknown = [
+            issue
+            for path, issue in self._yaml_issues
+            if any(path[: len(unknown)] == unknown for unknown in self._unknown_keys)
+        ]
+        return [issue for _, issue in self._yaml_issues if issue not in inside_unknown] + self.errors
 
     # -- reporting --------------------------------------------------------------------------------------
     def error(self, path: FieldPath, message: str, *, at_key: bool = False) -> None:
@@ -138,16 +149,28 @@ class _PolicyBuilder:
 
     # -- the whole file ---------------------------------------------------------------------------------
     def build(self, data: Any) -> Policy:
+        if isinstance(data, dict) and data and not data.keys() & _schema_validator().schema["properties"]:
+            # some other YAML file: listing every key as unknown would bury the one thing worth saying
+            raise PolicyError(
+                [
+                    self.source.issue(
+                        (),
+                        "not a routing policy: none of its top-level keys is version, executors, defaults, "
+                        f"settings or rules (found {', '.join(sorted(data)[:5])})",
+                    )
+                ]
+            )
         self._check_schema(data)
         if not isinstance(data, dict):
-            raise PolicyError(self.errors, self.warnings)
+            raise PolicyError(self.all_errors(), self.warnings)
         executors = self._executors(data.get("executors"))
         rules = self._rules(data.get("rules"), executors)
         defaults = self._defaults(_mapping(data.get("defaults")), executors, rules)
         settings = _mapping(data.get("settings"))
         self._check_unused(executors, rules, defaults)
-        if self.errors:
-            raise PolicyError(self.errors, self.warnings)
+        errors = self.all_errors()
+        if errors:
+            raise PolicyError(errors, self.warnings)
         return Policy(
             source=self.source.filename,
             version=int(data["version"]),
@@ -167,6 +190,8 @@ class _PolicyBuilder:
                 if (path, message) not in seen and self._usable(path):
                     seen.add((path, message))
                     self.error(path, message, at_key=at_key)
+                    if error.validator == "additionalProperties":
+                        self._unknown_keys.append(path)
 
     # -- executors --------------------------------------------------------------------------------------
     def _executors(self, raw: Any) -> dict[str, ExecutorSpec]:

@@ -87,7 +87,7 @@ class SourceMap:
 class YamlDocument:
     value: Any
     source: SourceMap
-    issues: list[PolicyIssue]  # problems that still let the rest of the document be checked
+    issues: list[tuple[FieldPath, PolicyIssue]]  # problems that still let the rest be checked, by field
     rejected: set[FieldPath]  # values replaced by None because of those problems: not to be judged again
 
 
@@ -138,7 +138,7 @@ class _Converter:
     def __init__(self, loader: yaml.SafeLoader, source: SourceMap):
         self.loader = loader
         self.source = source
-        self.issues: list[PolicyIssue] = []
+        self.issues: list[tuple[FieldPath, PolicyIssue]] = []
         self.rejected: set[FieldPath] = set()
         self.nodes_seen = 0
         self.open_nodes: set[int] = set()  # ids of the nodes being converted: an alias to one is a cycle
@@ -170,7 +170,7 @@ class _Converter:
             self.open_nodes.discard(id(node))
 
     def _reject(self, path: FieldPath, message: str) -> None:
-        self.issues.append(self.source.issue(path, message))
+        self.issues.append((path, self.source.issue(path, message)))
         self.rejected.add(path)
 
     def _scalar(self, node: yaml.ScalarNode, path: FieldPath, *, is_key: bool = False) -> Any:
@@ -184,14 +184,14 @@ class _Converter:
             # in datetime, "!!float abc" in float()
             message = f"invalid {_tag_name(node.tag)} {node.value!r}: {error}"
         if is_key:
-            self.issues.append(self._issue_at(node, path, message))
+            self._note(node, path, message)
         else:
             self._reject(path, message)
         return _UNREADABLE
 
     def _check_tag(self, node: yaml.Node, expected: str, path: FieldPath) -> None:
         if node.tag != expected:
-            self.issues.append(self.source.issue(path, f"unsupported YAML tag {node.tag!r}"))
+            self.issues.append((path, self.source.issue(path, f"unsupported YAML tag {node.tag!r}")))
 
     def _mapping_items(self, node: yaml.MappingNode, path: FieldPath, depth: int) -> dict[str, Any]:
         own_count = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
@@ -201,34 +201,30 @@ class _Converter:
         first_seen: dict[str, yaml.Node] = {}
         for position, (key_node, value_node) in enumerate(node.value):
             if not isinstance(key_node, yaml.ScalarNode):
-                self.issues.append(self._issue_at(key_node, path, "keys must be strings, got a collection"))
+                self._note(key_node, path, "keys must be strings, got a collection")
                 continue
             key = self._scalar(key_node, path, is_key=True)
             if key is _UNREADABLE:
                 continue
             if not isinstance(key, str):
-                self.issues.append(
-                    self._issue_at(key_node, path, f"keys must be strings, got {key!r}; quote the key")
-                )
+                self._note(key_node, path, f"keys must be strings, got {key!r}; quote the key")
                 continue
             if position >= merged_count:  # a key written here may override a merged one, not another one here
                 if key in first_seen:
                     first = Location.of(first_seen[key].start_mark)
-                    self.issues.append(
-                        self._issue_at(
-                            key_node,
-                            (*path, key),
-                            f"duplicate key {key!r} (first defined at line {first.line})",
-                        )
+                    self._note(
+                        key_node, (*path, key), f"duplicate key {key!r} (first defined at line {first.line})"
                     )
                     continue
                 first_seen[key] = key_node
             items[key] = self.convert(value_node, (*path, key), depth + 1, key_node)
         return items
 
-    def _issue_at(self, node: yaml.Node, path: FieldPath, message: str) -> PolicyIssue:
+    def _note(self, node: yaml.Node, path: FieldPath, message: str) -> None:
+        """An issue at ``node``'s own position (a key's, say), named by ``path``."""
         location = Location.of(node.start_mark)
-        return PolicyIssue(self.source.filename, location.line, location.column, format_path(path), message)
+        issue = PolicyIssue(self.source.filename, location.line, location.column, format_path(path), message)
+        self.issues.append((path, issue))
 
 
 def _tag_name(tag: str) -> str:

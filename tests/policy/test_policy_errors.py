@@ -447,11 +447,23 @@ def test_alias_bomb_is_rejected_quickly():
 
 
 def test_deep_nesting_is_an_issue():
-    messages = errors_of("options: " + "[" * 200 + "]" * 200 + "\n")
-    assert (
-        "policy.yaml:1:73: options[0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]: nested more than 64 levels deep"
-        in messages
-    )
+    messages = errors_of("version: 1\nexecutors: " + "[" * 200 + "]" * 200 + "\nrules: []\n")
+    nested = [message for message in messages if message.endswith(": nested more than 64 levels deep")]
+    assert len(nested) == 1
+    assert nested[0].startswith("policy.yaml:2:75: executors[0][0][0]")
+
+
+def test_some_other_yaml_file_gets_one_clear_error():
+    text = "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n  Queue: {Type: 'AWS::SQS::Queue', Name: !Ref N}\n"
+    assert errors_of(text, "template.yaml") == [
+        "template.yaml:1:1: (document): not a routing policy: none of its top-level keys is version, executors,"
+        " defaults, settings or rules (found AWSTemplateFormatVersion, Resources)"
+    ]
+
+
+def test_yaml_problems_inside_an_unknown_key_are_not_reported_twice():
+    text = policy_text("- {name: all, run_on: local}\n") + "extras:\n  a: !Ref x\n  b: 2020-13-45\n"
+    assert errors_of(text) == ["policy.yaml:11:1: extras: unknown key 'extras' (did you mean 'executors'?)"]
 
 
 def test_all_errors_are_reported_not_just_the_first():
