@@ -9,12 +9,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.executors.workloads.base import BundleInfo
 from airflow.executors.workloads.task import TaskInstanceDTO
+from airflow.models.taskinstancekey import TaskInstanceKey
 
 from hybrid_router.devstack import MotoServer
 
@@ -93,3 +95,56 @@ class RecordingExecutor(BaseExecutor):
 
     def terminate(self) -> None:
         pass
+
+
+@dataclass(eq=False)
+class TaskInstanceRow:
+    """What adoption reads of a ``TaskInstance`` row (the router's and AwsEcsExecutor's), without a database.
+
+    The ECS executor rebuilds the workload of each task it adopts with ``ExecuteTask.make(ti)``, which reads
+    the row's own fields plus its DAG model's bundle and file and its DAG run's bundle version.
+    """
+
+    id: uuid.UUID
+    dag_id: str
+    task_id: str
+    run_id: str
+    try_number: int
+    map_index: int
+    dag_version_id: uuid.UUID
+    pool_slots: int
+    priority_weight: int
+    queue: str
+    executor_config: dict[str, Any] | None
+    external_executor_id: str | None
+    dag_model: SimpleNamespace
+    dag_run: SimpleNamespace
+    state: str = "running"
+    hostname: str | None = None
+    context_carrier: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, workload: workloads.ExecuteTask, external_executor_id: str | None) -> TaskInstanceRow:
+        ti = workload.ti
+        return cls(
+            id=ti.id,
+            dag_id=ti.dag_id,
+            task_id=ti.task_id,
+            run_id=ti.run_id,
+            try_number=ti.try_number,
+            map_index=ti.map_index,
+            dag_version_id=ti.dag_version_id,
+            pool_slots=ti.pool_slots,
+            priority_weight=ti.priority_weight,
+            queue=ti.queue,
+            executor_config=ti.executor_config,
+            external_executor_id=external_executor_id,
+            dag_model=SimpleNamespace(
+                bundle_name=workload.bundle_info.name, relative_fileloc=str(workload.dag_rel_path)
+            ),
+            dag_run=SimpleNamespace(bundle_version=workload.bundle_info.version),
+        )
+
+    @property
+    def key(self) -> TaskInstanceKey:
+        return TaskInstanceKey(self.dag_id, self.task_id, self.run_id, self.try_number, self.map_index)

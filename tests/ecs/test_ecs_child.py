@@ -18,7 +18,7 @@ import yaml
 from airflow.executors import workloads
 from airflow.providers.amazon.aws.executors.ecs.ecs_executor import AwsEcsExecutor
 from airflow.utils.state import TaskInstanceState
-from ecs_support import RECORDING_EXECUTOR, EcsAccount, RecordingExecutor, make_workload
+from ecs_support import RECORDING_EXECUTOR, EcsAccount, RecordingExecutor, TaskInstanceRow, make_workload
 from hybrid_router.router import RoutingExecutor
 from hybrid_router.router.children import ChildConfigError
 from hybrid_router.router.policy import TaskFacts, load_policy
@@ -56,6 +56,7 @@ def policy_with_ecs_only(tmp_path: Path, ecs_entry: dict[str, Any] | None = None
             continue
         entry["class"] = RECORDING_EXECUTOR
         entry.pop("options", None)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -213,6 +214,41 @@ def test_executor_config_that_ecs_rejects_fails_only_that_task(
     # The failed task is the router's no more; the good one still runs there.
     assert executor.children["ecs"].in_flight == {good.ti.key}
     assert bad.ti.key not in executor.running
+
+
+def test_restarted_router_hands_its_ecs_task_back_to_a_new_ecs_child(
+    router: tuple[RoutingExecutor, RunTaskRecorder], ecs_account: EcsAccount, tmp_path: Path
+) -> None:
+    first, _ = router
+    workload = make_workload("survives_restart", queue="ecs")
+    first.queue_workload(workload, session=None)
+    _, external_executor_id = events_after_heartbeat(first)[workload.ti.key]
+    task_arn = external_executor_id.partition("|")[2]
+    # The scheduler dies here; its successor builds a new router, with new children, from the same policy.
+    second, recorder = start_router(policy_with_ecs_only(tmp_path / "after-restart"))
+    running_on_ecs = TaskInstanceRow.of(workload, external_executor_id)
+    lost = TaskInstanceRow.of(
+        make_workload("unknown_arn", queue="ecs"), "ecs|" + task_arn.replace("/", "/x", 1)
+    )
+    never_routed = TaskInstanceRow.of(make_workload("from_another_executor"), "some-celery-id")
+
+    not_adopted = second.try_adopt_task_instances([running_on_ecs, lost, never_routed])
+
+    assert sorted(ti.task_id for ti in not_adopted) == ["from_another_executor", "unknown_arn"]
+    # The router hands each child the child's own id and gives every row back its full id afterwards.
+    assert running_on_ecs.external_executor_id == external_executor_id
+    assert lost.external_executor_id.startswith("ecs|arn:")
+    assert second.has_task(running_on_ecs)
+    ecs_child = second.children["ecs"]
+    assert ecs_child.in_flight == {workload.ti.key}
+    assert ecs_child.executor.active_workers.get_all_arns() == [task_arn]
+
+    # The adopted task is followed on ECS by the new child: its end reaches the scheduler through the router.
+    ecs_account.client().stop_task(cluster=ecs_account.cluster, task=task_arn, reason="spot interruption")
+    events = events_after_heartbeat(second)
+    assert events[workload.ti.key][0] == TaskInstanceState.FAILED
+    assert not second.has_task(running_on_ecs)
+    assert recorder.calls == []
 
 
 def test_example_policy_routes_by_queue_size_and_duration() -> None:
