@@ -119,12 +119,10 @@ class _PolicyBuilder:
 
     def all_errors(self) -> list[PolicyIssue]:
         """Errors found so far; YAML problems inside a key that should not be there at all are noise."""
-        inside_unknown = [
-            issue
-            for path, issue in self._yaml_issues
-            if any(path[: len(unknown)] == unknown for unknown in self._unknown_keys)
-        ]
-        return [issue for _, issue in self._yaml_issues if issue not in inside_unknown] + self.errors
+        unknown = self._unknown_keys
+        return [
+            issue for path, issue in self._yaml_issues if not any(path[: len(key)] == key for key in unknown)
+        ] + self.errors
 
     # -- reporting --------------------------------------------------------------------------------------
     def error(self, path: FieldPath, message: str, *, at_key: bool = False) -> None:
