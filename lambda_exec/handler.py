@@ -35,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
@@ -129,7 +131,7 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     return {"status": outcome.value, "return_code": run.return_code}
 
 
-def deadline_margin_s(remaining_s: float, environ: dict[str, str] | None = None) -> float:
+def deadline_margin_s(remaining_s: float, environ: Mapping[str, str] | None = None) -> float:
     """How long before the hard deadline the workload is stopped."""
     environ = os.environ if environ is None else environ
     raw = environ.get(MARGIN_ENV, "").strip()
@@ -149,14 +151,14 @@ def build_workload_command(workload_path: str) -> list[str]:
     return [sys.executable, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", workload_path]
 
 
+@dataclass(frozen=True)
 class WorkloadRun:
     """How the workload's child process ended."""
 
-    def __init__(self, return_code: int, timed_out: bool, duration_s: float, margin_s: float):
-        self.return_code = return_code
-        self.timed_out = timed_out
-        self.duration_s = duration_s
-        self.margin_s = margin_s
+    return_code: int
+    timed_out: bool
+    duration_s: float
+    margin_s: float
 
 
 def run_workload(workload: str, context: LambdaContext, margin_s: float) -> WorkloadRun:

@@ -95,6 +95,10 @@ def gone(pid: int) -> bool:
         return True
 
 
+def request_id_of(answer: dict[str, Any]) -> str:
+    return answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+
+
 def error_of(excinfo: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, dict[str, Any]]:
     response = excinfo.value.response
     return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"], response
@@ -130,7 +134,7 @@ def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
     )
 
     assert answer["StatusCode"] == 202
-    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    request_id = request_id_of(answer)
     messages = moto_server.receive_all(results_url, 2, timeout=20)
     results = sorted(
         (protocol.open_result(m["Body"], SECRET.encode()) for m in messages),
@@ -162,7 +166,7 @@ def test_sync_invoke_context_environment_and_warm_reuse(start_service: StartServ
     assert first["StatusCode"] == 200 and "FunctionError" not in first
     one, two = json.loads(first["Payload"].read()), json.loads(second["Payload"].read())
     assert one["event"] == {"hello": "world"}
-    assert one["request_id"] == first["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    assert one["request_id"] == request_id_of(first)
     assert one["function_name"] == "describe"
     assert one["memory_limit_in_mb"] == "256"
     assert 25_000 < one["remaining_ms"] <= 30_000
@@ -336,7 +340,7 @@ def test_async_retries_then_dlq_with_aws_attributes(
 
     answer = lambda_client(service).invoke(FunctionName="flaky", InvocationType="Event", Payload=payload)
 
-    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    request_id = request_id_of(answer)
     (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
     assert message["Body"] == payload, "the DLQ message body is exactly the payload the invoker sent"
     attributes = message["MessageAttributes"]
@@ -390,8 +394,8 @@ def test_duplicate_delivery_hook_runs_the_next_event_twice(
     runs = wait_for(lambda: len(read_lines(record)) >= 3 and read_lines(record), what="3 runs")
     time.sleep(0.3)  # a fourth run would show up by now
     ids = [r["request_id"] for r in read_lines(record)]
-    first_id = first["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
-    second_id = second["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    first_id = request_id_of(first)
+    second_id = request_id_of(second)
     assert sorted(ids) == sorted([first_id, first_id, second_id]), runs
     assert service.stats()["functions"]["dup"]["duplicates_delivered"] == 1
 
@@ -411,7 +415,7 @@ def test_timeout_kills_the_sandbox_tree_and_dead_letters_the_event(
     answer = lambda_client(service).invoke(FunctionName="slow", InvocationType="Event", Payload=payload)
     (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
 
-    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    request_id = request_id_of(answer)
     assert message["Body"] == payload
     assert message["MessageAttributes"]["RequestID"]["StringValue"] == request_id
     assert message["MessageAttributes"]["ErrorCode"]["StringValue"] == "200"
