@@ -34,7 +34,6 @@ from .units import format_duration, parse_duration, parse_memory_mb
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VERSION = 1
 BUILTIN_EXPECTED_DURATION_S = 300.0
 BUILTIN_MEMORY_MB = 512
 BUILTIN_FALLBACK_MODE = "same_try"
