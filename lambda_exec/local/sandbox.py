@@ -104,7 +104,6 @@ class Sandbox:
         self._ticks = 0
         self.kill_reason: Ending | None = None
         self.peak_rss = 0
-        self.peak_pss = 0  # measured only when the resident sum went over the limit
         self._next_pss_check = 0.0
         self.busy = False
         self.last_used = time.monotonic()
@@ -233,7 +232,6 @@ class Sandbox:
         with self._lock:
             self.busy = True
             self.peak_rss = 0
-            self.peak_pss = 0
         request = {
             "request_id": request_id,
             "payload": payload,
@@ -390,8 +388,6 @@ class Sandbox:
         used = self._tree_pss()
         if used is None:
             used = rss  # no smaps_rollup (old kernel): the resident sum is all we have
-        with self._lock:
-            self.peak_pss = max(self.peak_pss, used)
         if used > limit and self.busy:
             log.info(
                 "Sandbox %s of %s uses %d MB > %d MB: killing it",
