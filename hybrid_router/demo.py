@@ -394,6 +394,33 @@ def _relative(path: Path, base: Path) -> str:
 # -- running it -------------------------------------------------------------------------------------------------
 
 
+def airflow_config(
+    *,
+    policy: Path,
+    results_queue_url: str,
+    dead_letter_queue_url: str,
+    signing_secret: str,
+    lambda_endpoint_url: str,
+    sqs_endpoint_url: str,
+    local_log_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """The demo's own settings (on top of AirflowStack's), the ones examples/airflow.cfg explains to users."""
+    return {
+        "hybrid_router": {"policy_file": policy},
+        "lambda_executor": {
+            "function_name": FUNCTION_NAME,
+            "results_queue_url": results_queue_url,
+            "dead_letter_queue_url": dead_letter_queue_url,
+            "signing_secret": signing_secret,
+            "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+            "lambda_endpoint_url": lambda_endpoint_url,
+            "sqs_endpoint_url": sqs_endpoint_url,
+            "aws_conn_id": "",  # credentials come from the environment (moto accepts any)
+            "local_log_dir": local_log_dir,
+        },
+    }
+
+
 def _step(message: str, since: float) -> None:
     print(f"[{time.monotonic() - since:6.1f}s] {message}", flush=True)
 
@@ -444,20 +471,15 @@ def run_demo(output: Path, examples: Path) -> int:
             home=home,
             dags_folder=dags,
             executor=ROUTER,
-            config={
-                "hybrid_router": {"policy_file": policy.resolve()},
-                "lambda_executor": {
-                    "function_name": FUNCTION_NAME,
-                    "results_queue_url": results_queue,
-                    "dead_letter_queue_url": dead_letter_queue,
-                    "signing_secret": secret,
-                    "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
-                    "lambda_endpoint_url": f"http://{LOOPBACK}:{lambda_port}",
-                    "sqs_endpoint_url": moto.url,
-                    "aws_conn_id": "",  # credentials come from the environment (moto accepts any)
-                    "local_log_dir": lambda_logs,
-                },
-            },
+            config=airflow_config(
+                policy=policy.resolve(),
+                results_queue_url=results_queue,
+                dead_letter_queue_url=dead_letter_queue,
+                signing_secret=secret,
+                lambda_endpoint_url=f"http://{LOOPBACK}:{lambda_port}",
+                sqs_endpoint_url=moto.url,
+                local_log_dir=lambda_logs,
+            ),
         )
         function = FunctionConfig(
             name=FUNCTION_NAME,

@@ -1,0 +1,252 @@
+"""``make demo`` end to end, and the parts of it that need no servers.
+
+The end-to-end test runs ``python -m hybrid_router.demo`` as ``make demo`` does: a real Airflow with the router, the
+local Lambda service and moto's SQS. It checks the demo's verdict, then checks the same facts again straight from
+the Airflow database the demo leaves behind, and that no process the demo started outlives it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hybrid_router import demo
+from hybrid_router.demo import EXPECTED, FAILURE_DAG, LAMBDA, LOCAL, MAIN_DAG, Observed, check
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_TIMEOUT_S = 300
+
+
+# -- the comparison with the declared expectations --------------------------------------------------------------
+
+
+def _as_expected() -> list[Observed]:
+    """Observations exactly as the declaration wants them (the burst: three on Lambda, five overflowed)."""
+    observed = []
+    for expected in EXPECTED:
+        indexes = range(8) if expected.mapped else (-1,)
+        for index in indexes:
+            path = expected.paths[0] if not expected.mapped else ((LAMBDA,) if index < 3 else (LOCAL,))
+            how = ["policy"] + (["fallback"] if len(path) > 1 else [])
+            if expected.mapped and path == (LOCAL,):
+                how = ["overflow"]
+            observed.append(
+                Observed(
+                    dag_id=expected.dag_id,
+                    task_id=expected.task_id,
+                    map_index=index,
+                    state=expected.state,
+                    try_number=1,
+                    executors=list(path),
+                    rule=expected.rule,
+                    duration_source="policy_default",
+                    how=how,
+                    fallback_reasons=[expected.fallback_reason] if expected.fallback_reason else [],
+                    fallback_details=[""] if expected.fallback_reason else [],
+                    external_executor_id=f"{path[-1]}|some-id",
+                    queued_to_running_s=0.5,
+                    run_s=1.0,
+                )
+            )
+    return observed
+
+
+RUN_STATES = {MAIN_DAG: "success", FAILURE_DAG: "failed"}
+
+
+def _problems(observed: list[Observed], run_states=RUN_STATES) -> list[str]:
+    verdicts, general = check(EXPECTED, observed, run_states)
+    return general + [f"{v.observed.label}: {p}" for v in verdicts for p in v.problems]
+
+
+def _changed(task_id: str, **changes) -> list[Observed]:
+    return [replace(o, **changes) if o.task_id == task_id else o for o in _as_expected()]
+
+
+def test_check_accepts_the_declared_outcomes():
+    assert _problems(_as_expected()) == []
+
+
+@pytest.mark.parametrize(
+    ("observed", "problem"),
+    [
+        (
+            _changed(
+                "too_slow",
+                executors=[LOCAL],
+                how=["overflow"],
+                fallback_reasons=[],
+                fallback_details=[],
+                external_executor_id="local",
+            ),
+            "too_slow: ran on local",
+        ),
+        (_changed("memory_hog", fallback_reasons=["timeout"]), "memory_hog: fallback reasons ['timeout']"),
+        (
+            _changed("long_task", executors=[LAMBDA], external_executor_id="lambda|x"),
+            "long_task: ran on lambda",
+        ),
+        (_changed("short_task", state="failed"), "short_task: state 'failed'"),
+        (_changed("pinned_task", rule="short and small"), "pinned_task: rule 'short and small'"),
+        (_changed("too_slow", try_number=2), "too_slow: try 2"),
+        (_changed("short_task", external_executor_id="local"), "short_task: external_executor_id 'local'"),
+        (
+            _changed(
+                "fails_by_its_own_code",
+                executors=[LAMBDA, LOCAL],
+                fallback_reasons=["runtime_crash"],
+                fallback_details=[""],
+                external_executor_id="local",
+            ),
+            "fails_by_its_own_code: ran on lambda -> local",
+        ),
+        ([o for o in _as_expected() if o.task_id != "short_task"], "hybrid_router_demo.short_task did not run"),
+        (
+            _changed("burst", executors=[LAMBDA], how=["policy"], external_executor_id="lambda|x"),
+            "no burst task overflowed",
+        ),
+        (
+            _changed("burst", executors=[LOCAL], how=["overflow"], external_executor_id="local"),
+            "no burst task ran on Lambda",
+        ),
+        (
+            [
+                replace(o, how=["policy"]) if o.task_id == "burst" and o.executors == [LOCAL] else o
+                for o in _as_expected()
+            ],
+            "burst[3]: went to Local by ['policy'], expected an overflow",
+        ),
+    ],
+)
+def test_check_names_each_wrong_outcome(observed, problem):
+    problems = _problems(observed)
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_check_requires_the_dag_runs_final_states():
+    problems = _problems(_as_expected(), {MAIN_DAG: "failed", FAILURE_DAG: "failed"})
+    assert problems == [f"DAG run of {MAIN_DAG} ended 'failed', expected 'success'"]
+
+
+# -- examples/airflow.cfg ---------------------------------------------------------------------------------------
+
+
+def _declared_options() -> dict[str, set[str]]:
+    from hybrid_router.provider_info import get_provider_info
+
+    return {section: set(spec["options"]) for section, spec in get_provider_info()["config"].items()}
+
+
+def test_airflow_cfg_snippet_sets_only_declared_options_and_covers_what_the_demo_sets():
+    text = (REPO / "examples" / "airflow.cfg").read_text()
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(text)
+    assert parser.get("core", "executor") == demo.ROUTER
+    declared = _declared_options()
+    for section in ("hybrid_router", "lambda_executor"):
+        unknown = set(parser.options(section)) - declared[section]
+        assert not unknown, f"[{section}] options not declared by the provider: {unknown}"
+    demo_settings = demo.airflow_config(
+        policy=Path("policy.yaml"),
+        results_queue_url="q",
+        dead_letter_queue_url="dlq",
+        signing_secret="s",
+        lambda_endpoint_url="l",
+        sqs_endpoint_url="e",
+        local_log_dir=Path("logs"),
+    )
+    for section, options in demo_settings.items():
+        for option in options:
+            # Set, or shown commented out (the secret must not be written in the file).
+            assert parser.has_option(section, option) or f"# {option} =" in text, f"[{section}] {option}"
+
+
+# -- the demo itself ---------------------------------------------------------------------------------------------
+
+
+def _processes_using(home: Path) -> list[str]:
+    """Processes (of this user) whose AIRFLOW_HOME is the demo's, or that run from inside it."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            environ_home = proc.environ().get("AIRFLOW_HOME", "")
+            cwd = proc.cwd()
+        except (psutil.Error, OSError):
+            continue
+        if environ_home.startswith(str(home)) or cwd.startswith(str(home)):
+            found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+    return found
+
+
+@pytest.mark.e2e
+def test_make_demo_routes_every_task_as_declared(tmp_path):
+    output = tmp_path / "demo-output"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hybrid_router.demo", "--output", str(output)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=DEMO_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the demo stops its servers on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    elapsed = time.monotonic() - started
+    home = output / "airflow-home"
+    assert proc.returncode == 0, out[-6000:]
+    assert "Total time:" in out and "airflow hybrid-router explain" in out
+    assert _processes_using(home) == []
+
+    report = json.loads((output / "report.json").read_text())
+    assert report["ok"] and report["problems"] == []
+    assert report["dag_runs"] == RUN_STATES
+    rows = {(t["dag_id"], t["label"]): t for t in report["tasks"]}
+    assert all(t["ok"] for t in rows.values()), [t for t in rows.values() if not t["ok"]]
+    assert rows[(MAIN_DAG, "too_slow")]["executors"] == [LAMBDA, LOCAL]
+    assert report["timings_s"]["total"] <= elapsed
+
+    # The same facts once more, from the database the demo's Airflow wrote, not from the demo's report.
+    with sqlite3.connect(home / "airflow.db") as db:
+        tis = {
+            (dag_id, task_id, map_index): (state, try_number, external)
+            for dag_id, task_id, map_index, state, try_number, external in db.execute(
+                "SELECT dag_id, task_id, map_index, state, try_number, external_executor_id FROM task_instance"
+            )
+        }
+        audit = [
+            (task_id, map_index, event, json.loads(extra))
+            for task_id, map_index, event, extra in db.execute(
+                "SELECT task_id, map_index, event, extra FROM log WHERE owner = 'hybrid_router' ORDER BY id"
+            )
+        ]
+    for task_id, reason in (("too_slow", "timeout"), ("memory_hog", "out_of_memory")):
+        state, try_number, external = tis[(MAIN_DAG, task_id, -1)]
+        assert (state, try_number) == ("success", 1) and external.startswith(LOCAL)
+        fallbacks = [e for t, _, ev, e in audit if t == task_id and ev == "hybrid_router.fallback"]
+        assert [(e["failed_on"], e["executor"], e["reason"]) for e in fallbacks] == [(LAMBDA, LOCAL, reason)]
+    assert tis[(MAIN_DAG, "long_task", -1)][2] == LOCAL
+    assert tis[(MAIN_DAG, "short_task", -1)][2].startswith(f"{LAMBDA}|lambda:")
+    assert tis[(FAILURE_DAG, "fails_by_its_own_code", -1)][:2] == ("failed", 1)
+    assert not [e for t, _, ev, e in audit if t == "fails_by_its_own_code" and ev != "hybrid_router.routed"]
+    overflowed = [e for t, _, ev, e in audit if t == "burst" and e.get("how") == "overflow"]
+    assert overflowed and all(e["overflow_from"] == LAMBDA and e["executor"] == LOCAL for e in overflowed)
