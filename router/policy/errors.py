@@ -46,6 +46,10 @@ class PolicyError(ValueError):
         self.warnings: list[PolicyIssue] = sorted(warnings, key=in_file_order)
         super().__init__("\n".join(str(issue) for issue in self.issues))
 
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[list[PolicyIssue], list[PolicyIssue]]]:
+        # the default would call __init__ with the message text; multiprocessing and loggers pickle errors
+        return type(self), (self.issues, self.warnings)
+
 
 def in_file_order(issue: PolicyIssue) -> tuple[int, int, str]:
     return issue.line, issue.column, issue.path

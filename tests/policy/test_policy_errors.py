@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from hybrid_router.router.policy import PolicyError, PolicyIssue, load_policy, load_policy_text
 
@@ -18,6 +20,12 @@ def test_policy_error_is_a_value_error_with_one_issue_per_line():
     error = PolicyError([PolicyIssue("p", 3, 1, "b", "second"), PolicyIssue("p", 1, 1, "a", "first")])
     assert isinstance(error, ValueError)
     assert str(error) == "p:1:1: a: first\np:3:1: b: second"
+
+
+def test_policy_error_survives_pickling():
+    error = PolicyError([PolicyIssue("p", 1, 2, "a", "bad")], [PolicyIssue("p", 3, 4, "b", "meh", "warning")])
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.issues, copy.warnings, str(copy)) == (error.issues, error.warnings, str(error))
 
 
 def test_yaml_syntax_error_uses_the_mark_of_the_problem():
