@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -13,7 +12,7 @@ from .model import (
     SOURCE_HISTORY,
     TaskFacts,
 )
-from .units import parse_duration, parse_memory_mb
+from .units import is_plain_number, parse_duration, parse_memory_mb
 
 EXECUTOR_CONFIG_SECTION = "hybrid_router"
 
@@ -103,9 +102,4 @@ def _timeout_seconds(timeout: float | timedelta) -> float:
 
 
 def _is_duration(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0
-    )
+    return is_plain_number(value) and value >= 0

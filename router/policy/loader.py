@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from .engine import Policy, Rule
 from .errors import PolicyError, PolicyIssue, did_you_mean, in_file_order
 from .model import Defaults, ExecutorSpec, Limits
 from .source import ROOT_PATH_NAME, FieldPath, SourceMap, YamlDocument, load_yaml
-from .units import format_duration, parse_duration, parse_memory_mb
+from .units import format_duration, is_plain_number, parse_duration, parse_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +208,7 @@ class _PolicyBuilder:
             executors[name] = ExecutorSpec(
                 name=name,
                 class_path=class_path if isinstance(class_path, str) else "",
-                max_concurrency=int(concurrency) if _is_number(concurrency) else None,
+                max_concurrency=int(concurrency) if is_plain_number(concurrency) else None,
                 limits=self._limits((*path, "limits"), _mapping(spec.get("limits"))),
                 options=_mapping(spec.get("options")),
             )
@@ -421,10 +420,6 @@ def _positive_duration(value: Any) -> float:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _describe(value: Any) -> str:

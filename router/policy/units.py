@@ -52,6 +52,11 @@ DURATION_EXAMPLES = "'90s', '12m', '1h30m', '1.5h' or a number of seconds"
 MEMORY_EXAMPLES = "'512' or 512 (MB), '512MB', '3GB', '2GiB'"
 
 
+def is_plain_number(value: object) -> bool:
+    """An int or float that is finite and not a bool (True is an int to Python, never a figure to a person)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _number(value: object, what: str, examples: str) -> float | None:
     """A finite non-negative number from an int/float, or None when ``value`` is not a number at all."""
     if isinstance(value, bool):  # True is an int to Python, never a duration or a size to a person
