@@ -366,21 +366,20 @@ def print_report(verdicts: Sequence[Verdict], general: Sequence[str]) -> None:
 
 def print_intro(home: Path, policy: Path) -> None:
     cwd = Path.cwd()
-    shown_home = _relative(home, cwd)
+    airflow = (
+        f"AIRFLOW_HOME={_relative(home, cwd)} {_relative(Path(sys.executable).with_name('airflow'), cwd)}"
+    )
     shown_policy = _relative(policy, cwd)
     print(
         "airflow-hybrid-router demo: Airflow + the router + a local Lambda service + moto's SQS, on 127.0.0.1"
     )
-    print("To explore the routing policy yourself (no servers needed):")
-    print(f"  airflow hybrid-router validate {shown_policy}")
+    print("To explore the routing (during or after the demo; simulate reads the demo's task history):")
+    print(f"  {airflow} hybrid-router validate {shown_policy}")
     print(
-        f"  airflow hybrid-router explain --policy {shown_policy} --dag-id {MAIN_DAG} --task-id too_slow "
-        "--expected-duration 1m"
+        f"  {airflow} hybrid-router explain --policy {shown_policy} --dag-id {MAIN_DAG} --task-id long_task "
+        "--expected-duration 40m"
     )
-    print(
-        f"  AIRFLOW_HOME={shown_home} airflow hybrid-router simulate --policy {shown_policy} --from-db"
-        "   # after the demo: its task history"
-    )
+    print(f"  {airflow} hybrid-router simulate --policy {shown_policy} --from-db")
     print(flush=True)
 
 
