@@ -530,6 +530,18 @@ def test_management_api_round_trips(start_service: StartService, moto_server: Mo
     with pytest.raises(ClientError) as excinfo:
         client.put_function_event_invoke_config(FunctionName="made-by-api", MaximumEventAgeInSeconds=30_000)
     assert error_of(excinfo)[:2] == ("InvalidParameterValueException", 400)
+    # Update changes only what it names; Put resets the rest to AWS's defaults.
+    updated = client.update_function_event_invoke_config(FunctionName="made-by-api", MaximumRetryAttempts=1)
+    assert (updated["MaximumRetryAttempts"], updated["MaximumEventAgeInSeconds"]) == (1, 60)
+    reset = client.put_function_event_invoke_config(FunctionName="made-by-api", MaximumRetryAttempts=0)
+    assert (reset["MaximumRetryAttempts"], reset["MaximumEventAgeInSeconds"]) == (0, 21600)
+    # Destinations are not emulated: refused rather than accepted and ignored.
+    with pytest.raises(ClientError) as excinfo:
+        client.put_function_event_invoke_config(
+            FunctionName="made-by-api", DestinationConfig={"OnFailure": {"Destination": dlq_arn}}
+        )
+    assert error_of(excinfo)[:2] == ("InvalidParameterValueException", 400)
+    assert [f["FunctionName"] for f in client.list_functions()["Functions"]] == ["made-by-api"]
 
     # The failed run goes to the DLQ that was given as an ARN: the service resolves it on the SQS endpoint.
     arn = "arn:aws:lambda:us-east-1:123456789012:function:made-by-api"
