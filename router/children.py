@@ -44,21 +44,26 @@ def resolve_executor_class(name: str, class_path: str) -> type[BaseExecutor]:
     return cls
 
 
-def _accepted_kwargs(cls: type) -> set[str]:
-    """Keyword names the constructor takes, following ``**kwargs`` up the MRO to where they are consumed."""
+def _accepted_kwargs(cls: type) -> tuple[set[str], bool]:
+    """Keyword names the constructors of ``cls`` name, and whether one of them takes ``**kwargs``.
+
+    With ``**kwargs`` somewhere in the chain (LocalExecutor passes them on, the Lambda executor keeps them as
+    its options) the names cannot be known before calling: a wrong one then fails at construction instead.
+    """
     names: set[str] = set()
+    open_ended = False
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
-        if init is None:
+        if init is None or klass is object:
             continue
         params = inspect.signature(init).parameters.values()
         names.update(
             p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
         )
         if not any(p.kind is p.VAR_KEYWORD for p in params):
-            # This __init__ is where keyword arguments stop: nothing beyond it in the MRO receives them.
-            return names
-    return names
+            break
+        open_ended = True
+    return names, open_ended
 
 
 def instantiate_child(
@@ -73,9 +78,9 @@ def instantiate_child(
     from airflow.executors.executor_utils import ExecutorName
 
     cls = resolve_executor_class(name, class_path)
-    accepted = _accepted_kwargs(cls)
+    accepted, open_ended = _accepted_kwargs(cls)
     unknown = sorted(set(options) - accepted)
-    if unknown:
+    if unknown and not open_ended:
         raise ChildConfigError(
             f"executors.{name}.options: {cls.__name__} does not accept {', '.join(unknown)} "
             f"(it accepts: {', '.join(sorted(accepted)) or 'no options'})"

@@ -26,11 +26,19 @@ from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 from hybrid_router.router import audit, metrics
 from hybrid_router.router.children import Child, build_children
-from hybrid_router.router.fallback import NEXT_TRY, SAME_TRY, NextTryRoute, NextTryRoutes, redispatch_same_try
+from hybrid_router.router.fallback import (
+    NEXT_TRY,
+    SAME_TRY,
+    NextTryRoute,
+    NextTryRoutes,
+    redispatch_same_try,
+    refresh_queued_dttm,
+)
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
     from airflow.models.taskinstance import TaskInstance
+    from hybrid_router.router.policy import Decision, Policy
     from sqlalchemy.orm import Session
 
     from hybrid_router.child_protocol import InfrastructureFailure
@@ -42,7 +50,10 @@ EXTERNAL_ID_SEPARATOR = "|"
 # A workload that waited in the router longer than this gets a new execution-API token before it is handed to a
 # child: its token lives only ``[scheduler] task_queued_timeout`` from when the scheduler made it.
 TOKEN_REFRESH_AFTER_S = 60.0
-FALLBACK_MODE_ALIASES = {"redispatch": SAME_TRY, SAME_TRY: SAME_TRY, NEXT_TRY: NEXT_TRY}
+# A task waiting in the router is QUEUED in the database; the scheduler's stuck-in-queued check (``[scheduler]
+# task_queued_timeout``, 600 s by default) would revoke and finally fail it. Its ``queued_dttm`` is moved on
+# every this many seconds while it waits, so lack of room never fails a task.
+KEEP_WAITING_ALIVE_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +90,13 @@ class Pending:
     """A task waiting inside the router for one of ``candidates`` to have room."""
 
     candidates: tuple[str, ...]
-    decision: Any
+    decision: Decision | None  # None only for an adopted task whose decision could not be made again
     kind: str = "routed"  # "routed" | "fallback" | "next_try"
     since: float = 0.0
     failure: InfrastructureFailure | None = None
     failed_on: str | None = None
     announced_wait: bool = False
+    kept_alive_at: float = 0.0
 
 
 @dataclass
@@ -92,7 +104,7 @@ class Assignment:
     """Which child owns a key now, and what is left to try should it die there."""
 
     ti_id: Any
-    decision: Any  # None for tasks adopted after a restart: their rule is not known any more
+    decision: Decision | None  # None for a task adopted after a restart until it is needed again
     child: str | None = None  # None while waiting for a fallback executor with room
     tried: list[str] = field(default_factory=list)
     fallbacks_used: int = 0
@@ -198,7 +210,7 @@ class RoutingExecutor(BaseExecutor):
     # -- policy ----------------------------------------------------------------------------------------------
 
     @property
-    def policy(self) -> Any:
+    def policy(self) -> Policy | None:
         return self._policy
 
     @property
@@ -207,14 +219,11 @@ class RoutingExecutor(BaseExecutor):
 
     @property
     def fallback_mode(self) -> str:
-        mode = getattr(self._policy, "fallback_mode", None) or getattr(
-            self._config, "fallback_mode", SAME_TRY
-        )
-        return FALLBACK_MODE_ALIASES.get(mode, SAME_TRY)
+        return self._policy.fallback_mode if self._policy is not None else SAME_TRY
 
     @property
     def max_fallbacks(self) -> int:
-        return int(getattr(self._policy, "max_fallbacks", 1))
+        return self._policy.max_fallbacks
 
     def _load_policy_file(self) -> Any:
         from hybrid_router.router.policy import load_policy
@@ -323,10 +332,8 @@ class RoutingExecutor(BaseExecutor):
             ti_id=workload.ti.id, decision=decision, log_path=workload.log_path
         )
 
-    def decide(self, workload: workloads.ExecuteTask, session: Session | None = None) -> Any:
+    def decide(self, workload: workloads.ExecuteTask, session: Session | None = None) -> Decision:
         """The policy's decision for a queued task, from its task instance's facts."""
-        from hybrid_router.router.policy import resolve_facts
-
         ti_dto = workload.ti
         pool = operator = None
         execution_timeout_s = None
@@ -341,7 +348,7 @@ class RoutingExecutor(BaseExecutor):
                 timeout = getattr(task, "execution_timeout", None)
                 if timeout is not None:
                     execution_timeout_s = timeout.total_seconds()
-        facts = resolve_facts(
+        return self._decide(
             dag_id=ti_dto.dag_id,
             task_id=ti_dto.task_id,
             queue=ti_dto.queue,
@@ -349,9 +356,31 @@ class RoutingExecutor(BaseExecutor):
             operator=operator,
             executor_config=ti_dto.executor_config,
             execution_timeout_s=execution_timeout_s,
-            history=self._history,
         )
-        return self._policy.decide(facts)
+
+    def _decide(self, **facts: Any) -> Decision:
+        from hybrid_router.router.policy import resolve_facts
+
+        return self._policy.decide(resolve_facts(**facts, history=self._history))
+
+    def _decide_from_row(self, ti_id: Any) -> Decision | None:
+        """The decision for a task adopted after a restart (its own was lost with the old scheduler)."""
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+
+        with create_session(scoped=False) as session:
+            ti = session.get(TaskInstance, ti_id)
+            if ti is None:
+                return None
+            facts = {
+                "dag_id": ti.dag_id,
+                "task_id": ti.task_id,
+                "queue": ti.queue,
+                "pool": ti.pool,
+                "operator": ti.operator,
+                "executor_config": ti.executor_config,
+            }
+        return self._decide(**facts)
 
     def _reject(self, workload: workloads.ExecuteTask, err: Exception) -> None:
         """A task the policy cannot route (bad ``executor_config``): fail it with the reason, visibly."""
@@ -367,10 +396,17 @@ class RoutingExecutor(BaseExecutor):
 
     @property
     def slots_available(self) -> int:
+        """The children's free slots plus the free room in the router's own queue.
+
+        The queue holds one more wave (the children's limits added up) so that a task that finishes is
+        replaced in the same heartbeat from the queue, not one scheduler loop later. A task in the queue is
+        never dropped; it waits for a child with room, highest priority first.
+        """
         if not self._started:
             return super().slots_available
         free = sum(child.free_slots() for child in self._children.values())
-        return max(free - len(self.queued_tasks), 0)
+        queue_room = sum(child.limit for child in self._children.values()) - len(self.queued_tasks)
+        return free + max(queue_room, 0)
 
     def _dispatch_waiting(self) -> set[str]:
         """Hand waiting tasks, highest priority first, to the first candidate with room. Returns children used."""
@@ -411,10 +447,18 @@ class RoutingExecutor(BaseExecutor):
                 }
             )
         message, extra = self._describe(pending, target)
-        audit.write_task_log_line(workload.log_path, message)
-        child.executor.queue_workload(strip_router_keys(workload), None)
         del self.queued_tasks[key]
         del self._waiting[key]
+        try:
+            child.executor.queue_workload(strip_router_keys(workload), None)
+        except Exception as err:
+            # A child that refuses a workload outright (not a capacity matter) would refuse it again: fail
+            # the task with the reason rather than stall the scheduler loop or retry forever.
+            log.exception("Child executor %s refused %s", target, key)
+            self._assignments.pop(key, None)
+            self._reject(workload, RuntimeError(f"executor '{target}' refused the task: {err}"))
+            return
+        audit.write_task_log_line(workload.log_path, message)
         child.in_flight.add(key)
         self.running.add(key)
         assignment.child = target
@@ -425,11 +469,10 @@ class RoutingExecutor(BaseExecutor):
         if self._audit_enabled:
             event = audit.EVENT_FALLBACK if pending.kind == "fallback" else audit.EVENT_ROUTED
             self._audit.record(event, key, **extra)
-        rule = getattr(pending.decision, "rule", "unknown")
         if pending.kind == "fallback":
             metrics.count_fallback(pending.failed_on or "unknown", target, pending.failure.reason)
         else:
-            metrics.count_routed(target, rule)
+            metrics.count_routed(target, pending.decision.rule)
             if pending.candidates and target != pending.candidates[0]:
                 metrics.count_overflow(pending.candidates[0], target)
         log.info("%s -> %s (%s)", key, target, extra.get("how"))
@@ -437,51 +480,40 @@ class RoutingExecutor(BaseExecutor):
     def _describe(self, pending: Pending, target: str) -> tuple[str, dict[str, Any]]:
         """The task-log line and the audit row's details for one dispatch."""
         decision = pending.decision
-        rule = getattr(decision, "rule", None)
-        rule_index = getattr(decision, "rule_index", None)
-        reasons = "; ".join(getattr(decision, "reasons", ()) or ())
-        extra: dict[str, Any] = {"executor": target, "rule": rule, "rule_index": rule_index}
         if pending.kind == "fallback":
             failure = pending.failure
-            extra.update(
-                how="fallback",
-                failed_on=pending.failed_on,
-                reason=failure.reason,
-                detail=failure.detail,
-                waited_s=round(self._clock() - pending.since, 3),
-            )
+            extra: dict[str, Any] = {
+                "executor": target,
+                "rule": decision.rule if decision else None,
+                "rule_index": decision.rule_index if decision else None,
+                "how": "fallback",
+                "failed_on": pending.failed_on,
+                "reason": failure.reason,
+                "detail": failure.detail,
+                "waited_s": round(self._clock() - pending.since, 3),
+            }
             detail = f": {failure.detail}" if failure.detail else ""
             message = (
-                f"hybrid_router: FALLBACK - the run on executor '{pending.failed_on}' died ({failure.reason}{detail}); "
-                f"the same try runs again on executor '{target}'. The lines below are from that new run."
+                f"hybrid_router: FALLBACK - the run on executor '{pending.failed_on}' died "
+                f"({failure.reason}{detail}); the same try runs again on executor '{target}'. "
+                "The lines below are from that new run."
             )
             return message, extra
-        overflow_from = (
-            pending.candidates[0] if pending.candidates and target != pending.candidates[0] else None
-        )
-        extra.update(
-            how="next_try" if pending.kind == "next_try" else ("overflow" if overflow_from else "policy"),
-            overflow_from=overflow_from,
-            reasons=list(getattr(decision, "reasons", ()) or ()),
-            expected_duration_s=getattr(decision, "expected_duration_s", None),
-            duration_source=getattr(decision, "duration_source", None),
-            memory_mb=getattr(decision, "memory_mb", None),
-            memory_source=getattr(decision, "memory_source", None),
-            fallback=list(getattr(decision, "fallback", ()) or ()),
-        )
+        overflow_from = pending.candidates[0] if target != pending.candidates[0] else None
+        how = "next_try" if pending.kind == "next_try" else ("overflow" if overflow_from else "policy")
+        # The decision as the policy made it, then what happened: the executor that took the task.
+        extra = {**decision.to_dict(), "executor": target, "how": how, "overflow_from": overflow_from}
         if pending.kind == "next_try":
             message = (
                 f"hybrid_router: routed to executor '{target}' because the previous try died on "
                 f"'{pending.failed_on}' for infrastructure reasons (fallback mode next_try)"
             )
         else:
-            message = f"hybrid_router: routed to executor '{target}' by rule '{rule}'"
-            if rule_index is not None:
-                message += f" (#{rule_index})"
+            message = f"hybrid_router: routed to executor '{target}' by rule '{decision.rule}'"
             if overflow_from:
                 message += f", overflow from '{overflow_from}' which had no free slot"
-            if reasons:
-                message += f"; {reasons}"
+            if decision.reasons:
+                message += "; " + "; ".join(decision.reasons)
         return message, extra
 
     # -- heartbeat -------------------------------------------------------------------------------------------
@@ -489,22 +521,22 @@ class RoutingExecutor(BaseExecutor):
     def heartbeat(self) -> None:
         if self._config is not None:
             self._maybe_reload_policy()
-        used = self._dispatch_waiting()
+        self._dispatch_waiting()
         self._emit_metrics(self.slots_available, len(self.running), len(self.queued_tasks))
-        self.sync(dispatched_to=used)
+        self.sync()
 
-    def sync(self, dispatched_to: set[str] | None = None) -> None:
+    def sync(self) -> None:
         """Heartbeat every child, forward its events, and hand on the tries that died for infrastructure reasons."""
         for child in self._children.values():
             self._heartbeat_child(child)
-        fallbacks = False
         for child in self._children.values():
-            fallbacks |= self._collect_events(child)
+            self._collect_events(child)
             self._audit.adopt(self._drain(child.executor._task_event_logs))
-        if fallbacks:
-            # Start fallback runs in this heartbeat, not the next: every scheduler loop it waits is latency.
-            for name in self._dispatch_waiting():
-                self._heartbeat_child(self._children[name])
+        # Slots freed by finished runs, and fallback runs, are filled in this heartbeat, not the next: every
+        # scheduler loop a task waits for is latency.
+        for name in self._dispatch_waiting():
+            self._heartbeat_child(self._children[name])
+        self._keep_waiting_alive()
         for child in self._children.values():
             metrics.gauge_child(child.name, in_flight=len(child.in_flight), free=child.free_slots())
         metrics.gauge_waiting(len(self._waiting))
@@ -527,9 +559,8 @@ class RoutingExecutor(BaseExecutor):
         except Exception:
             log.exception("Heartbeat of child executor %s failed", child.name)
 
-    def _collect_events(self, child: Child) -> bool:
-        """Forward one child's events; True when a task was put back to wait for a fallback executor."""
-        fallback_queued = False
+    def _collect_events(self, child: Child) -> None:
+        """Forward one child's events; a run that died for infrastructure reasons goes back to wait."""
         for key, (state, info) in child.executor.get_event_buffer().items():
             if not isinstance(key, TaskInstanceKey):
                 self.event_buffer[key] = (state, info)
@@ -548,10 +579,28 @@ class RoutingExecutor(BaseExecutor):
             if state == TaskInstanceState.FAILED:
                 failure = child.pop_infrastructure_failure(key)
                 if failure is not None and self._on_infrastructure_failure(key, child, assignment, failure):
-                    fallback_queued = True
                     continue
             self._finish(key, child, state, info)
-        return fallback_queued
+
+    def _keep_waiting_alive(self) -> None:
+        now = self._clock()
+        stale = [
+            key
+            for key, pending in self._waiting.items()
+            if now - max(pending.since, pending.kept_alive_at) >= KEEP_WAITING_ALIVE_EVERY_S
+        ]
+        if not stale:
+            return
+        try:
+            from airflow.utils.session import create_session
+
+            with create_session(scoped=False) as session:
+                refresh_queued_dttm(session, [self._assignments[key].ti_id for key in stale])
+        except Exception:
+            log.exception("Could not refresh queued_dttm of %d waiting tasks", len(stale))
+            return
+        for key in stale:
+            self._waiting[key].kept_alive_at = now
 
     def _finish(self, key: TaskInstanceKey, child: Child, state: Any, info: Any) -> None:
         child.in_flight.discard(key)
@@ -565,10 +614,15 @@ class RoutingExecutor(BaseExecutor):
         self, key: TaskInstanceKey, child: Child, assignment: Assignment, failure: InfrastructureFailure
     ) -> bool:
         """Handle a run that died for infrastructure reasons. True when the FAILED must not be forwarded."""
+        if assignment.decision is None:
+            try:
+                assignment.decision = self._decide_from_row(assignment.ti_id)
+            except Exception:
+                log.exception("Could not decide the fallback of adopted task %s", key)
         decision = assignment.decision
         remaining = tuple(
             name
-            for name in (getattr(decision, "fallback", ()) or ())
+            for name in (decision.fallback if decision else ())
             if name in self._children and name not in assignment.tried
         )
         log.warning(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -55,6 +55,21 @@ def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> boo
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def refresh_queued_dttm(session: Session, ti_ids: list[Any]) -> int:
+    """Restart the stuck-in-queued clock of tasks that are still QUEUED and only wait for room."""
+    from airflow._shared.timezones import timezone
+    from airflow.models.taskinstance import TaskInstance
+    from sqlalchemy import update
+
+    result = session.execute(
+        update(TaskInstance)
+        .where(TaskInstance.id.in_(ti_ids), TaskInstance.state == "queued")
+        .values(queued_dttm=timezone.utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
 
 
 def fresh_workload(session: Session, ti_id: UUID | str, generator: JWTGenerator) -> ExecuteTask | None:

@@ -32,11 +32,30 @@ def test_options_become_constructor_keywords():
     assert (child.function_name, child.region, child.parallelism) == ("f", "eu", 7)
 
 
-def test_an_option_the_class_does_not_take_is_a_clear_error():
-    with pytest.raises(
-        ChildConfigError, match=r"executors\.local\.options: LocalExecutor does not accept funtion"
-    ):
+class Strict(FakeChild):
+    def __init__(self, parallelism: int = 4, team_name: str | None = None, label: str = "x"):
+        super().__init__(parallelism=parallelism, team_name=team_name, label=label)
+
+
+def test_an_option_the_class_does_not_name_is_refused_before_construction():
+    with pytest.raises(ChildConfigError, match=r"executors\.s\.options: Strict does not accept funtion"):
+        instantiate_child("s", f"{__name__}.Strict", max_concurrency=None, options={"funtion": "x"})
+
+
+def test_an_option_behind_kwargs_fails_at_construction_naming_the_entry():
+    with pytest.raises(ChildConfigError, match=r"executors\.local: LocalExecutor\(.*funtion"):
         instantiate_child("local", "LocalExecutor", max_concurrency=None, options={"funtion": "x"})
+
+
+def test_options_kept_by_kwargs_reach_the_lambda_executor():
+    child = instantiate_child(
+        "lambda",
+        "hybrid_router.lambda_exec.LambdaExecutor",
+        max_concurrency=5,
+        options={"function_name": "f"},
+    )
+    assert child.parallelism == 5
+    assert child._options == {"function_name": "f"}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -164,8 +165,8 @@ def test_no_room_anywhere_waits_in_priority_order_and_is_never_dropped(make_rout
     router.heartbeat()
     local_a = fake(router, "local_a")
     assert [w.ti.task_id for w in local_a.dispatched] == ["t5", "t4"]
-    # lambda and local_b have 3 free slots between them, and 2 tasks wait in the router.
-    assert router.slots_available == 3 - 2
+    # lambda and local_b have 3 free slots between them; the router's queue (room for 2 + 2 + 1) holds 2.
+    assert router.slots_available == 3 + (5 - 2)
     waiting = [w for w in workloads if w.ti.task_id in ("t1", "t3")]
     assert all(router.has_task(w.ti) for w in waiting)
     assert "waiting for a free slot on local_a" in (task_log_folder / "dag/t1/attempt=1.log").read_text()
@@ -173,19 +174,22 @@ def test_no_room_anywhere_waits_in_priority_order_and_is_never_dropped(make_rout
     assert len(local_a.dispatched) == 2 and not any(s == "failed" for s, _ in events(router).values())
 
     local_a.finish(local_a.dispatched[0].ti.key)
-    router.heartbeat()  # the finish frees a slot during sync; the next heartbeat uses it
-    router.heartbeat()
+    router.heartbeat()  # the slot the finish frees is filled in the same heartbeat, by priority
     assert [w.ti.task_id for w in local_a.dispatched] == ["t5", "t4", "t3"]
 
 
-def test_slots_available_is_the_childrens_free_room_less_what_waits(make_router):
+def test_slots_available_is_the_childrens_free_slots_plus_room_in_the_routers_queue(make_router):
     router = make_router()
-    assert router.slots_available == 2 + 2 + 1
+    limits = 2 + 2 + 1  # the queue holds one more wave of the children's limits
+    assert router.slots_available == (2 + 2 + 1) + limits
     for i in range(3):
         router.queue_workload(make_workload(f"t{i}"), session=None)
-    assert router.slots_available == 5 - 3
-    router.heartbeat()
-    assert router.slots_available == 2 + 0 + 1 - 1
+    assert router.slots_available == 5 + (limits - 3)
+    router.heartbeat()  # local_a takes two, one waits for it
+    assert router.slots_available == (2 + 0 + 1) + (limits - 1)
+    for i in range(20):
+        router.queue_workload(make_workload(f"u{i}"), session=None)
+    assert router.slots_available == 3  # a full queue never makes the count negative
 
 
 def test_infrastructure_failure_hands_the_same_try_to_the_fallback(
@@ -498,3 +502,66 @@ class TestPolicyReload:
         router.heartbeat()
         assert router.policy is good
         assert "changes the executors section" in caplog.text
+
+
+def test_an_adopted_task_that_dies_falls_back_by_its_decision_made_again(make_router, monkeypatch):
+    router = make_router()
+    workload = make_workload("short", queue="lambda")
+    lambda_child = fake(router, "lambda")
+    lambda_child.try_adopt_task_instances = lambda tis: []
+    ti = SimpleNamespace(id=workload.ti.id, key=workload.ti.key, external_executor_id="lambda|req")
+    assert router.try_adopt_task_instances([ti]) == []
+    monkeypatch.setattr(
+        RoutingExecutor, "_decide_from_row", lambda self, ti_id: router.decide(workload) if ti_id else None
+    )
+    monkeypatch.setattr(executor_module, "redispatch_same_try", lambda *a: workload)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    lambda_child.die(workload.ti.key)
+    router.heartbeat()
+    assert [w.ti.key for w in fake(router, "local_b").dispatched] == [workload.ti.key]
+    assert router.has_task(workload.ti)
+
+
+def test_a_child_that_refuses_a_workload_fails_that_task_only(make_router):
+    class Refusing(FakeChild):
+        def queue_workload(self, workload, session):
+            raise ValueError("payload too large")
+
+    router = make_router(local_b=Refusing(parallelism=1))
+    refused, fine = make_workload("x", queue="b"), make_workload("y")
+    router.queue_workload(refused, session=None)
+    router.queue_workload(fine, session=None)
+    router.heartbeat()
+    buffer = events(router)
+    state, info = buffer[refused.ti.key]
+    assert (
+        state == TaskInstanceState.FAILED and "executor 'local_b' refused the task: payload too large" in info
+    )
+    assert buffer[fine.ti.key][0] == TaskInstanceState.RUNNING
+    assert not router.has_task(refused.ti)
+
+
+def test_tasks_waiting_for_room_are_kept_clear_of_the_stuck_in_queued_timeout(
+    make_router, monkeypatch, clock
+):
+    refreshed: list[list] = []
+    monkeypatch.setattr(
+        executor_module, "refresh_queued_dttm", lambda session, ids: refreshed.append(sorted(ids))
+    )
+    monkeypatch.setattr("airflow.utils.session.create_session", lambda scoped: contextlib.nullcontext())
+    router = make_router()
+    workloads = [make_workload(f"t{i}") for i in range(3)]  # local_a takes 2, one waits
+    for workload in workloads:
+        router.queue_workload(workload, session=None)
+    router.heartbeat()
+    clock.now += executor_module.KEEP_WAITING_ALIVE_EVERY_S - 1
+    router.heartbeat()
+    assert refreshed == []
+    clock.now += 1
+    router.heartbeat()
+    assert refreshed == [[workloads[2].ti.id]]
+    router.heartbeat()
+    assert len(refreshed) == 1  # not again until another interval has passed
+    clock.now += executor_module.KEEP_WAITING_ALIVE_EVERY_S
+    router.heartbeat()
+    assert len(refreshed) == 2

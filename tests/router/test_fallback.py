@@ -8,7 +8,7 @@ import pytest
 from airflow.models import import_all_models
 from airflow.models.base import Base
 from airflow.models.taskinstance import TaskInstance
-from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, reset_to_queued
+from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, refresh_queued_dttm, reset_to_queued
 from router_fakes import make_workload
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
@@ -24,13 +24,13 @@ def session():
     engine.dispose()
 
 
-def add_ti(session: Session, state: str | None, try_number: int = 1) -> uuid.UUID:
+def add_ti(session: Session, state: str | None, try_number: int = 1, task_id: str = "t") -> uuid.UUID:
     ti_id = uuid.uuid4()
     session.execute(
         TaskInstance.__table__.insert().values(
             id=ti_id,
             dag_id="d",
-            task_id="t",
+            task_id=task_id,
             run_id="r",
             map_index=-1,
             pool="default_pool",
@@ -90,3 +90,10 @@ def test_next_try_routes_are_bounded():
     assert len(routes) == 2
     assert routes.take(keys[0]._replace(try_number=2)) is None
     assert routes.take(keys[2]._replace(try_number=2)) is not None
+
+
+def test_refresh_queued_dttm_touches_only_tasks_still_queued(session):
+    queued, running = add_ti(session, "queued", task_id="a"), add_ti(session, "running", task_id="b")
+    assert refresh_queued_dttm(session, [queued, running]) == 1
+    assert row(session, queued)[1] is not None
+    assert row(session, running) == ("running", None)
