@@ -54,7 +54,12 @@ MEMORY_EXAMPLES = "'512' or 512 (MB), '512MB', '3GB', '2GiB'"
 
 def is_plain_number(value: object) -> bool:
     """An int or float that is finite and not a bool (True is an int to Python, never a figure to a person)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too big for a float
+        return False
 
 
 def _number(value: object, what: str, examples: str) -> float | None:
@@ -62,11 +67,21 @@ def _number(value: object, what: str, examples: str) -> float | None:
     if isinstance(value, bool):  # True is an int to Python, never a duration or a size to a person
         raise ValueError(f"invalid {what} {value!r}: expected {examples}")
     if isinstance(value, (int, float)):
-        number = float(value)
-        if not math.isfinite(number) or number < 0:
-            raise ValueError(f"invalid {what} {value!r}: must be a finite number >= 0")
-        return number
+        if not is_plain_number(value) or value < 0:
+            raise ValueError(f"invalid {what} {_short(value)}: must be a finite number >= 0")
+        return float(value)
     return None
+
+
+def _finite(number: float, value: object, what: str) -> float:
+    if not math.isfinite(number):  # "1" followed by 400 zeros reads as inf
+        raise ValueError(f"invalid {what} {_short(value)}: too large")
+    return number
+
+
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def parse_duration(value: str | float) -> float:
@@ -82,7 +97,7 @@ def parse_duration(value: str | float) -> float:
         raise ValueError(f"invalid duration {value!r}: expected {DURATION_EXAMPLES}")
     plain = _PLAIN_NUMBER.fullmatch(value)
     if plain:
-        return float(plain.group(1))
+        return _finite(float(plain.group(1)), value, "duration")
     total = 0.0
     position = 0
     previous_scale = math.inf
@@ -103,7 +118,7 @@ def parse_duration(value: str | float) -> float:
         position = part.end()
     if previous_scale == math.inf:
         raise ValueError(f"invalid duration {value!r}: expected {DURATION_EXAMPLES}")
-    return total
+    return _finite(total, value, "duration")
 
 
 def parse_memory_mb(value: str | float) -> int:
@@ -123,7 +138,7 @@ def parse_memory_mb(value: str | float) -> int:
         scale = _MEMORY_UNITS.get(unit.lower())
         if scale is None:
             raise ValueError(f"invalid memory size {value!r}: unknown unit {unit!r} (use MB, GB, MiB or GiB)")
-        number = float(amount) * scale
+        number = _finite(float(amount) * scale, value, "memory size")
     megabytes = math.ceil(number)
     if megabytes <= 0:
         raise ValueError(f"invalid memory size {value!r}: must be greater than 0")

@@ -33,7 +33,9 @@ KEYWORDS = [
 scalars = (
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers()
+    | st.integers(min_value=10**300, max_value=10**500)
+    | st.from_regex(r"\A[<>=]{0,2} ?[0-9]{1,400}(\.[0-9]*)? ?[a-zA-Z]{0,3}\Z")
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.sampled_from(KEYWORDS)
     | st.text(max_size=12)

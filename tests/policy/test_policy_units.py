@@ -46,6 +46,9 @@ def test_parse_duration(text, seconds):
         (None, "expected '90s'"),
         ("5m extra", "expected '90s'"),
         ("1h 30", "expected '90s'"),
+        (10**400, "must be a finite number >= 0"),
+        ("1" + "0" * 400, "too large"),
+        ("1" + "0" * 400 + "h", "too large"),
     ],
 )
 def test_parse_duration_rejects(text, message):
@@ -76,7 +79,8 @@ def test_parse_memory_mb(text, megabytes):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "lots", "3 GBs", "3XB", "-1", -1, 0, "0MB", True, None, math.inf, [512]]
+    "text",
+    ["", "lots", "3 GBs", "3XB", "-1", -1, 0, "0MB", True, None, math.inf, [512], 10**400, "9" * 400 + "GB"],
 )
 def test_parse_memory_mb_rejects(text):
     with pytest.raises(ValueError, match="invalid memory size"):
