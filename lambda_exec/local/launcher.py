@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +59,10 @@ class LocalLambdaService:
         startup_timeout_s: float = 30.0,
         log_level: str = "INFO",
     ):
+        # Holds the generated config file, and the logs unless ``log_dir`` is given. Removed by stop() only when
+        # it holds no logs: a run's Lambda logs are worth reading after it stopped.
         self._own_dir = tempfile.mkdtemp(prefix="local-lambda-")
+        self._logs_in_own_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(self._own_dir) / "logs"
         self.config = ServiceConfig(
             functions=tuple(functions),
@@ -82,6 +86,7 @@ class LocalLambdaService:
 
     def start(self) -> LocalLambdaService:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)  # stop() may have removed it
         self.config_path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
         with open(self.service_log, "ab") as log_file:
             self._proc = subprocess.Popen(
@@ -156,6 +161,8 @@ class LocalLambdaService:
         if self._reader is not None:
             self._reader.join(timeout=5)
         self._proc = None
+        if not self._logs_in_own_dir:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalLambdaService:
         return self.start()
