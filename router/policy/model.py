@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .units import format_duration
+from .units import format_duration, is_plain_number
 
 FallbackMode = Literal["same_try", "next_try"]
 FALLBACK_MODES: tuple[str, ...] = ("same_try", "next_try")
@@ -82,6 +82,14 @@ class TaskFacts:
     duration_source: str | None = None
     memory_mb: int | None = None
     memory_source: str | None = None
+
+    def __post_init__(self) -> None:
+        # decisions compare these with limits: a NaN or a negative figure would slip past every check
+        duration, memory = self.expected_duration_s, self.memory_mb
+        if duration is not None and not (is_plain_number(duration) and duration >= 0):
+            raise ValueError(f"TaskFacts.expected_duration_s must be a finite number >= 0, got {duration!r}")
+        if memory is not None and not (is_plain_number(memory) and memory > 0):
+            raise ValueError(f"TaskFacts.memory_mb must be a finite number > 0, got {memory!r}")
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,23 @@ def test_task_facts_are_hashable_values():
         facts().queue = "x"  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("expected_duration_s", float("nan")),
+        ("expected_duration_s", float("inf")),
+        ("expected_duration_s", -1.0),
+        ("expected_duration_s", True),
+        ("memory_mb", 0),
+        ("memory_mb", float("nan")),
+        ("memory_mb", "512"),
+    ],
+)
+def test_task_facts_reject_figures_no_limit_check_could_judge(field, value):
+    with pytest.raises(ValueError, match=f"TaskFacts.{field} must be a finite number"):
+        facts(**{field: value})
+
+
 def test_decision_is_frozen(default_policy):
     decision: Decision = default_policy.decide(facts())
     with pytest.raises(AttributeError):
