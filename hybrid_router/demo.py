@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hybrid_router.devstack import (
     FAKE_AWS_ENV,
@@ -40,6 +41,7 @@ from hybrid_router.devstack import (
     free_port,
     wait_until,
 )
+from hybrid_router.router.audit import AUDIT_OWNER, EVENT_FALLBACK, EVENT_ROUTED
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 MAIN_DAG = "hybrid_router_demo"
@@ -47,9 +49,7 @@ FAILURE_DAG = "hybrid_router_demo_own_failure"
 FUNCTION_NAME = "hybrid-router-demo"  # the policy's `lambda` executor names this function
 LAMBDA = "lambda"
 LOCAL = "local"
-AUDIT_OWNER = "hybrid_router"
-FALLBACK_EVENT = "hybrid_router.fallback"
-ROUTING_EVENTS = ("hybrid_router.routed", FALLBACK_EVENT)
+ROUTING_EVENTS = (EVENT_ROUTED, EVENT_FALLBACK)
 
 # The demo function. A normal demo task peaks at about 280 MB inside a sandbox (handler, Airflow's supervisor and
 # task runner; the "Max Memory Used" of the local service's REPORT lines), so 512 MB fits it and the memory hog's
@@ -143,6 +143,7 @@ class Observed:
     how: list[str]  # "policy", "overflow", "fallback" per audit row
     fallback_reasons: list[str]
     fallback_details: list[str]
+    other_events: list[str]  # the router's other audit rows (a fallback given up, a routing error)
     external_executor_id: str | None
     queued_to_running_s: float | None
     run_s: float | None
@@ -167,7 +168,10 @@ class Verdict:
 
 
 def check(
-    expected: Sequence[Expected], observed: Sequence[Observed], run_states: dict[str, str | None]
+    expected: Sequence[Expected],
+    observed: Sequence[Observed],
+    run_states: dict[str, str | None],
+    expected_run_states: dict[str, str] = EXPECTED_RUN_STATES,
 ) -> tuple[list[Verdict], list[str]]:
     """Compare observations with the declared expectations.
 
@@ -175,7 +179,7 @@ def check(
     task, a DAG run in the wrong state, a burst that did not overflow).
     """
     general: list[str] = []
-    for dag_id, state in EXPECTED_RUN_STATES.items():
+    for dag_id, state in expected_run_states.items():
         if run_states.get(dag_id) != state:
             general.append(f"DAG run of {dag_id} ended {run_states.get(dag_id)!r}, expected {state!r}")
     by_task = {(e.dag_id, e.task_id): e for e in expected}
@@ -221,8 +225,12 @@ def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
     wanted_reasons = [expected.fallback_reason] if expected.fallback_reason else []
     if seen.fallback_reasons != wanted_reasons:
         problems.append(f"fallback reasons {seen.fallback_reasons}, expected {wanted_reasons}")
+    if seen.other_events:
+        problems.append(f"unexpected router events: {'; '.join(seen.other_events)}")
     if seen.try_number != 1:
         problems.append(f"try {seen.try_number}: a fallback must not spend a retry")
+    # The router writes "<child>" or "<child>|<the child's own id>" (router.executor.external_id); that module
+    # is not imported here because it imports Airflow, which would read the user's own AIRFLOW_HOME.
     final_child = (seen.external_executor_id or "").split("|", 1)[0]
     if path and final_child != path[-1]:
         problems.append(f"external_executor_id {seen.external_executor_id!r} disagrees with the audit rows")
@@ -255,12 +263,13 @@ def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], 
         for ti in sorted(stack.task_instances(dag_id, run_id), key=lambda t: (t["task_id"], t["map_index"])):
             key = (ti["task_id"], ti["map_index"])
             rows = [
-                extra
-                for (task_id, map_index, try_number, extra) in audit
+                (event, extra)
+                for (task_id, map_index, try_number, event, extra) in audit
                 if (task_id, map_index) == key and try_number == ti["try_number"]
             ]
-            routed = next((r for r in rows if r.get("how") != "fallback"), {})
-            fallbacks = [r for r in rows if r.get("how") == "fallback"]
+            runs_of_try = [extra for event, extra in rows if event in ROUTING_EVENTS]
+            routed = next((extra for event, extra in rows if event == EVENT_ROUTED), {})
+            fallbacks = [extra for event, extra in rows if event == EVENT_FALLBACK]
             observed.append(
                 Observed(
                     dag_id=dag_id,
@@ -268,12 +277,17 @@ def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], 
                     map_index=ti["map_index"],
                     state=ti["state"],
                     try_number=ti["try_number"],
-                    executors=[r.get("executor", "?") for r in rows],
+                    executors=[r.get("executor", "?") for r in runs_of_try],
                     rule=routed.get("rule"),
                     duration_source=routed.get("duration_source"),
-                    how=[r.get("how", "?") for r in rows],
+                    how=[r.get("how", "?") for r in runs_of_try],
                     fallback_reasons=[r.get("reason", "?") for r in fallbacks],
                     fallback_details=[r.get("detail") or "" for r in fallbacks],
+                    other_events=[
+                        f"{event}: {json.dumps(extra, sort_keys=True)}"
+                        for event, extra in rows
+                        if event not in ROUTING_EVENTS
+                    ],
                     external_executor_id=external.get(key),
                     queued_to_running_s=_seconds_between(ti.get("queued_when"), ti.get("start_date")),
                     run_s=_seconds_between(ti.get("start_date"), ti.get("end_date")),
@@ -282,14 +296,15 @@ def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], 
     return observed, run_states
 
 
-def _audit_rows(stack: AirflowStack, dag_id: str, run_id: str) -> list[tuple[str, int, int, dict[str, Any]]]:
-    """The router's routing and fallback rows of one DAG run, oldest first."""
+def _audit_rows(
+    stack: AirflowStack, dag_id: str, run_id: str
+) -> list[tuple[str, int, int, str, dict[str, Any]]]:
+    """The router's audit rows of one DAG run, oldest first: (task_id, map_index, try_number, event, extra)."""
     query = "&".join(
         [
             f"dag_id={dag_id}",
-            f"run_id={_quote(run_id)}",
+            f"run_id={quote(run_id, safe='')}",
             f"owner={AUDIT_OWNER}",
-            *(f"included_events={event}" for event in ROUTING_EVENTS),
             "order_by=id",
             "limit=1000",
         ]
@@ -299,12 +314,6 @@ def _audit_rows(stack: AirflowStack, dag_id: str, run_id: str) -> list[tuple[str
         (row["task_id"], row["map_index"], row["try_number"], json.loads(row["extra"] or "{}"))
         for row in rows
     ]
-
-
-def _quote(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="")
 
 
 # -- the report -------------------------------------------------------------------------------------------------

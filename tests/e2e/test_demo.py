@@ -54,6 +54,7 @@ def _as_expected() -> list[Observed]:
                     how=how,
                     fallback_reasons=[expected.fallback_reason] if expected.fallback_reason else [],
                     fallback_details=[""] if expected.fallback_reason else [],
+                    other_events=[],
                     external_executor_id=f"{path[-1]}|some-id",
                     queued_to_running_s=0.5,
                     run_s=1.0,
@@ -111,7 +112,14 @@ def test_check_accepts_the_declared_outcomes():
             ),
             "fails_by_its_own_code: ran on lambda -> local",
         ),
-        ([o for o in _as_expected() if o.task_id != "short_task"], "hybrid_router_demo.short_task did not run"),
+        (
+            _changed("too_slow", other_events=['hybrid_router.fallback_exhausted: {"reason": "timeout"}']),
+            "too_slow: unexpected router events: hybrid_router.fallback_exhausted",
+        ),
+        (
+            [o for o in _as_expected() if o.task_id != "short_task"],
+            "hybrid_router_demo.short_task did not run",
+        ),
         (
             _changed("burst", executors=[LAMBDA], how=["policy"], external_executor_id="lambda|x"),
             "no burst task overflowed",
