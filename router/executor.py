@@ -34,6 +34,7 @@ from hybrid_router.router.fallback import (
     redispatch_same_try,
     refresh_queued_dttm,
 )
+from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from hybrid_router.child_protocol import InfrastructureFailure
+    from hybrid_router.config import RouterConfig
 
-ROUTER_CONFIG_KEY = "hybrid_router"
 # ``external_executor_id`` is "<child>" or "<child>|<the child's own id>": adoption after a restart reads the
 # child's name back from it and hands the child its own id.
 EXTERNAL_ID_SEPARATOR = "|"
@@ -78,9 +79,9 @@ def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
     The ECS executor merges ``executor_config`` into its ``RunTask`` call, which rejects unknown keys.
     """
     config = workload.ti.executor_config
-    if not isinstance(config, dict) or ROUTER_CONFIG_KEY not in config:
+    if not isinstance(config, dict) or EXECUTOR_CONFIG_SECTION not in config:
         return workload
-    cleaned = {k: v for k, v in config.items() if k != ROUTER_CONFIG_KEY}
+    cleaned = {k: v for k, v in config.items() if k != EXECUTOR_CONFIG_SECTION}
     ti = workload.ti.model_copy(update={"executor_config": cleaned})
     return workload.model_copy(update={"ti": ti})
 
@@ -135,8 +136,8 @@ class RoutingExecutor(BaseExecutor):
         parallelism: int = PARALLELISM,
         team_name: str | None = None,
         *,
-        policy: Any = None,
-        config: Any = None,
+        policy: Policy | None = None,
+        config: RouterConfig | None = None,
         children: dict[str, Child] | None = None,
         history: Callable[[str, str], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -149,7 +150,6 @@ class RoutingExecutor(BaseExecutor):
         self._clock = clock
         self._waiting: dict[TaskInstanceKey, Pending] = {}
         self._assignments: dict[TaskInstanceKey, Assignment] = {}
-        self._workload_owner: dict[Any, str] = {}  # callback / connection-test key -> child
         self._next_try = NextTryRoutes()
         self._audit = audit.AuditLog()
         self._audit_enabled = True
@@ -168,9 +168,9 @@ class RoutingExecutor(BaseExecutor):
             self._policy = self._load_policy_file()
             self._policy_stamp = self._file_stamp()
         if self._config is not None:
-            self._audit_enabled = bool(getattr(self._config, "audit_log", True))
+            self._audit_enabled = self._config.audit_log
             self._next_reload_at = self._clock() + float(self._config.reload_interval)
-            if self._history is None and getattr(self._config, "history_enabled", False):
+            if self._history is None and self._config.history_enabled:
                 self._history = self._build_history()
         if not self._children:
             self._children = build_children(self._policy.executors, team_name=self.team_name)
@@ -303,7 +303,6 @@ class RoutingExecutor(BaseExecutor):
         )
         child = next(c for c in self._children.values() if getattr(c.executor, flag))
         child.executor.queue_workload(workload, session)
-        self._workload_owner[workload.key] = child.name
 
     def _queue_task(self, workload: workloads.ExecuteTask, session: Session | None) -> None:
         key = workload.ti.key
@@ -563,9 +562,8 @@ class RoutingExecutor(BaseExecutor):
         """Forward one child's events; a run that died for infrastructure reasons goes back to wait."""
         for key, (state, info) in child.executor.get_event_buffer().items():
             if not isinstance(key, TaskInstanceKey):
+                # Callbacks and connection tests: their events go to the scheduler as the child gave them.
                 self.event_buffer[key] = (state, info)
-                if state not in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
-                    self._workload_owner.pop(key, None)
                 continue
             assignment = self._assignments.get(key)
             if assignment is None or assignment.child != child.name:

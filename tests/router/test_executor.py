@@ -565,3 +565,37 @@ def test_tasks_waiting_for_room_are_kept_clear_of_the_stuck_in_queued_timeout(
     clock.now += executor_module.KEEP_WAITING_ALIVE_EVERY_S
     router.heartbeat()
     assert len(refreshed) == 2
+
+
+def test_callbacks_go_to_a_child_that_supports_them_and_their_events_come_back(make_router):
+    import uuid
+    from pathlib import Path as _Path
+
+    from airflow.executors.workloads.base import BundleInfo
+    from airflow.executors.workloads.callback import CallbackDTO, ExecuteCallback
+
+    class CallbackChild(FakeChild):
+        supports_callbacks = True
+
+        def _process_workloads(self, workload_items):
+            for workload in workload_items:
+                self.queued_callbacks.pop(workload.key)
+                self.dispatched.append(workload)
+
+    child = CallbackChild(parallelism=2)
+    router = make_router(local_b=child)
+    assert router.supports_callbacks is True
+    callback = ExecuteCallback(
+        callback=CallbackDTO(id=str(uuid.uuid4()), fetch_method="import_path", data={"path": "x.y"}),
+        dag_rel_path=_Path("dag.py"),
+        token="t",
+        log_path=None,
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+    router.queue_workload(callback, session=None)
+    assert not router.queued_callbacks  # the router keeps none itself
+    router.heartbeat()
+    assert child.dispatched == [callback]
+    child.change_state(callback.key, "success")
+    router.heartbeat()
+    assert events(router) == {callback.key: ("success", None)}
