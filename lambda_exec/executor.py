@@ -412,6 +412,7 @@ class LambdaExecutor(BaseExecutor):
         self._watchdog(now)
         self._drop_old_infra_failures(now)
         self._submit_due(now)
+        self._save_task_event_logs()
 
     def revoke_task(self, *, ti: TaskInstance) -> None:
         """Forget a task. A Lambda run that already started cannot be cancelled; its results are ignored."""
@@ -835,6 +836,28 @@ class LambdaExecutor(BaseExecutor):
         for key, (_, recorded) in list(self._infra_failures.items()):
             if now - recorded > INFRA_FAILURE_TTL_S:
                 del self._infra_failures[key]
+
+    def _save_task_event_logs(self) -> None:
+        """Write this executor's task events to Airflow's ``log`` table itself, when a scheduler drives it.
+
+        Airflow 3.3.2's scheduler saves ``_task_event_logs`` with ``bulk_save_objects(preserve_order=False)``
+        over a generator, which inserts empty rows ("NOT NULL constraint failed: log.event") and loses them.
+        Without a scheduler (``job_id`` unset: tests, benchmarks) the events stay in ``_task_event_logs``.
+        """
+        if self.job_id is None or not self._task_event_logs:
+            return
+        from airflow.utils.session import create_session
+
+        rows = list(self._task_event_logs)
+        try:
+            # Its own short transaction: never commit or roll back the scheduler's session.
+            with create_session(scoped=False) as session:
+                session.add_all(rows)
+        except Exception:
+            self.log.exception("Could not write %d Lambda task events to the log table; retrying", len(rows))
+            return
+        for _ in rows:
+            self._task_event_logs.popleft()
 
     # -- metrics -----------------------------------------------------------------------------------------------
 
