@@ -243,7 +243,12 @@ def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
 def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
-    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 2)
+    return round((_timestamp(end) - _timestamp(start)).total_seconds(), 2)
+
+
+def _timestamp(text: str) -> datetime:
+    # The REST API writes UTC as "Z", which datetime.fromisoformat accepts only from Python 3.11.
+    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
 
 def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], dict[str, str | None]]:
@@ -311,7 +316,7 @@ def _audit_rows(
     )
     rows = stack.api("GET", f"/api/v2/eventLogs?{query}")["event_logs"]
     return [
-        (row["task_id"], row["map_index"], row["try_number"], json.loads(row["extra"] or "{}"))
+        (row["task_id"], row["map_index"], row["try_number"], row["event"], json.loads(row["extra"] or "{}"))
         for row in rows
     ]
 

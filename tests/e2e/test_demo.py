@@ -258,3 +258,65 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
     assert not [e for t, _, ev, e in audit if t == "fails_by_its_own_code" and ev != "hybrid_router.routed"]
     overflowed = [e for t, _, ev, e in audit if t == "burst" and e.get("how") == "overflow"]
     assert overflowed and all(e["overflow_from"] == LAMBDA and e["executor"] == LOCAL for e in overflowed)
+
+
+# -- reading Airflow's records -----------------------------------------------------------------------------------
+
+
+class _RecordedAirflow:
+    """Answers the calls ``observe`` makes with records shaped as Airflow's REST API and database give them."""
+
+    def __init__(self):
+        self.queries: list[str] = []
+
+    def dag_run(self, dag_id, run_id):
+        return {"state": "success"}
+
+    def task_instances(self, dag_id, run_id):
+        return [
+            {
+                "task_id": "too_slow",
+                "map_index": -1,
+                "state": "success",
+                "try_number": 1,
+                "queued_when": "2026-01-01T00:00:30.000000Z",
+                "start_date": "2026-01-01T00:00:30.250000Z",
+                "end_date": "2026-01-01T00:01:02.250000Z",
+            }
+        ]
+
+    def sql(self, query, params):
+        return [("too_slow", -1, "local")]
+
+    def api(self, method, path):
+        self.queries.append(path)
+        row = {"task_id": "too_slow", "map_index": -1, "try_number": 1}
+        routed = {"executor": "lambda", "how": "policy", "rule": "short and small", "duration_source": "x"}
+        fallback = {"executor": "local", "how": "fallback", "rule": "short and small", "reason": "timeout"}
+        given_up = {"failed_on": "local", "reason": "timeout"}
+        return {
+            "event_logs": [
+                {**row, "event": "hybrid_router.routed", "extra": json.dumps(routed)},
+                {**row, "event": "hybrid_router.fallback", "extra": json.dumps(fallback)},
+                {**row, "try_number": 0, "event": "hybrid_router.routed", "extra": json.dumps(routed)},
+                {**row, "event": "hybrid_router.fallback_exhausted", "extra": json.dumps(given_up)},
+            ]
+        }
+
+
+def test_observe_reads_the_route_of_each_try_from_the_audit_rows():
+    airflow = _RecordedAirflow()
+    observed, run_states = demo.observe(airflow, {MAIN_DAG: "manual__2026-01-01T00:00:00+00:00"})
+    assert run_states == {MAIN_DAG: "success"}
+    (seen,) = observed
+    assert seen.executors == [LAMBDA, LOCAL]  # the row of another try is not part of this one's route
+    assert (seen.rule, seen.how, seen.fallback_reasons) == (
+        "short and small",
+        ["policy", "fallback"],
+        ["timeout"],
+    )
+    assert seen.other_events == [
+        'hybrid_router.fallback_exhausted: {"failed_on": "local", "reason": "timeout"}'
+    ]
+    assert (seen.external_executor_id, seen.queued_to_running_s, seen.run_s) == ("local", 0.25, 32.0)
+    assert "run_id=manual__2026-01-01T00%3A00%3A00%2B00%3A00" in airflow.queries[0]
