@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import yaml
 from hybrid_router.policies import DEFAULT_POLICY
@@ -51,12 +52,16 @@ GARBAGE_PIECES = [*":-?[]{},#&*!|>'\"%@`\t\n\r \x00\x85\ufeff\u2028", "a", "1", 
 garbage = st.lists(st.sampled_from(GARBAGE_PIECES), min_size=1, max_size=6).map("".join) | st.text(max_size=4)
 
 
+YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def assert_well_formed_outcome(text: str) -> Policy | None:
     try:
         policy = load_policy_text(text, FILENAME)
     except PolicyError as error:
         assert error.issues
-        line_count = text.count("\n") + 2
+        # YAML (and so the reported line) counts NEL, LS and PS as line breaks too.
+        line_count = len(YAML_LINE_BREAK.findall(text)) + 2
         for issue in [*error.issues, *error.warnings]:
             assert issue.file == FILENAME
             assert 1 <= issue.line <= line_count, issue
