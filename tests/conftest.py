@@ -13,3 +13,11 @@ _home = tempfile.mkdtemp(prefix="hybrid-router-tests-")
 os.environ["AIRFLOW_HOME"] = _home
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_home}/airflow.db"
+
+# Property-based tests run the same examples on every run by default, so CI's verdict does not depend on luck;
+# `pytest --hypothesis-profile=explore` searches new examples (and keeps failures in .hypothesis/).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("default", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", max_examples=2000, deadline=None)
+settings.load_profile("default")
