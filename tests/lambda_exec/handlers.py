@@ -10,10 +10,7 @@ behaviour the task id chooses, so that no Airflow API server is needed:
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from typing import Any
 
 _SCRIPT = """
@@ -39,29 +36,3 @@ def fake_workload(event: Any, context: Any) -> Any:
 
     handler.build_workload_command = lambda path: [sys.executable, "-c", _SCRIPT, path]
     return handler.handler(event, context)
-
-
-def noop_result(event: Any, context: Any) -> dict[str, Any]:
-    """A no-op task in this project's protocol: STARTED and FINISHED(SUCCESS), no child process."""
-    from hybrid_router.lambda_exec import handler, protocol
-    from hybrid_router.lambda_exec.protocol import Outcome, Phase
-
-    secret = os.environ[handler.SECRET_ENV].encode()
-    invoke = protocol.open_event(event, secret)
-    reporter = handler.ResultReporter(invoke, context, secret)
-    started = time.time()
-    reporter.send(Phase.STARTED, started_at=started)
-    reporter.send(Phase.FINISHED, started_at=started, outcome=Outcome.SUCCESS, return_code=0)
-    return {"status": "success"}
-
-
-def provider_noop(event: Any, context: Any) -> dict[str, Any]:
-    """A no-op task in the Amazon provider's protocol: ``{task_key, return_code}`` to its results queue.
-
-    The provider's own app.py reads the queue URL from ``QUEUE_URL``; so does this.
-    """
-    from hybrid_router.lambda_exec.handler import _sqs_client
-
-    body = json.dumps({"task_key": event["task_key"], "return_code": 0})
-    _sqs_client().send_message(QueueUrl=os.environ["QUEUE_URL"], MessageBody=body)
-    return {"return_code": 0}

@@ -1,0 +1,34 @@
+"""No-op Lambda handlers for ``lambda_dispatch.py``; this folder is the benchmark functions' ``code_path``.
+
+Each answers in its executor's own message format, without running any task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
+    """This project's protocol: signed STARTED and FINISHED(SUCCESS) results, as the real handler sends them."""
+    from hybrid_router.lambda_exec import handler, protocol
+    from hybrid_router.lambda_exec.protocol import Outcome, Phase
+
+    secret = os.environ[handler.SECRET_ENV].encode()
+    invoke = protocol.open_event(event, secret)
+    reporter = handler.ResultReporter(invoke, context, secret)
+    started = time.time()
+    reporter.send(Phase.STARTED, started_at=started)
+    reporter.send(Phase.FINISHED, started_at=started, outcome=Outcome.SUCCESS, return_code=0)
+    return {"status": "success"}
+
+
+def provider_noop(event: Any, context: Any) -> dict[str, Any]:
+    """The Amazon provider's protocol (its docker/app.py): ``{task_key, return_code}`` to ``QUEUE_URL``."""
+    from hybrid_router.lambda_exec.handler import _sqs_client
+
+    body = json.dumps({"task_key": event["task_key"], "return_code": 0})
+    _sqs_client().send_message(QueueUrl=os.environ["QUEUE_URL"], MessageBody=body)
+    return {"return_code": 0}
