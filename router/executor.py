@@ -25,7 +25,7 @@ from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 from hybrid_router.router import audit, metrics
-from hybrid_router.router.children import Child, build_children
+from hybrid_router.router.children import Child, build_children, instantiate_child
 from hybrid_router.router.fallback import (
     NEXT_TRY,
     SAME_TRY,
@@ -84,6 +84,17 @@ def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
     cleaned = {k: v for k, v in config.items() if k != EXECUTOR_CONFIG_SECTION}
     ti = workload.ti.model_copy(update={"executor_config": cleaned})
     return workload.model_copy(update={"ti": ti})
+
+
+class _WithExternalId:
+    """A task instance as its child knows it: the child's own external id, without the router's prefix."""
+
+    def __init__(self, ti: Any, external_executor_id: str | None) -> None:
+        self._ti = ti
+        self.external_executor_id = external_executor_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ti, name)
 
 
 @dataclass
@@ -156,10 +167,11 @@ class RoutingExecutor(BaseExecutor):
         self._policy_stamp: tuple[int, int] | None = None
         self._next_reload_at = float("inf")
         self._started = False
+        self._log_readers: dict[str, BaseExecutor | None] = {}
 
     # -- start / stop ----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def _ensure_policy(self) -> Policy:
         if self._config is None and self._policy is None:
             from hybrid_router.config import RouterConfig
 
@@ -167,6 +179,10 @@ class RoutingExecutor(BaseExecutor):
         if self._policy is None:
             self._policy = self._load_policy_file()
             self._policy_stamp = self._file_stamp()
+        return self._policy
+
+    def start(self) -> None:
+        self._ensure_policy()
         if self._config is not None:
             self._audit_enabled = self._config.audit_log
             self._next_reload_at = self._clock() + float(self._config.reload_interval)
@@ -752,6 +768,42 @@ class RoutingExecutor(BaseExecutor):
         if tis:
             log.info("Adopted %d of %d task instances", len(tis) - len(not_adopted), len(tis))
         return not_adopted
+
+    def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
+        """What the child that ran the task adds to its log (the Lambda function's own log, say); never raises.
+
+        The API server calls this on a router it built but never started: the child named in the task's
+        ``external_executor_id`` is then built from the policy (not started), as Airflow builds executors there.
+        """
+        name, child_info = split_external_id(getattr(ti, "external_executor_id", None))
+        if name is None:
+            return [], []
+        try:
+            reader = self._log_reader(name)
+            if reader is None:
+                return [], []
+            return reader.get_task_log(_WithExternalId(ti, child_info), try_number)
+        except Exception as err:
+            log.exception("Reading the log of %s from executor %s failed", ti, name)
+            return [], [f"hybrid_router: executor '{name}' could not read its log: {err}"]
+
+    def _log_reader(self, name: str) -> BaseExecutor | None:
+        if name in self._children:
+            return self._children[name].executor
+        if name not in self._log_readers:
+            spec = self._ensure_policy().executors.get(name)
+            self._log_readers[name] = (
+                instantiate_child(
+                    name,
+                    spec.class_path,
+                    max_concurrency=spec.max_concurrency,
+                    options=spec.options,
+                    team_name=self.team_name,
+                )
+                if spec is not None
+                else None
+            )
+        return self._log_readers[name]
 
     def debug_dump(self) -> None:
         super().debug_dump()

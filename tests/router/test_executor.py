@@ -599,3 +599,25 @@ def test_callbacks_go_to_a_child_that_supports_them_and_their_events_come_back(m
     child.change_state(callback.key, "success")
     router.heartbeat()
     assert events(router) == {callback.key: ("success", None)}
+
+
+class LogChild(FakeChild):
+    def get_task_log(self, ti, try_number):
+        return [f"{self.label} log for {ti.task_id} id={ti.external_executor_id}"], [f"try {try_number}"]
+
+
+def test_task_log_comes_from_the_child_named_in_the_external_id_even_before_start(write_policy):
+    policy = load_policy(
+        write_policy(
+            "version: 1\nexecutors:\n  lam: {class: router_fakes.FakeChild}\n"
+            f"  logs: {{class: {__name__}.LogChild}}\n"
+            "defaults: {expected_duration: 1m, memory_mb: 512, run_on: lam}\nrules:\n  - {name: all, run_on: lam}\n"
+        )
+    )
+    router = RoutingExecutor(policy=policy)  # as in the API server: built, never started
+    ti = SimpleNamespace(task_id="t", external_executor_id="logs|req-7")
+    assert router.get_task_log(ti, 2) == (["fake log for t id=req-7"], ["try 2"])
+    assert ti.external_executor_id == "logs|req-7"
+    assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id="lam"), 1) == ([], [])
+    assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id="gone|x"), 1) == ([], [])
+    assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id=None), 1) == ([], [])
