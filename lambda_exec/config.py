@@ -66,11 +66,6 @@ class LambdaExecutorConfig:
     def secret(self) -> bytes:
         return self.signing_secret.encode("utf-8")
 
-    @property
-    def external_id_prefix(self) -> str:
-        """Prefix of the ``external_executor_id`` of every task this function runs."""
-        return f"lambda:{self.function_name}:"
-
     @classmethod
     def load(cls, airflow_conf: Any, overrides: Mapping[str, Any] | None = None) -> LambdaExecutorConfig:
         """Build the config from ``[lambda_executor]`` in ``airflow_conf`` and per-instance ``overrides``.

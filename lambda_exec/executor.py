@@ -437,12 +437,11 @@ class LambdaExecutor(BaseExecutor):
 
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
         """Adopt tasks whose external id names this function: watch the queues for their dispatches again."""
-        prefix = self.config.external_id_prefix
         not_adopted: list[TaskInstance] = []
         now = self._clock()
         for ti in tis:
             parsed = parse_external_id(ti.external_executor_id)
-            if parsed is None or not (ti.external_executor_id or "").startswith(prefix):
+            if parsed is None or parsed[0] != self.config.function_name:
                 not_adopted.append(ti)
                 continue
             _, request_id, dispatch_id = parsed
@@ -622,7 +621,10 @@ class LambdaExecutor(BaseExecutor):
                 continue
             outcome = future.result()
             if isinstance(outcome, InvokeError):
-                self._invoke_refused(dispatch, outcome, now)
+                # A run that already reported STARTED was accepted after all (a 5xx can hide an accepted
+                # invoke): invoking it again would start a second run.
+                if dispatch.state is DispatchState.INVOKING:
+                    self._invoke_refused(dispatch, outcome, now)
                 continue
             self._stats_incr("invoke")
             dispatch.first_refused_at = None

@@ -36,10 +36,14 @@ class FakeLambda:
     def answer(self, *answers: BaseException | None) -> None:
         self._answers.extend(answers)
 
+    gate: threading.Event | None = None  # when set, invokes wait for it before answering
+
     def invoke(self, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
             self.invokes.append(kwargs)
             answer = self._answers.popleft() if self._answers else None
+        if self.gate is not None:
+            self.gate.wait(10)
         if answer is not None:
             raise answer
         return {

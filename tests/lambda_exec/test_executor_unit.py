@@ -335,6 +335,33 @@ def test_client_error_fails_with_reason_and_server_error_is_retried(started):
     assert executor.pop_infrastructure_failure(rejected.ti.key) is None
 
 
+def test_a_failed_invoke_answer_does_not_restart_a_run_that_started(started):
+    # Lambda can accept an event and still answer 5xx (or the answer is lost): the run's STARTED wins.
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.gate = threading.Event()
+    lambda_.answer(client_error("ServiceException", 500))
+    executor, _, sqs = started(lambda_=lambda_, clock=clock)
+    workload = make_workload("accepted-anyway")
+    key = workload.ti.key
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    deadline = time.monotonic() + 5
+    while not lambda_.invokes:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sqs.send(RESULTS, result(sent_event(lambda_), Phase.STARTED, now=clock.now))
+    drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.RUNNING)
+    lambda_.gate.set()  # now the invoke call fails
+    time.sleep(0.1)
+    for _ in range(3):
+        clock.advance(25)  # past any back-off
+        executor.heartbeat()
+        time.sleep(0.05)
+    assert len(lambda_.invokes) == 1
+    assert key in executor.running
+
+
 def test_reserved_concurrency_bounds_runs_in_flight(started):
     executor, lambda_, sqs = started(reserved_concurrency=2)
     loads = [make_workload(f"t{i}") for i in range(3)]
