@@ -352,7 +352,11 @@ def print_report(verdicts: Sequence[Verdict], general: Sequence[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Routing report (from Airflow's task instances and the router's audit rows)")
+    table = Table(
+        title="Routing report (from Airflow's task instances and the router's audit rows)",
+        caption="queued->running: the task instance's queued_when to start_date; after a fallback, those of the "
+        "run on the fallback executor. Details per task: report.json",
+    )
     for column in ("task", "rule", "executor(s)", "outcome", "queued->running", "fallback reason", "check"):
         table.add_column(column)
     for verdict in verdicts:
