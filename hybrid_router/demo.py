@@ -446,6 +446,7 @@ def _wait_for_tasks_done(stack: AirflowStack, dag_id: str, run_id: str, task_id:
     terminal = {"success", "failed", "upstream_failed", "skipped", "removed"}
 
     def done() -> bool:
+        stack._all_alive()  # a dead scheduler or API server fails at once, with the tail of its log
         if stack.dag_run(dag_id, run_id)["state"] in ("success", "failed"):
             return True
         tis = [t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == task_id]
