@@ -64,9 +64,15 @@ class FakeLambda:
 class FakeSqs:
     """Per-queue lists of messages; receive hands out what is visible, like SQS without the network."""
 
-    def __init__(self) -> None:
+    def __init__(self, redeliver_released: bool = False, visibility_scale: float = 0.01) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, deque[dict[str, Any]]] = {}
+        # With redelivery, a released message becomes visible again after its visibility timeout (scaled down:
+        # 30 s -> 0.3 s) with a higher receive count, as SQS does for the next reader.
+        self._redeliver = redeliver_released
+        self._scale = visibility_scale
+        self._received: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._hidden: list[tuple[float, str, dict[str, Any]]] = []
         self._ids = itertools.count(1)
         self.deleted: list[str] = []
         self.released: list[str] = []
@@ -93,8 +99,14 @@ class FakeSqs:
     def receive_message(self, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
             self.receives += 1
+            now = time.monotonic()
+            for item in [h for h in self._hidden if h[0] <= now]:
+                self._hidden.remove(item)
+                self._queues[item[1]].append(item[2])
             queue = self._queues.setdefault(kwargs["QueueUrl"], deque())
             batch = [queue.popleft() for _ in range(min(len(queue), kwargs.get("MaxNumberOfMessages", 1)))]
+            for message in batch:
+                self._received[message["ReceiptHandle"]] = (kwargs["QueueUrl"], message)
         if not batch:
             time.sleep(min(0.05, kwargs.get("WaitTimeSeconds", 0)))
         return {"Messages": batch} if batch else {}
@@ -107,6 +119,13 @@ class FakeSqs:
     def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
             self.released.extend(entry["ReceiptHandle"] for entry in kwargs["Entries"])
+            if self._redeliver:
+                for entry in kwargs["Entries"]:
+                    queue_url, message = self._received[entry["ReceiptHandle"]]
+                    count = int(message["Attributes"]["ApproximateReceiveCount"]) + 1
+                    message["Attributes"]["ApproximateReceiveCount"] = str(count)
+                    visible_at = time.monotonic() + entry["VisibilityTimeout"] * self._scale
+                    self._hidden.append((visible_at, queue_url, message))
         return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
 
     def get_queue_attributes(self, **kwargs: Any) -> dict[str, Any]:

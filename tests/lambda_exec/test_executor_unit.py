@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -473,3 +476,45 @@ def test_get_task_log_without_config_still_points_at_the_function():
     sources, lines = LambdaExecutor().get_task_log(ti, 1)
     assert sources == ["AWS Lambda airflow-task: request req-1"]
     assert "function_name" in lines[0] or "required" in lines[0]
+
+
+def test_loads_as_an_aliased_entry_of_airflows_executor_list(tmp_path):
+    # In a subprocess: Airflow's executor loader caches what it parsed at module level.
+    script = (
+        "from airflow.executors.executor_loader import ExecutorLoader\n"
+        "executors = ExecutorLoader.init_executors()\n"
+        "print([(type(e).__name__, e.name.alias) for e in executors])\n"
+    )
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor,lambda:hybrid_router.lambda_exec.LambdaExecutor",
+    }
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "('LambdaExecutor', 'lambda')" in out.stdout.splitlines()[-1]
+
+
+def test_two_instances_with_different_functions_share_a_queue(started):
+    sqs = FakeSqs(redeliver_released=True)
+    # Readers race for each message; 50 sightings make a stale verdict for an owned message all but impossible.
+    small, small_lambda, _ = started(sqs=sqs, function_name="airflow-task", stale_after_sightings=50)
+    big, big_lambda, _ = started(sqs=sqs, function_name="airflow-task-10g", stale_after_sightings=50)
+    w_small, w_big = make_workload("small"), make_workload("big")
+    small_event, _ = invoke_and_accept(small, small_lambda, w_small)
+    big_event, _ = invoke_and_accept(big, big_lambda, w_big)
+    assert big_lambda.invokes[0]["FunctionName"] == "airflow-task-10g"
+    sqs.send(RESULTS, result(big_event, Phase.FINISHED, Outcome.SUCCESS))
+    sqs.send(RESULTS, result(small_event, Phase.FINISHED, Outcome.FAILED))
+    events: dict = {}
+    deadline = time.monotonic() + 10
+    while len(events) < 2 and time.monotonic() < deadline:
+        for executor in (small, big):
+            executor.heartbeat()
+            events.update(
+                (key, value) for key, value in executor.get_event_buffer().items() if value[0] != "queued"
+            )
+        time.sleep(0.02)
+    # Each instance reported only its own task, whichever reader saw the message first.
+    assert events[w_small.ti.key][0] == TaskInstanceState.FAILED
+    assert events[w_big.ti.key][0] == TaskInstanceState.SUCCESS
