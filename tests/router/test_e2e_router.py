@@ -41,14 +41,16 @@ def write_dag(folder: Path, markers: Path, body: str) -> None:
     (folder / "dag.py").write_text(source)
 
 
-def make_stack(tmp_path: Path, policy: str, body: str, **extra_config) -> tuple[AirflowStack, Path]:
+def make_stack(
+    tmp_path: Path, policy: str, body: str, executor: str = ROUTER, **extra_config
+) -> tuple[AirflowStack, Path]:
     dags, markers = tmp_path / "dags", tmp_path / "markers"
     write_dag(dags, markers, body)
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(textwrap.dedent(policy))
     config = {"hybrid_router": {"policy_file": policy_file, "reload_interval": 5}, **extra_config}
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    stack = AirflowStack(tmp_path / "airflow", dags, executor=ROUTER, config=config, env=env)
+    stack = AirflowStack(tmp_path / "airflow", dags, executor=executor, config=config, env=env)
     return stack, markers
 
 
@@ -94,15 +96,25 @@ rules:
 
 
 def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
+    # The router as one aliased entry of Airflow's executor list, beside a plain LocalExecutor (the default).
     stack, markers = make_stack(
         tmp_path,
         TWO_LOCALS,
         """
-        @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
+        @dag(
+            schedule=None,
+            start_date=pendulum.datetime(2024, 1, 1),
+            catchup=False,
+            default_args={"executor": "router"},
+        )
         def routing():
             @task
             def plain():
                 ran("plain")
+
+            @task(executor="LocalExecutor")
+            def not_routed():
+                ran("not_routed")
 
             @task(queue="b", executor_config={"hybrid_router": {"expected_duration": "10s"}})
             def on_b(i):
@@ -110,12 +122,15 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
                 ran(f"on_b_{i}")
 
             plain()
+            not_routed()
             for i in range(3):
                 on_b.override(task_id=f"on_b_{i}")(i)
 
         routing()
         """,
+        executor=f"LocalExecutor,router:{ROUTER}",
     )
+    on_b_tasks = [f"on_b_{i}" for i in range(3)]
     with stack:
         run_id = stack.trigger("routing")
         assert stack.wait_run("routing", run_id, timeout=120) == "success"
@@ -123,19 +138,21 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
         assert {t: ti["state"] for t, ti in tis.items()} == dict.fromkeys(tis, "success")
         ids = external_ids(stack, "routing", run_id)
         assert ids["plain"] == "local_a"
-        on_b = [ids[f"on_b_{i}"] for i in range(3)]
+        assert ids["not_routed"] is None  # Airflow's own LocalExecutor ran it; the router never saw it
+        on_b = [ids[t] for t in on_b_tasks]
         # local_b takes one at a time; the queue-b tasks that found it full ran on local_a instead of waiting.
         assert on_b.count("local_b") >= 1 and on_b.count("local_a") >= 1, on_b
         rows = audit(stack, "routing")
         routed = {task_id: extra for event, task_id, extra in rows if event == "hybrid_router.routed"}
-        assert set(routed) == {"plain", "on_b_0", "on_b_1", "on_b_2"}
+        assert set(routed) == {"plain", *on_b_tasks}
         assert all(routed[t]["executor"] == ids[t] for t in routed)
         overflowed = [t for t, extra in routed.items() if extra["how"] == "overflow"]
         assert overflowed and all(routed[t]["overflow_from"] == "local_b" for t in overflowed)
         assert routed["on_b_0"]["rule"] == "queue b" and routed["plain"]["rule"] == "everything else"
+        assert routed["on_b_0"]["duration_source"] == "executor_config"
         log = stack.task_log("routing", run_id, "plain")
         assert "hybrid_router: routed to executor 'local_a' by rule 'everything else'" in log
-        assert all(runs_of(markers, name) == 1 for name in ("plain", "on_b_0", "on_b_1", "on_b_2"))
+        assert all(runs_of(markers, name) == 1 for name in ("plain", "not_routed", *on_b_tasks))
 
 
 DYING = """

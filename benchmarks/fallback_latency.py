@@ -1,0 +1,242 @@
+"""How fast a task that timed out on Lambda runs again on the fallback executor.
+
+A real Airflow with the RoutingExecutor; its policy sends every task to a LambdaExecutor child (the local
+Lambda service, moto's SQS) with ``fallback: [local]``. Each ``too_slow_*`` task outlives the function's
+timeout when it runs inside Lambda; the handler stops it and reports the timeout; the router hands the same
+try to a LocalExecutor child, where the task returns at once.
+
+Latency of one task = the fallback run's start (``task_instance.start_date``, written by its ``/run`` call)
+minus the last sign of life of the Lambda run (the task body appends a timestamp every 50 ms while it runs
+inside Lambda, so its last line is when the handler stopped it, within 50 ms).
+
+    python benchmarks/fallback_latency.py [--tasks 10] [--function-timeout 10]
+
+The last line is JSON with ``fallback_p50_s`` and ``fallback_max_s``; the target is p50 under 2 s.
+``run_scenario`` is also what the end-to-end test of the Lambda fallback drives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port
+
+ROUTER = "hybrid_router.router.RoutingExecutor"
+DAG_ID = "lambda_fallback"
+SECRET = "fallback-benchmark-secret"
+
+DAG = """
+import os
+import pathlib
+import time
+
+import pendulum
+from airflow.sdk import dag, task
+
+BEATS = pathlib.Path({beats!r})
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False, default_args={{"retries": 0}})
+def lambda_fallback():
+    @task
+    def too_slow(i):
+        if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+            # Inside Lambda: outlive the function's timeout, leaving a trail of timestamps until stopped.
+            beat = BEATS / f"too_slow_{{i}}"
+            while True:
+                with open(beat, "a") as fh:
+                    fh.write(f"{{time.time()}}\\n")
+                time.sleep(0.05)
+        print("too_slow", i, "finished on the fallback executor")
+
+    @task
+    def quick(i):
+        print("quick", i, "ran in", os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "no Lambda")
+
+    for i in range({slow}):
+        too_slow.override(task_id=f"too_slow_{{i}}")(i)
+    for i in range({quick}):
+        quick.override(task_id=f"quick_{{i}}")(i)
+
+
+lambda_fallback()
+"""
+
+POLICY = """
+version: 1
+executors:
+  lambda:
+    class: hybrid_router.lambda_exec.LambdaExecutor
+    max_concurrency: {concurrency}
+    limits: {{max_duration: 15m, max_memory_mb: 10240}}
+  local: {{class: LocalExecutor, max_concurrency: 4}}
+defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}
+settings: {{fallback_mode: same_try, max_fallbacks: 1}}
+rules:
+  # No overflow: every task waits for room on Lambda, so each one times out there and is measured.
+  - name: lambda first
+    run_on: lambda
+    fallback: [local]
+"""
+
+
+@dataclass
+class Scenario:
+    stack: AirflowStack
+    run_id: str
+    state: str
+    beats: Path
+
+    def task_instances(self) -> dict[str, dict[str, Any]]:
+        return {ti["task_id"]: ti for ti in self.stack.task_instances(DAG_ID, self.run_id)}
+
+    def external_ids(self) -> dict[str, str]:
+        rows = self.stack.sql(
+            "SELECT task_id, external_executor_id FROM task_instance WHERE dag_id = ? AND run_id = ?",
+            (DAG_ID, self.run_id),
+        )
+        return dict(rows)
+
+    def audit(self) -> list[tuple[str, str, dict[str, Any]]]:
+        rows = self.stack.sql(
+            "SELECT event, task_id, extra FROM log WHERE dag_id = ? AND event LIKE 'hybrid_router.%' ORDER BY id",
+            (DAG_ID,),
+        )
+        return [(event, task_id, json.loads(extra)) for event, task_id, extra in rows]
+
+    def latencies(self) -> dict[str, float]:
+        """Per too_slow task: seconds from the Lambda run's last sign of life to the fallback run's start."""
+        found = {}
+        for task_id, ti in self.task_instances().items():
+            beat_file = self.beats / task_id
+            if not task_id.startswith("too_slow") or not beat_file.exists() or not ti["start_date"]:
+                continue
+            last_beat = float(beat_file.read_text().split()[-1])
+            started = datetime.fromisoformat(ti["start_date"]).timestamp()
+            found[task_id] = started - last_beat
+        return found
+
+
+@contextmanager
+def run_scenario(
+    root: Path,
+    *,
+    slow: int,
+    quick: int,
+    function_timeout_s: float = 10,
+    concurrency: int = 3,
+    timeout: float = 240,
+) -> Iterator[Scenario]:
+    """Start moto, the local Lambda service and Airflow with the router; run the DAG once; stop it all after."""
+    from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+
+    dags, beats = root / "dags", root / "beats"
+    dags.mkdir(parents=True)
+    beats.mkdir()
+    (dags / "lambda_fallback.py").write_text(
+        textwrap.dedent(DAG.format(beats=str(beats), slow=slow, quick=quick))
+    )
+    policy = root / "policy.yaml"
+    policy.write_text(textwrap.dedent(POLICY.format(concurrency=concurrency)))
+    lambda_port = free_port()
+    with MotoServer(log_dir=root) as moto:
+        results, dlq = moto.create_queue("results"), moto.create_queue("dlq")
+        stack = AirflowStack(
+            home=root / "airflow",
+            dags_folder=dags,
+            executor=ROUTER,
+            config={
+                "hybrid_router": {"policy_file": policy},
+                "lambda_executor": {
+                    "function_name": "airflow-task",
+                    "results_queue_url": results,
+                    "dead_letter_queue_url": dlq,
+                    "signing_secret": SECRET,
+                    "region_name": "us-east-1",
+                    "lambda_endpoint_url": f"http://127.0.0.1:{lambda_port}",
+                    "sqs_endpoint_url": moto.url,
+                    "aws_conn_id": "",
+                    "local_log_dir": str(root / "lambda-logs"),
+                },
+            },
+        )
+        function = FunctionConfig(
+            name="airflow-task",
+            memory_mb=512,
+            timeout_s=function_timeout_s,
+            reserved_concurrency=concurrency,
+            dead_letter_queue_url=dlq,
+            maximum_retry_attempts=0,
+            environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
+        )
+        service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
+        with LocalLambdaService(
+            functions=[function],
+            env=service_env,
+            sqs_endpoint_url=moto.url,
+            port=lambda_port,
+            log_dir=root / "lambda-logs",
+        ):
+            with stack:
+                run_id = stack.trigger(DAG_ID)
+                state = stack.wait_run(DAG_ID, run_id, timeout=timeout)
+                yield Scenario(stack=stack, run_id=run_id, state=state, beats=beats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10, help="tasks that time out on Lambda")
+    # Long enough for a cold sandbox to start the task body on a loaded machine: the latency is measured from
+    # the body's last beat, so a run stopped before its body started would not be measured at all.
+    parser.add_argument("--function-timeout", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=3, help="the function's reserved concurrency")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fallback-latency-") as tmp:
+        with run_scenario(
+            Path(tmp),
+            slow=args.tasks,
+            quick=0,
+            function_timeout_s=args.function_timeout,
+            concurrency=args.concurrency,
+        ) as scenario:
+            if scenario.state != "success":
+                raise SystemExit(f"the run ended {scenario.state}; see {scenario.stack.log_dir}")
+            latencies = scenario.latencies()
+            fallbacks = [e for e, _, _ in scenario.audit() if e == "hybrid_router.fallback"]
+    if len(latencies) != args.tasks:
+        raise SystemExit(
+            f"measured {len(latencies)} of {args.tasks} tasks ({sorted(latencies)}); "
+            f"{len(fallbacks)} fallbacks in the audit log"
+        )
+    for task_id, seconds in sorted(latencies.items()):
+        print(f"{task_id:14s} {seconds:6.3f} s")
+    values = sorted(latencies.values())
+    p50, worst = statistics.median(values), values[-1]
+    print(f"fallback latency over {len(values)} tasks: p50 {p50:.3f} s, max {worst:.3f} s")
+    print(
+        json.dumps(
+            {
+                "fallback_p50_s": round(p50, 3),
+                "fallback_max_s": round(worst, 3),
+                "tasks": len(values),
+                "fallback_audit_rows": len(fallbacks),
+                "function_timeout_s": args.function_timeout,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

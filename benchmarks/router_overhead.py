@@ -1,0 +1,158 @@
+"""What the router costs: one DAG of N no-op tasks through a real scheduler, bare LocalExecutor vs the router.
+
+(a) ``[core] executor = LocalExecutor``; (b) the RoutingExecutor with a policy that sends every task to one
+LocalExecutor child. Both run ``--parallelism`` worker processes; same API server and DAG processor; only the
+scheduler is restarted with the other executor, and the two are run alternately so that drift of the machine hits
+both alike. The time of a run is the DAG run's own ``end_date - start_date`` (scheduler start-up is not in it).
+
+``[core] parallelism`` caps what the scheduler hands out by the executor's ``slots_occupied``. LocalExecutor
+never fills its ``running`` set in Airflow 3.3.2, so that cap never binds it and it keeps an unbounded backlog in
+its worker queue; the router counts its running tasks honestly, so it is given ``--router-core-parallelism``
+(default twice the workers) to hold its one-wave queue. Pass ``--router-core-parallelism`` equal to
+``--parallelism`` to measure the router with no queue at all.
+
+    python benchmarks/router_overhead.py [--pairs 3] [--tasks 50] [--parallelism 8] [--router-core-parallelism 16]
+
+The last line is JSON: ``overhead_ratio`` is median(b) / median(a); the target is <= 1.10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+from hybrid_router.devstack import AirflowStack, wait_until
+
+ROUTER = "hybrid_router.router.RoutingExecutor"
+DAG_ID = "router_overhead"
+
+DAG = """
+import pendulum
+from airflow.sdk import dag, task
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False, max_active_tasks={tasks})
+def router_overhead():
+    @task
+    def noop(i):
+        return i
+
+    for i in range({tasks}):
+        noop.override(task_id=f"noop_{{i:03d}}")(i)
+
+
+router_overhead()
+"""
+
+POLICY = """
+version: 1
+executors:
+  local: {{class: LocalExecutor, max_concurrency: {parallelism}}}
+defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}
+rules:
+  - name: everything
+    run_on: local
+"""
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def use_executor(stack: AirflowStack, executor: str, core_parallelism: int) -> None:
+    """Restart only the scheduler, with another ``[core] executor`` and ``[core] parallelism``."""
+    stack.kill_scheduler(signal.SIGTERM, group=True)
+    # SQLite allows one scheduler: wait until the old one has closed its job.
+    wait_until(
+        lambda: (
+            stack.sql("SELECT count(*) FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'")
+            == [(0,)]
+        ),
+        60,
+        "the previous scheduler to stop",
+    )
+    stack.env["AIRFLOW__CORE__EXECUTOR"] = executor
+    stack.env["AIRFLOW__CORE__PARALLELISM"] = str(core_parallelism)
+    stack.start_scheduler()
+
+
+def timed_run(stack: AirflowStack, timeout: float) -> float:
+    run_id = stack.trigger(DAG_ID)
+    state = stack.wait_run(DAG_ID, run_id, timeout=timeout)
+    if state != "success":
+        raise SystemExit(f"run {run_id} ended {state}; see {stack.log_dir}")
+    run = stack.dag_run(DAG_ID, run_id)
+    return _seconds(run["start_date"], run["end_date"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=50)
+    parser.add_argument("--parallelism", type=int, default=8)
+    parser.add_argument("--router-core-parallelism", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args(argv)
+    router_core = args.router_core_parallelism or 2 * args.parallelism
+
+    with tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp:
+        root = Path(tmp)
+        dags = root / "dags"
+        dags.mkdir()
+        (dags / "overhead.py").write_text(textwrap.dedent(DAG.format(tasks=args.tasks)))
+        policy = root / "policy.yaml"
+        policy.write_text(textwrap.dedent(POLICY.format(parallelism=args.parallelism)))
+        stack = AirflowStack(
+            root / "airflow",
+            dags,
+            executor="LocalExecutor",
+            parallelism=args.parallelism,
+            config={
+                "hybrid_router": {"policy_file": policy},
+                "scheduler": {"max_tis_per_query": 0},
+            },
+        )
+        bare: list[float] = []
+        routed: list[float] = []
+        with stack:
+            timed_run(stack, args.timeout)  # warm-up: DAG parsed, files cached, first-run costs paid
+            for pair in range(args.pairs):
+                runs = (
+                    ("bare", "LocalExecutor", args.parallelism, bare),
+                    ("router", ROUTER, router_core, routed),
+                )
+                for label, executor, core_parallelism, results in runs:
+                    use_executor(stack, executor, core_parallelism)
+                    seconds = timed_run(stack, args.timeout)
+                    results.append(seconds)
+                    print(f"pair {pair + 1} {label:6s} {seconds:6.2f} s", flush=True)
+        bare_median, routed_median = statistics.median(bare), statistics.median(routed)
+        print(f"bare LocalExecutor: median {bare_median:.2f} s  {[round(s, 2) for s in bare]}")
+        print(f"router -> Local   : median {routed_median:.2f} s  {[round(s, 2) for s in routed]}")
+        print(
+            json.dumps(
+                {
+                    "overhead_ratio": round(routed_median / bare_median, 3),
+                    "bare_s": bare,
+                    "router_s": routed,
+                    "tasks": args.tasks,
+                    "parallelism": args.parallelism,
+                    "router_core_parallelism": router_core,
+                    "pairs": args.pairs,
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
