@@ -35,6 +35,7 @@ from hybrid_router.router.fallback import (
     refresh_queued_dttm,
 )
 from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
+from hybrid_router.router.task_timeouts import ExecutionTimeouts
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
@@ -162,6 +163,7 @@ class RoutingExecutor(BaseExecutor):
         self._waiting: dict[TaskInstanceKey, Pending] = {}
         self._assignments: dict[TaskInstanceKey, Assignment] = {}
         self._next_try = NextTryRoutes()
+        self._timeouts = ExecutionTimeouts()
         self._audit = audit.AuditLog()
         self._audit_enabled = True
         self._policy_stamp: tuple[int, int] | None = None
@@ -359,10 +361,7 @@ class RoutingExecutor(BaseExecutor):
             ti = session.get(TaskInstance, ti_dto.id)
             if ti is not None:
                 pool, operator = ti.pool, ti.operator
-                task = getattr(ti, "task", None)
-                timeout = getattr(task, "execution_timeout", None)
-                if timeout is not None:
-                    execution_timeout_s = timeout.total_seconds()
+            execution_timeout_s = self._timeouts.get(session, ti_dto.dag_version_id, ti_dto.task_id)
         return self._decide(
             dag_id=ti_dto.dag_id,
             task_id=ti_dto.task_id,
