@@ -131,6 +131,11 @@ class RoutingExecutor(BaseExecutor):
     list) and ``[hybrid_router] policy_file``. The constructor reads nothing and starts nothing: the API server
     and ``airflow dags test`` also build executors. ``policy``, ``config`` and ``children`` may be passed in
     (tests, embedding); otherwise ``start()`` reads ``[hybrid_router]`` and builds the children.
+
+    ``[core] parallelism`` bounds what the scheduler hands the router, counted honestly: tasks running on a
+    child and tasks waiting in the router's queue. Set it above the children's ``max_concurrency`` added up
+    so that the router can keep its queue of one more wave (see ``slots_available``); LocalExecutor alone is
+    not bound by it in Airflow 3.3.2 because it never fills its ``running`` set.
     """
 
     # Class flags are read on the class before start(), when the children are not built yet; they describe the
