@@ -74,6 +74,8 @@ if TYPE_CHECKING:
     from airflow.models.taskinstancekey import TaskInstanceKey
 
 METRIC_PREFIX = "lambda_executor"
+# How old an event sealed at queue time may be and still be sent as it is.
+PRESEALED_MAX_AGE_S = 1.0
 # After not_after (or the function's timeout) a run that never reported is declared dead this much later:
 # room for clock skew between this host and Lambda, and for the last message to travel through SQS.
 WATCHDOG_GRACE_S = 15.0
@@ -109,6 +111,7 @@ class Dispatch:
     key: TaskInstanceKey
     dispatch_id: str
     workload_json: str | None  # None for an adopted dispatch: it is never invoked again
+    payload: str = ""  # the sealed event for the first invoke
     state: DispatchState = DispatchState.PENDING
     attempts: int = 0
     next_attempt_at: float = 0.0
@@ -387,7 +390,8 @@ class LambdaExecutor(BaseExecutor):
             dispatch = Dispatch(
                 key=key, dispatch_id=uuid.uuid4().hex, workload_json=workload.model_dump_json()
             )
-            size = len(self._seal(dispatch, self._clock()))
+            dispatch.payload = self._seal(dispatch, self._clock())
+            size = len(dispatch.payload.encode("utf-8"))
             if size > self.config.max_payload_bytes:
                 reason = (
                     f"the Lambda invoke event for {key.dag_id}.{key.task_id} is {size} bytes, over "
@@ -588,7 +592,11 @@ class LambdaExecutor(BaseExecutor):
                 break
             if dispatch.state is not DispatchState.PENDING or dispatch.next_attempt_at > now:
                 continue
-            payload = self._seal(dispatch, now)
+            # An event sealed moments ago (when the task arrived, usually in this heartbeat) goes as it is; one
+            # that waited for a slot or a back-off is sealed again, so not_after counts from this invoke.
+            fresh = dispatch.payload and now - dispatch.issued_at < PRESEALED_MAX_AGE_S
+            payload = dispatch.payload if fresh else self._seal(dispatch, now)
+            dispatch.payload = ""
             dispatch.state = DispatchState.INVOKING
             dispatch.attempts += 1
             dispatch.future = self._pool.submit(self._invoke, payload)

@@ -380,6 +380,22 @@ def test_reserved_concurrency_bounds_runs_in_flight(started):
     drive(executor, lambda ev: len(lambda_.invokes) == 3)
 
 
+def test_an_event_that_waited_for_a_slot_gets_a_fresh_deadline(started):
+    clock = FakeClock()
+    executor, lambda_, sqs = started(clock=clock, reserved_concurrency=1)
+    first, second = make_workload("first"), make_workload("second")
+    executor.queue_workload(first, session=None)
+    executor.queue_workload(second, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    clock.advance(100)
+    sqs.send(RESULTS, result(sent_event(lambda_, 0), Phase.FINISHED, Outcome.SUCCESS, now=clock.now))
+    drive(executor, lambda ev: len(lambda_.invokes) == 2)
+    waited = sent_event(lambda_, 1)
+    assert waited.task.task_id == "second"
+    assert waited.issued_at == clock.now and waited.not_after == clock.now + 300
+
+
 # -- watchdog, adoption, lifecycle -------------------------------------------------------------------------------
 
 
