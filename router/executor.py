@@ -656,6 +656,7 @@ class RoutingExecutor(BaseExecutor):
                     key,
                     NextTryRoute(remaining[0], remaining[1:], failed_on=child.name, reason=failure.reason),
                 )
+                metrics.count_fallback(child.name, remaining[0], failure.reason)
                 audit.write_task_log_line(
                     assignment.log_path,
                     f"hybrid_router: the run on executor '{child.name}' died ({failure.reason}); this try fails "

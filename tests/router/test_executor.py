@@ -304,7 +304,9 @@ def test_a_try_that_moved_on_is_not_re_dispatched(make_router, monkeypatch):
     assert fake(router, "local_b").dispatched == []
 
 
-def test_next_try_mode_fails_the_try_and_sends_the_next_try_to_the_fallback(make_router, audit_rows):
+def test_next_try_mode_fails_the_try_and_sends_the_next_try_to_the_fallback(
+    make_router, audit_rows, counters
+):
     router = make_router(mode="next_try")
     first = make_workload("short", queue="lambda", run_id="r1")
     router.queue_workload(first, session=None)
@@ -322,6 +324,7 @@ def test_next_try_mode_fails_the_try_and_sends_the_next_try_to_the_fallback(make
     assert [w.ti.key for w in fake(router, "local_b").dispatched] == [second.ti.key]
     assert [w.ti.key for w in fake(router, "lambda").dispatched] == [first.ti.key, other_run.ti.key]
     assert "hybrid_router.next_try_fallback" in {row.event for row in audit_rows}
+    assert "hybrid_router.fallback.lambda.local_b" in counters
 
 
 def test_adoption_hands_each_task_to_the_child_named_in_its_external_id(make_router):
