@@ -9,7 +9,8 @@ How one task flows:
    events do not age in Lambda's internal queue. 202 -> the task's external id is recorded (QUEUED event);
    429 -> the dispatch stays queued here and is retried after a jittered back-off, and ``free_capacity()`` is 0
    meanwhile; after ``throttle_backoff_max`` seconds of refusals it becomes an infrastructure failure
-   (``throttled``); 5xx and network errors are retried the same way; other 4xx fail the task with the reason.
+   (``throttled``); 5xx and network errors are retried the same way (past the bound the try just fails: such
+   an answer may hide an accepted event); other 4xx fail the task with the reason.
 3. Two reader threads (``results.QueueReader``) long-poll the results queue and the DLQ with batch receive and
    batch delete. A signed STARTED message makes the task RUNNING (external id ``lambda:<fn>:<request>:<dispatch>``);
    FINISHED gives SUCCESS / FAILED, or, for TIMEOUT / EVENT_EXPIRED, a FAILED event plus an
@@ -116,6 +117,7 @@ class Dispatch:
     attempts: int = 0
     next_attempt_at: float = 0.0
     first_refused_at: float | None = None
+    maybe_accepted: bool = False  # an invoke got an answer (5xx, network error) that may hide an acceptance
     last_refusal: str = ""
     issued_at: float = 0.0
     not_after: float = 0.0
@@ -661,13 +663,21 @@ class LambdaExecutor(BaseExecutor):
         self._stats_incr("throttled" if throttled else "invoke_error")
         if dispatch.first_refused_at is None:
             dispatch.first_refused_at = now
+        # A 429 means Lambda did not take the event; a 5xx or a lost answer may hide an accepted one.
+        dispatch.maybe_accepted |= not throttled
         dispatch.last_refusal = f"{error.code}: {protocol.scrub(error.message, 300)}"
         waited = now - dispatch.first_refused_at
         if waited >= self.config.throttle_backoff_max:
-            # THROTTLED covers "Lambda would not take the invocation" (429, or 5xx for as long): the task never
-            # started, so another executor can safely run it.
             detail = f"Lambda refused the invocation for {waited:.0f}s; last answer {dispatch.last_refusal}"
-            self._infrastructure_failure(dispatch, Outcome.THROTTLED, detail)
+            if dispatch.maybe_accepted:
+                # An event Lambda may have accepted could still start this try until its not_after: running the
+                # same try elsewhere is not safe, so the try fails and Airflow's retries (new tokens) apply.
+                self.log.error("Task %s failed: %s", key, detail)
+                self.log_task_event(event="lambda invoke failed", extra=detail, ti_key=key)
+                self._finish(dispatch, TaskInstanceState.FAILED, detail)
+            else:
+                # Only 429s: the task never started, so another executor can run the same try.
+                self._infrastructure_failure(dispatch, Outcome.THROTTLED, detail)
             return
         delay = _backoff_delay(dispatch.attempts, self.config.throttle_backoff_max)
         dispatch.state = DispatchState.PENDING

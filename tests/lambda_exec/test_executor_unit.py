@@ -312,6 +312,25 @@ def test_throttled_beyond_the_bound_is_an_infrastructure_failure(started):
     assert executor.pop_infrastructure_failure(workload.ti.key).reason == "throttled"
 
 
+def test_server_errors_beyond_the_bound_fail_the_try_without_fallback(started):
+    # A 5xx may hide an accepted event that could still start this try: no same-try fallback then.
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(*[client_error("ServiceException", 503)] * 10)
+    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
+    workload = make_workload("unavailable")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    for attempt in (2, 3):
+        clock.advance(21)
+        executor.heartbeat()
+        wait_invokes(executor, lambda_, attempt)
+    state, info = executor.get_event_buffer()[workload.ti.key]
+    assert state == TaskInstanceState.FAILED and "ServiceException" in info
+    assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
 def test_client_error_fails_with_reason_and_server_error_is_retried(started):
     clock = FakeClock()
     lambda_ = FakeLambda()
