@@ -74,12 +74,7 @@ class LambdaExecutorConfig:
         ``ExecutorConf``, which honours teams, or ``airflow.configuration.conf``).
         """
         overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - _PARSERS.keys())
-        if unknown:
-            raise LambdaConfigError(
-                f"unknown LambdaExecutor option(s) {', '.join(map(repr, unknown))}; "
-                f"known options: {', '.join(sorted(_PARSERS))}"
-            )
+        check_option_names(overrides)
         values: dict[str, Any] = {}
         for name, parse in _PARSERS.items():
             if name in overrides:
@@ -130,6 +125,16 @@ class LambdaExecutorConfig:
         for ok, message in checks:
             if not ok:
                 raise LambdaConfigError(f"[{SECTION}] {message}")
+
+
+def check_option_names(options: Mapping[str, Any]) -> None:
+    """Reject per-instance options this executor does not know (a typo in a policy file), naming them."""
+    unknown = sorted(set(options) - _PARSERS.keys())
+    if unknown:
+        raise LambdaConfigError(
+            f"unknown LambdaExecutor option(s) {', '.join(map(repr, unknown))}; "
+            f"known options: {', '.join(sorted(_PARSERS))}"
+        )
 
 
 def _shown(name: str, raw: Any) -> str:

@@ -63,7 +63,12 @@ from hybrid_router.lambda_exec.aws import (
     invoke_request_id,
     make_clients,
 )
-from hybrid_router.lambda_exec.config import LAMBDA_MAX_TIMEOUT_S, LambdaConfigError, LambdaExecutorConfig
+from hybrid_router.lambda_exec.config import (
+    LAMBDA_MAX_TIMEOUT_S,
+    LambdaConfigError,
+    LambdaExecutorConfig,
+    check_option_names,
+)
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, TaskRef
 from hybrid_router.lambda_exec.results import Disposition, QueueReader
 
@@ -188,6 +193,7 @@ class LambdaExecutor(BaseExecutor):
         **options: Any,
     ):
         super().__init__(parallelism=parallelism, team_name=team_name)
+        check_option_names(options)  # names only: values are read and checked at start()
         self._options = dict(options)
         self._clock = clock
         self._config: LambdaExecutorConfig | None = None

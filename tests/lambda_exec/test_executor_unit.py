@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from airflow.utils.state import TaskInstanceState
 from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.config import LambdaConfigError
 from hybrid_router.lambda_exec.executor import LambdaExecutor, external_id, parse_external_id
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
@@ -475,6 +476,11 @@ def test_end_and_terminate_leave_no_thread(no_thread_leak):
         executor.queue_workload(workload, session=None)
         executor.heartbeat()
         getattr(executor, stop)()
+
+
+def test_unknown_option_is_refused_at_construction():
+    with pytest.raises(LambdaConfigError, match=r"unknown LambdaExecutor option.*'functon_name'"):
+        LambdaExecutor(functon_name="typo")
 
 
 def test_constructing_is_side_effect_free(no_thread_leak):
