@@ -82,14 +82,14 @@ def external_ids(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, str
 TWO_LOCALS = """
 version: 1
 executors:
-  local_a: {class: LocalExecutor, max_concurrency: 4}
-  local_b: {class: LocalExecutor, max_concurrency: 1}
-defaults: {expected_duration: 1m, memory_mb: 512, run_on: local_a}
+  local_a: {{class: LocalExecutor, max_concurrency: {a}}}
+  local_b: {{class: LocalExecutor, max_concurrency: {b}}}
+defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local_a}}
 rules:
   - name: queue b
-    if: {queue: b}
+    if: {{queue: b}}
     run_on: local_b
-    overflow: [local_a]
+    overflow: {b_overflow}
   - name: everything else
     run_on: local_a
 """
@@ -99,7 +99,7 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
     # The router as one aliased entry of Airflow's executor list, beside a plain LocalExecutor (the default).
     stack, markers = make_stack(
         tmp_path,
-        TWO_LOCALS,
+        TWO_LOCALS.format(a=4, b=1, b_overflow="[local_a]"),
         """
         @dag(
             schedule=None,
@@ -108,7 +108,7 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
             default_args={"executor": "router"},
         )
         def routing():
-            @task
+            @task(execution_timeout=pendulum.duration(minutes=3))
             def plain():
                 ran("plain")
 
@@ -150,6 +150,9 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
         assert overflowed and all(routed[t]["overflow_from"] == "local_b" for t in overflowed)
         assert routed["on_b_0"]["rule"] == "queue b" and routed["plain"]["rule"] == "everything else"
         assert routed["on_b_0"]["duration_source"] == "executor_config"
+        # Read from the serialized DAG: the scheduler's task instance does not carry the task.
+        assert routed["plain"]["duration_source"] == "execution_timeout"
+        assert routed["plain"]["expected_duration_s"] == 180
         log = stack.task_log("routing", run_id, "plain")
         assert "hybrid_router: routed to executor 'local_a' by rule 'everything else'" in log
         assert all(runs_of(markers, name) == 1 for name in ("plain", "not_routed", *on_b_tasks))
@@ -240,25 +243,11 @@ def test_next_try_mode_fails_the_try_and_runs_the_retry_on_the_fallback(tmp_path
         assert runs_of(markers, "slow_dies") == 1
 
 
-RESTART_POLICY = """
-version: 1
-executors:
-  local_a: {class: LocalExecutor, max_concurrency: 1}
-  local_b: {class: LocalExecutor, max_concurrency: 1}
-defaults: {expected_duration: 1m, memory_mb: 512, run_on: local_a}
-rules:
-  - name: queue b
-    if: {queue: b}
-    run_on: local_b
-  - name: everything else
-    run_on: local_a
-"""
-
-
 def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_runs_none_twice(tmp_path):
     stack, markers = make_stack(
         tmp_path,
-        RESTART_POLICY,
+        # One slot per child, no overflow: one task runs on each child, one waits in the router for it.
+        TWO_LOCALS.format(a=1, b=1, b_overflow="[]"),
         """
         @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
         def restart():
