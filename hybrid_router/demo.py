@@ -51,12 +51,13 @@ LAMBDA = "lambda"
 LOCAL = "local"
 ROUTING_EVENTS = (EVENT_ROUTED, EVENT_FALLBACK)
 
-# The demo function. A normal demo task peaks at about 280 MB inside a sandbox (handler, Airflow's supervisor and
+# The demo function. A normal demo task peaks at about 285 MB inside a sandbox (handler, Airflow's supervisor and
 # task runner; the "Max Memory Used" of the local service's REPORT lines), so 512 MB fits it and the memory hog's
-# 1.2 GB does not. A normal task took up to 12 s there (cold start while two other sandboxes start on two cores):
-# the timeout leaves room for that on a busy machine and is shorter than `too_slow`'s 32 s of sleep.
+# 1.2 GB does not. A normal task's invocation took up to 18 s there on a busy two-core machine (cold starts side by
+# side, then about 5 s of Airflow's supervisor winding down after the task body): the timeout leaves half as much
+# again beyond that, after the handler's own margin, and `too_slow` sleeps longer than the whole timeout.
 FUNCTION_MEMORY_MB = 512
-FUNCTION_TIMEOUT_S = 25
+FUNCTION_TIMEOUT_S = 30
 RESERVED_CONCURRENCY = 3
 RUN_TIMEOUT_S = 300.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +127,11 @@ EXPECTED_RUN_STATES = {MAIN_DAG: "success", FAILURE_DAG: "failed"}
 # The burst is larger than the function's reserved concurrency, so some of it must overflow, and some of it
 # must still have run on Lambda (the DAG orders its tasks so that Lambda has free slots when the burst starts).
 BURST_TASK = "burst"
+SLOW_TASK = "too_slow"
+# The main DAG's tasks that run on Lambda before the burst (with SLOW_TASK), and how long the router may take to
+# sync a result the Lambda executor has read (its scheduler heartbeat is 1 s).
+LAMBDA_FIRST_TASKS = ("short_task", "pinned_task", "memory_hog")
+ROUTER_SYNC_S = 2.5
 
 
 @dataclass
@@ -147,6 +153,8 @@ class Observed:
     external_executor_id: str | None
     queued_to_running_s: float | None
     run_s: float | None
+    start_date: str | None = None  # of the last run of the try (the fallback's, after a fallback)
+    end_date: str | None = None
 
     @property
     def label(self) -> str:
@@ -200,7 +208,28 @@ def check(
             )
         if not on_lambda:
             general.append(f"no {BURST_TASK} task ran on Lambda")
+    busiest = max_concurrent([o for o in observed if o.executors == [LAMBDA]])
+    if busiest > RESERVED_CONCURRENCY:
+        general.append(
+            f"{busiest} tasks ran on Lambda at once, more than its reserved concurrency {RESERVED_CONCURRENCY}"
+        )
     return verdicts, general
+
+
+def max_concurrent(runs: Sequence[Observed]) -> int:
+    """The most runs whose [start_date, end_date) intervals overlap at one moment."""
+    edges = sorted(
+        edge
+        for run in runs
+        if run.start_date and run.end_date
+        for edge in ((_timestamp(run.start_date), 1), (_timestamp(run.end_date), -1))
+    )
+    # An end sorts before a start at the same instant (-1 < 1): back-to-back runs do not overlap.
+    busiest = current = 0
+    for _, change in edges:
+        current += change
+        busiest = max(busiest, current)
+    return busiest
 
 
 def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
@@ -296,6 +325,8 @@ def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], 
                     external_executor_id=external.get(key),
                     queued_to_running_s=_seconds_between(ti.get("queued_when"), ti.get("start_date")),
                     run_s=_seconds_between(ti.get("start_date"), ti.get("end_date")),
+                    start_date=ti.get("start_date"),
+                    end_date=ti.get("end_date"),
                 )
             )
     return observed, run_states
@@ -442,17 +473,33 @@ def _step(message: str, since: float) -> None:
     print(f"[{time.monotonic() - since:6.1f}s] {message}", flush=True)
 
 
-def _wait_for_tasks_done(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, timeout: float) -> None:
-    terminal = {"success", "failed", "upstream_failed", "skipped", "removed"}
+def _lambda_work_done(
+    stack: AirflowStack, run_id: str, service: Any, moto: MotoServer, results_queue: str
+) -> bool:
+    """True once the main DAG's tasks before the burst are off Lambda and the router has every result.
 
-    def done() -> bool:
-        stack._all_alive()  # a dead scheduler or API server fails at once, with the tail of its log
-        if stack.dag_run(dag_id, run_id)["state"] in ("success", "failed"):
-            return True
-        tis = [t for t in stack.task_instances(dag_id, run_id) if t["task_id"] == task_id]
-        return bool(tis) and all(t["state"] in terminal for t in tis)
-
-    wait_until(done, timeout, f"every {task_id} task of {dag_id} to finish", interval=0.5)
+    Off Lambda: short_task and pinned_task ended, too_slow timed out (its fallback is recorded). The function then
+    runs nothing, and the results queue is empty, so the Lambda executor has read every result: the router frees a
+    slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
+    """
+    stack._all_alive()  # a dead scheduler or API server fails at once, with the tail of its log
+    states = {ti["task_id"]: ti["state"] for ti in stack.task_instances(MAIN_DAG, run_id)}
+    if any(states.get(task) not in ("success", "failed") for task in LAMBDA_FIRST_TASKS):
+        return False
+    fallbacks = [row for row in _audit_rows(stack, MAIN_DAG, run_id) if row[3] == EVENT_FALLBACK]
+    if not any(task_id == SLOW_TASK for task_id, *_ in fallbacks) and states.get(SLOW_TASK) not in (
+        "success",
+        "failed",
+    ):
+        return False
+    function = service.stats()["functions"].get(FUNCTION_NAME, {})
+    if function.get("in_flight") or function.get("queued"):
+        return False
+    attributes = moto.client("sqs").get_queue_attributes(
+        QueueUrl=results_queue,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return all(int(value) == 0 for value in attributes.values())
 
 
 def run_demo(output: Path, examples: Path) -> int:
@@ -538,11 +585,17 @@ def run_demo(output: Path, examples: Path) -> int:
         try:
             runs[MAIN_DAG] = stack.trigger(MAIN_DAG)
             _step(f"triggered {MAIN_DAG}", began)
-            # Its failing task would take one of the function's slots from tasks the main DAG expects on Lambda:
-            # run it once the burst is over (while too_slow's fallback still runs on Local).
-            _wait_for_tasks_done(stack, MAIN_DAG, runs[MAIN_DAG], BURST_TASK, RUN_TIMEOUT_S)
+            # The failing task must find a free Lambda slot without taking one from the tasks the main DAG
+            # expects on Lambda: run it once those are done with Lambda, while too_slow runs on Local.
+            wait_until(
+                lambda: _lambda_work_done(stack, runs[MAIN_DAG], service, moto, results_queue),
+                RUN_TIMEOUT_S,
+                f"{MAIN_DAG}'s first Lambda runs to end",
+                interval=0.5,
+            )
+            time.sleep(ROUTER_SYNC_S)
             runs[FAILURE_DAG] = stack.trigger(FAILURE_DAG)
-            _step(f"burst finished; triggered {FAILURE_DAG}", began)
+            _step(f"Lambda idle; triggered {FAILURE_DAG}", began)
             for dag_id, run_id in runs.items():
                 state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
                 _step(f"{dag_id} finished: {state}", began)

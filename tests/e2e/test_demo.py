@@ -220,6 +220,7 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     elapsed = time.monotonic() - started
+    print(out)  # shown by pytest when an assertion below fails
     home = output / "airflow-home"
     assert proc.returncode == 0, out[-6000:]
     assert "Total time:" in out and "airflow hybrid-router explain" in out
@@ -320,3 +321,26 @@ def test_observe_reads_the_route_of_each_try_from_the_audit_rows():
     ]
     assert (seen.external_executor_id, seen.queued_to_running_s, seen.run_s) == ("local", 0.25, 32.0)
     assert "run_id=manual__2026-01-01T00%3A00%3A00%2B00%3A00" in airflow.queries[0]
+
+
+def _run(start: int, end: int, executors=(LAMBDA,)) -> Observed:
+    stamp = "2026-01-01T00:00:{:02d}Z".format
+    return replace(_as_expected()[0], executors=list(executors), start_date=stamp(start), end_date=stamp(end))
+
+
+def test_max_concurrent_counts_overlapping_runs_only():
+    assert demo.max_concurrent([_run(0, 10), _run(5, 15), _run(9, 12), _run(10, 20)]) == 3
+    assert demo.max_concurrent([_run(0, 5), _run(5, 10)]) == 1  # back to back
+    assert demo.max_concurrent([]) == 0
+
+
+def test_check_reports_more_lambda_runs_at_once_than_the_reserved_concurrency():
+    observed = _as_expected()
+    lambda_only = [i for i, o in enumerate(observed) if o.executors == [LAMBDA]][:4]
+    for n, i in enumerate(lambda_only):
+        observed[i] = replace(
+            observed[i], start_date=f"2026-01-01T00:00:0{n}Z", end_date="2026-01-01T00:00:30Z"
+        )
+    assert "4 tasks ran on Lambda at once, more than its reserved concurrency 3" in _problems(observed)
+    observed[lambda_only[0]] = replace(observed[lambda_only[0]], end_date="2026-01-01T00:00:01Z")
+    assert _problems(observed) == []
