@@ -41,6 +41,7 @@ from hybrid_router.devstack import (
     free_port,
     wait_until,
 )
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.router.audit import AUDIT_OWNER, EVENT_FALLBACK, EVENT_ROUTED
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
@@ -474,32 +475,61 @@ def _step(message: str, since: float) -> None:
 
 
 def _lambda_work_done(
-    stack: AirflowStack, run_id: str, service: Any, moto: MotoServer, results_queue: str
+    stack: AirflowStack, run_id: str, service: LocalLambdaService, sqs: Any, results_queue: str
 ) -> bool:
     """True once the main DAG's tasks before the burst are off Lambda and the router has every result.
 
-    Off Lambda: short_task and pinned_task ended, too_slow timed out (its fallback is recorded). The function then
-    runs nothing, and the results queue is empty, so the Lambda executor has read every result: the router frees a
-    slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
+    Off Lambda: short_task, pinned_task and memory_hog ended, too_slow timed out (its fallback is recorded). The
+    function then runs nothing, and the results queue is empty, so the Lambda executor has read every result: the
+    router frees a slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
     """
     stack._all_alive()  # a dead scheduler or API server fails at once, with the tail of its log
-    states = {ti["task_id"]: ti["state"] for ti in stack.task_instances(MAIN_DAG, run_id)}
-    if any(states.get(task) not in ("success", "failed") for task in LAMBDA_FIRST_TASKS):
+    ended = {
+        ti["task_id"] for ti in stack.task_instances(MAIN_DAG, run_id) if ti["state"] in ("success", "failed")
+    }
+    if not ended.issuperset(LAMBDA_FIRST_TASKS):
         return False
-    fallbacks = [row for row in _audit_rows(stack, MAIN_DAG, run_id) if row[3] == EVENT_FALLBACK]
-    if not any(task_id == SLOW_TASK for task_id, *_ in fallbacks) and states.get(SLOW_TASK) not in (
-        "success",
-        "failed",
-    ):
-        return False
+    slow_moved_on = SLOW_TASK in ended or any(
+        task_id == SLOW_TASK and event == EVENT_FALLBACK
+        for task_id, _, _, event, _ in _audit_rows(stack, MAIN_DAG, run_id)
+    )
     function = service.stats()["functions"].get(FUNCTION_NAME, {})
-    if function.get("in_flight") or function.get("queued"):
+    if not slow_moved_on or function.get("in_flight") or function.get("queued"):
         return False
-    attributes = moto.client("sqs").get_queue_attributes(
+    attributes = sqs.get_queue_attributes(
         QueueUrl=results_queue,
         AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
     )["Attributes"]
     return all(int(value) == 0 for value in attributes.values())
+
+
+def _run_dags(
+    stack: AirflowStack, service: LocalLambdaService, sqs: Any, results_queue: str, began: float
+) -> tuple[dict[str, str], str | None]:
+    """Trigger the demo DAGs and wait for their runs; returns the run ids and why waiting stopped early, if it did."""
+    runs: dict[str, str] = {}
+    try:
+        runs[MAIN_DAG] = stack.trigger(MAIN_DAG)
+        _step(f"triggered {MAIN_DAG}", began)
+        # The failing task must find a free Lambda slot without taking one from the tasks the main DAG expects on
+        # Lambda: run it once those are done with Lambda, while too_slow runs on Local.
+        wait_until(
+            lambda: _lambda_work_done(stack, runs[MAIN_DAG], service, sqs, results_queue),
+            RUN_TIMEOUT_S,
+            f"{MAIN_DAG}'s first Lambda runs to end",
+            interval=0.5,
+        )
+        time.sleep(ROUTER_SYNC_S)
+        runs[FAILURE_DAG] = stack.trigger(FAILURE_DAG)
+        _step(f"Lambda idle; triggered {FAILURE_DAG}", began)
+        for dag_id, run_id in runs.items():
+            state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
+            _step(f"{dag_id} finished: {state}", began)
+    except StackError as error:
+        # Report what did happen (and stop everything) rather than only a traceback.
+        _step(f"gave up waiting: {error}", began)
+        return runs, str(error)
+    return runs, None
 
 
 def run_demo(output: Path, examples: Path) -> int:
@@ -523,8 +553,6 @@ def run_demo(output: Path, examples: Path) -> int:
     lambda_logs = home / "lambda-logs"
     timings: dict[str, float] = {}
     with ExitStack() as cleanup:
-        from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
-
         moto = MotoServer(log_dir=home / "process-logs")
         cleanup.callback(moto.stop)
         moto.start()
@@ -580,29 +608,7 @@ def run_demo(output: Path, examples: Path) -> int:
         timings["stack_ready"] = round(time.monotonic() - began, 1)
         _step(f"Airflow API server at {stack.api_url} (executor {ROUTER}); logs in {stack.log_dir}", began)
 
-        runs: dict[str, str] = {}
-        waiting_problem = None
-        try:
-            runs[MAIN_DAG] = stack.trigger(MAIN_DAG)
-            _step(f"triggered {MAIN_DAG}", began)
-            # The failing task must find a free Lambda slot without taking one from the tasks the main DAG
-            # expects on Lambda: run it once those are done with Lambda, while too_slow runs on Local.
-            wait_until(
-                lambda: _lambda_work_done(stack, runs[MAIN_DAG], service, moto, results_queue),
-                RUN_TIMEOUT_S,
-                f"{MAIN_DAG}'s first Lambda runs to end",
-                interval=0.5,
-            )
-            time.sleep(ROUTER_SYNC_S)
-            runs[FAILURE_DAG] = stack.trigger(FAILURE_DAG)
-            _step(f"Lambda idle; triggered {FAILURE_DAG}", began)
-            for dag_id, run_id in runs.items():
-                state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
-                _step(f"{dag_id} finished: {state}", began)
-        except StackError as error:
-            # Report what did happen (and stop everything) rather than only a traceback.
-            waiting_problem = str(error)
-            _step(f"gave up waiting: {error}", began)
+        runs, waiting_problem = _run_dags(stack, service, moto.client("sqs"), results_queue, began)
         timings["runs_done"] = round(time.monotonic() - began, 1)
         observed, run_states = observe(stack, runs)
         _step("stopping every process the demo started", began)
