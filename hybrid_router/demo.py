@@ -82,7 +82,12 @@ class Expected:
 EXPECTED: tuple[Expected, ...] = (
     Expected(MAIN_DAG, "short_task", ((LAMBDA,),), "success", "short and small", why="short -> Lambda"),
     Expected(
-        MAIN_DAG, "long_task", ((LOCAL,),), "success", "everything else", why="execution_timeout 40m -> Local"
+        MAIN_DAG,
+        "long_task",
+        ((LOCAL,),),
+        "success",
+        "everything else",
+        why="expected 40m (its execution_timeout, repeated as a hint) -> Local",
     ),
     Expected(
         MAIN_DAG, "pinned_task", ((LAMBDA,),), "success", "pinned to lambda by queue", why='queue="lambda"'
