@@ -8,8 +8,10 @@ What one invocation does:
 1. open the signed event; a malformed or forged event is logged (scrubbed) and nothing runs;
 2. an event delivered after its ``not_after`` (late or duplicated delivery) reports ``EVENT_EXPIRED`` and does
    not run, so a task that moved to another executor is never taken back by an old event;
-3. report ``STARTED``, then run the workload as Airflow's workers do, in a child process in its own process
-   group, its output streamed to the function's log;
+3. report ``STARTED``, then run the workload as Airflow's LocalExecutor workers do: in a child forked from this
+   process, in its own process group, its output streamed to the function's log. Airflow's task-running code is
+   imported once per sandbox, on first use, so warm invocations skip the seconds a new Python process needs to
+   import it (see "Starting the workload" below);
 4. watch the invocation's own deadline: shortly before Lambda would kill the sandbox, stop the child's group
    and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ;
 5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED`` and the return code.
@@ -17,15 +19,26 @@ What one invocation does:
 A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
 the event reaches the DLQ: the executor then learns about the run from there.
 
+Starting the workload: the first invocation in a sandbox imports Airflow's workload runner in a background
+thread (the deadline watch runs meanwhile), then every workload runs in a forked child that parses the workload,
+initialises Airflow's logging and ORM settings as ``execute_workload`` does, calls ``BaseExecutor.run_workload``
+and leaves with its return code. If fork is unavailable, the import fails, or ``HYBRID_ROUTER_FORK_WORKLOADS`` is
+``false``, the workload runs as ``python -m airflow.sdk.execution_time.execute_workload`` in a new process
+instead (logged once per sandbox). A replaced ``build_workload_command`` (a custom command) always runs as a
+new process.
+
 Environment:
 - ``HYBRID_ROUTER_SIGNING_SECRET`` (required): the HMAC secret shared with the executor.
 - ``HYBRID_ROUTER_DEADLINE_MARGIN_S`` (optional): seconds before the hard deadline at which the workload is
   stopped; default ``min(5, 10% of the time remaining when the invocation starts)``.
+- ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new Python
+  process (slower; for comparison or a runtime where fork misbehaves).
 - ``AWS_ENDPOINT_URL_SQS`` and the usual AWS variables are read by boto3 itself.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -48,6 +61,7 @@ log.setLevel(logging.INFO)
 
 SECRET_ENV = "HYBRID_ROUTER_SIGNING_SECRET"
 MARGIN_ENV = "HYBRID_ROUTER_DEADLINE_MARGIN_S"
+FORK_ENV = "HYBRID_ROUTER_FORK_WORKLOADS"
 DEFAULT_MAX_MARGIN_S = 5.0
 DEFAULT_MARGIN_FRACTION = 0.10
 # Between SIGTERM and SIGKILL at most: Airflow's task runner needs a moment to report its state on SIGTERM.
@@ -109,11 +123,19 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         )
         return {"status": Outcome.EVENT_EXPIRED.value}
 
+    # Settings are checked before STARTED: a misconfigured function fails the invocation, not the task.
     margin_s = deadline_margin_s(context.get_remaining_time_in_millis() / 1000.0)
+    fork = fork_wanted()
     reporter.send(Phase.STARTED, started_at=started_at)
     log.info("Running %s (dispatch %s)", _task_label(invoke), invoke.dispatch_id)
-    run = run_workload(invoke.workload, context, margin_s)
-    if run.timed_out:
+    run = run_workload(invoke.workload, context, margin_s, fork=fork)
+    if run.timed_out and not run.started:
+        outcome = Outcome.TIMEOUT
+        detail = (
+            f"the deadline ({run.margin_s:.1f}s before Lambda's) came after {run.duration_s:.1f}s while the "
+            "handler was still importing Airflow's task runner: the task did not start"
+        )
+    elif run.timed_out:
         outcome = Outcome.TIMEOUT
         detail = (
             f"stopped by the handler {run.margin_s:.1f}s before the Lambda deadline after "
@@ -146,36 +168,70 @@ def deadline_margin_s(remaining_s: float, environ: Mapping[str, str] | None = No
     return min(DEFAULT_MAX_MARGIN_S, DEFAULT_MARGIN_FRACTION * max(remaining_s, 0.0))
 
 
-def build_workload_command(workload_path: str) -> list[str]:
+def airflow_workload_command(workload_path: str) -> list[str]:
     """The command Airflow's workers run for one workload (the provider's Lambda image does the same)."""
     return [sys.executable, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", workload_path]
 
 
+# Replaceable: a different command (tests, custom images) runs as a new process and turns the fork path off.
+build_workload_command = airflow_workload_command
+
+
 @dataclass(frozen=True)
 class WorkloadRun:
-    """How the workload's child process ended."""
+    """How the workload's child process ended. ``return_code`` is None when no child was started."""
 
-    return_code: int
+    return_code: int | None
     timed_out: bool
     duration_s: float
     margin_s: float
+    started: bool = True
 
 
-def run_workload(workload: str, context: LambdaContext, margin_s: float) -> WorkloadRun:
-    """Run the workload in its own process group; stop it when the invocation's deadline is near."""
-    # The workload holds the execution-API token: pass it in a private file, never on the command line
-    # (visible in /proc to anyone on the host) and never through the log.
-    workdir = tempfile.mkdtemp(prefix="hybrid-router-")
+def run_workload(
+    workload: str, context: LambdaContext, margin_s: float, *, fork: bool | None = None
+) -> WorkloadRun:
+    """Run the workload in its own process group; stop it when the invocation's deadline is near.
+
+    ``fork``: start it in a child forked from this process (default: ``fork_wanted()``).
+    """
     begin = time.monotonic()
+
+    def deadline_near() -> bool:
+        return context.get_remaining_time_in_millis() / 1000.0 <= margin_s
+
+    runner = None
+    if fork is None:
+        fork = fork_wanted()
+    if fork and build_workload_command is airflow_workload_command:
+        runner = _TASK_RUNNER.get(deadline_near)
+        if runner is None and not _TASK_RUNNER.settled:
+            # The deadline came while Airflow was still being imported: nothing ran, nothing to stop.
+            return WorkloadRun(None, True, time.monotonic() - begin, margin_s, started=False)
+    workdir = None
     try:
-        path = os.path.join(workdir, "workload.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(workload)
-        tree = WorkloadTree(build_workload_command(path))
+        if runner is not None:
+            tree = WorkloadTree(ForkedWorkload(runner, workload))
+        else:
+            # The workload holds the execution-API token: pass it in a private file, never on the command
+            # line (visible in /proc to anyone on the host) and never through the log.
+            workdir = tempfile.mkdtemp(prefix="hybrid-router-")
+            path = os.path.join(workdir, "workload.json")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(workload)
+            tree = WorkloadTree(
+                subprocess.Popen(
+                    build_workload_command(path),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         timed_out = False
         while tree.running():
-            if context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
+            if deadline_near():
                 timed_out = True
                 # Half the margin for the task to react to SIGTERM; the other half to report the timeout.
                 tree.stop(grace_s=min(TERMINATE_GRACE_S, margin_s / 2))
@@ -184,7 +240,178 @@ def run_workload(workload: str, context: LambdaContext, margin_s: float) -> Work
         return_code = tree.finish()
         return WorkloadRun(return_code, timed_out, time.monotonic() - begin, margin_s)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def fork_wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether workloads start in a forked child (``HYBRID_ROUTER_FORK_WORKLOADS``, default true)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(FORK_ENV, "true").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return hasattr(os, "fork")
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise HandlerConfigError(f"{FORK_ENV}={raw!r}: expected true or false")
+
+
+class AirflowTaskRunner:
+    """Airflow's workload runner, imported into this (sandbox) process; ``run`` is called in forked children."""
+
+    def __init__(self) -> None:
+        # Everything a forked child calls is imported here, once, so that no child pays for it.
+        from airflow.executors import workloads
+        from airflow.executors.base_executor import BaseExecutor
+        from airflow.sdk.execution_time import supervisor  # noqa: F401
+        from airflow.sdk.log import configure_logging
+        from airflow.settings import dispose_orm
+        from pydantic import TypeAdapter
+
+        self._decoder = TypeAdapter(workloads.All)
+        self._base_executor = BaseExecutor
+        self._configure_logging = configure_logging
+        self._dispose_orm = dispose_orm
+
+    def run(self, workload_json: str) -> int:
+        """In the forked child: what ``execute_workload``'s entry point does, returning the exit code."""
+        try:
+            workload = self._decoder.validate_json(workload_json)
+        except Exception as exc:
+            # Written to the child's output, which the handler scrubs of tokens on its way to the log.
+            print(f"Failed to parse the workload: {exc}", file=sys.stderr, flush=True)
+            return 1
+        # The parent's engine and logging were set up for the sandbox: a task process sets up its own, as a
+        # new `execute_workload` process would (its connections must not be shared with the parent's).
+        self._dispose_orm(do_log=False)
+        self._configure_logging(output=sys.stdout.buffer, json_output=True)
+        _wake_supervisor_on_child_exit()
+        return int(self._base_executor.run_workload(workload, subprocess_logs_to_stdout=True))
+
+
+def _wake_supervisor_on_child_exit() -> None:
+    """Make Airflow's supervisor (this forked child) notice at once when its task process exits.
+
+    The supervisor learns of the exit in its select loop, which waits for socket activity for up to
+    ``[workers] min_heartbeat_interval`` (5 s). The task process's sockets close (EOF) a moment before it
+    becomes reapable; when the supervisor handles those EOFs inside that moment, nothing is left to wake
+    its select and it sleeps the whole 5 s: measured on about half of all runs, each holding the sandbox
+    (billed time and a concurrency slot) 5 s after the task's state was reported. SIGCHLD comes after the
+    exit, so its wake-up (a self-pipe added to the selector) always finds the process reapable.
+
+    The supervisor builds its selector with ``selectors.DefaultSelector`` (an attrs default bound at import),
+    so that class's ``select`` is wrapped, in this child only; its task process forks with SIGCHLD's default
+    disposition back and the wrapper turned off.
+    """
+    import selectors
+
+    global _wake_fd
+    selector_class = selectors.DefaultSelector
+    if getattr(selector_class.select, "_wakes_on_sigchld", False):
+        return
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wake-up fd is written for handled signals
+    _wake_fd = wake_read
+    original_select = selector_class.select
+
+    def select(self: Any, timeout: float | None = None) -> list[Any]:
+        wake = _wake_fd
+        if wake is None:
+            return original_select(self, timeout)
+        try:
+            self.get_key(wake)
+        except KeyError:
+            self.register(wake, selectors.EVENT_READ)
+        events = []
+        for key, mask in original_select(self, timeout):
+            if key.fd != wake:
+                events.append((key, mask))
+                continue
+            try:
+                while os.read(wake, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        return events
+
+    select._wakes_on_sigchld = True  # type: ignore[attr-defined]
+    selector_class.select = select  # type: ignore[method-assign]
+
+    def in_task_process() -> None:
+        global _wake_fd
+        _wake_fd = None
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.close(wake_read)
+        os.close(wake_write)
+
+    os.register_at_fork(after_in_child=in_task_process)
+
+
+_wake_fd: int | None = None
+
+
+class TaskRunnerLoader:
+    """Imports Airflow's workload runner once per sandbox, in a thread, so the deadline stays watched.
+
+    A failed import is logged once, and every later invocation in the sandbox uses a new process instead.
+    """
+
+    def __init__(self, factory: Any = AirflowTaskRunner):
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self.runner: Any = None
+        self.load_s: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        """True once the import finished, whether or not it worked."""
+        return self._done.is_set()
+
+    def get(self, deadline_near: Any) -> Any:
+        """The runner, or None if it cannot be had (import failed) or ``deadline_near()`` came first."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load, name="airflow-import", daemon=True)
+                self._thread.start()
+        while not self._done.wait(POLL_INTERVAL_S):
+            if deadline_near():
+                log.warning("The deadline came while Airflow's task runner was still being imported")
+                return None
+        return self.runner
+
+    def _load(self) -> None:
+        begin = time.monotonic()
+        root = logging.getLogger()
+        saved = (list(root.handlers), root.level, log.disabled)
+        try:
+            self.runner = self._factory()
+            self.load_s = time.monotonic() - begin
+            # Shared with every forked child, copy-on-write: keep the collector from touching (and so
+            # copying) these pages in each child, as Airflow's LocalExecutor does before forking workers.
+            gc.freeze()
+            log.info(
+                "Imported Airflow's task runner in %.2fs: workloads now start in a forked process",
+                self.load_s,
+            )
+        except Exception as exc:
+            log.warning(
+                "Could not import Airflow's task runner (%s): each workload starts as a new Python process",
+                protocol.scrub(str(exc)),
+            )
+        finally:
+            # Importing Airflow configures logging for a component; this process keeps the runtime's set-up.
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            log.disabled = saved[2]
+            self._done.set()
+
+
+_TASK_RUNNER = TaskRunnerLoader()
 
 
 def _stream_output(stream: Any) -> None:
@@ -200,22 +427,103 @@ def _stream_output(stream: Any) -> None:
         stream.close()
 
 
+class ForkedWorkload:
+    """A workload run by ``runner.run`` in a child forked from this process; the part of Popen's API we use."""
+
+    def __init__(self, runner: Any, workload_json: str):
+        read_fd, write_fd = os.pipe()
+        # Whatever is buffered would otherwise be written twice, once by each process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
+            _child_main(runner, workload_json, read_fd, write_fd)
+        os.close(write_fd)
+        self.pid = pid
+        self.stdout = os.fdopen(read_fd, "rb")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1  # reaped elsewhere; should not happen
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"forked workload {self.pid}", timeout)
+            time.sleep(POLL_INTERVAL_S / 5)
+        assert self.returncode is not None
+        return self.returncode
+
+
+def _child_main(runner: Any, workload_json: str, read_fd: int, write_fd: int) -> None:  # pragma: no cover
+    """The forked child: a process of its own, as the new process of the fallback path would be."""
+    code = 70  # EX_SOFTWARE, if anything below raises
+    try:
+        os.setsid()
+        os.close(read_fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        # As Popen(close_fds=True): the runtime's control pipe and the SQS client's sockets stay the sandbox's.
+        _close_fds_from(3)
+        # The runtime may have replaced sys.stdout/stderr (a test's capture, a log shipper): the task writes
+        # to descriptors 1 and 2, as a new process would.
+        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        # The sandbox's signal dispositions are not the task's (a new Python process starts with these).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = runner.run(workload_json)
+    except BaseException:
+        try:
+            import traceback
+
+            sys.stderr.write(protocol.scrub(traceback.format_exc()))
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _close_fds_from(lowest: int) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(lowest, 65536)
+        return
+    for fd in fds:
+        if fd >= lowest:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class WorkloadTree:
     """The workload's process and everything it starts, including processes in other process groups.
 
     Airflow's supervisor puts the task runner in a process group of its own, so killing the supervisor's
     group alone would leave the task running (and able to report a state after we reported a timeout).
     The groups of all descendants are collected from /proc while the workload runs and all are killed.
+    ``child`` is a ``subprocess.Popen`` or a ``ForkedWorkload`` (both lead their own session).
     """
 
-    def __init__(self, command: list[str]):
-        self.child = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def __init__(self, child: Any):
+        self.child = child
         self.groups = {self.child.pid}
         self._next_scan = time.monotonic() + FIRST_SCAN_S
         self._pump = threading.Thread(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -254,14 +257,17 @@ def test_handler_module_imports_nothing_heavy_at_start() -> None:
         "heavy = [m for m in ('boto3', 'botocore', 'airflow', 'pydantic') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
-    import subprocess
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
 
 
-def test_the_real_workload_command_runs_airflows_task_runner(results_queue: str, moto_server: Moto) -> None:
-    """No monkeypatching: Airflow's execute_workload reads the workload file and rejects an invalid one."""
+@pytest.mark.parametrize("fork", ["true", "false"])
+def test_the_real_workload_runner_rejects_an_invalid_workload(
+    results_queue: str, moto_server: Moto, monkeypatch: pytest.MonkeyPatch, fork: str
+) -> None:
+    """No fakes: Airflow's runner (forked, or `execute_workload` in a new process) rejects the workload."""
+    monkeypatch.setenv(handler_mod.FORK_ENV, fork)
+    monkeypatch.setattr(handler_mod, "_TASK_RUNNER", handler_mod.TaskRunnerLoader())
     event = make_event(results_queue, {"not": "an ExecuteTask workload"})
 
     answer = handler_mod.handler(sealed(event), FakeContext(120))
@@ -269,3 +275,242 @@ def test_the_real_workload_command_runs_airflows_task_runner(results_queue: str,
     assert answer["status"] == "failed" and answer["return_code"] != 0
     _, finished = results(moto_server, results_queue, 2)
     assert finished.outcome is Outcome.FAILED
+    assert (handler_mod._TASK_RUNNER.runner is not None) is (fork == "true")
+
+
+# -- the fork path ---------------------------------------------------------------------------------------
+
+
+class RecordingRunner:
+    """Stands in for Airflow's runner in the forked child: records where it runs, then acts on the workload."""
+
+    imported_in: int | None = None
+
+    def __init__(self) -> None:
+        # Set in the sandbox (parent) process: a forked child sees it, a new process would not.
+        RecordingRunner.imported_in = os.getpid()
+
+    def run(self, workload_json: str) -> int:
+        spec = json.loads(workload_json)
+        grandchild = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+        )
+        record = {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "sid": os.getsid(0),
+            "imported_in": RecordingRunner.imported_in,
+            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            "grandchild": grandchild.pid,
+        }
+        with open(spec["record"], "w") as out:
+            json.dump(record, out)
+        print("forked workload output", spec.get("token", ""), flush=True)
+        time.sleep(spec.get("sleep", 0))
+        return spec.get("exit", 0)
+
+
+@pytest.fixture
+def recording_runner(monkeypatch: pytest.MonkeyPatch) -> handler_mod.TaskRunnerLoader:
+    loader = handler_mod.TaskRunnerLoader(factory=RecordingRunner)
+    monkeypatch.setattr(handler_mod, "_TASK_RUNNER", loader)
+    monkeypatch.delenv(handler_mod.FORK_ENV, raising=False)
+    return loader
+
+
+def test_workload_runs_in_a_child_forked_from_the_sandbox(
+    results_queue: str,
+    moto_server: Moto,
+    recording_runner: handler_mod.TaskRunnerLoader,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record), "token": FAKE_TOKEN, "sleep": 0.5, "exit": 4})
+
+    answer = handler_mod.handler(sealed(event), FakeContext(60))
+
+    assert answer == {"status": "failed", "return_code": 4}  # the runner's return code is the exit code
+    _, finished = results(moto_server, results_queue, 2)
+    assert finished.outcome is Outcome.FAILED and finished.return_code == 4
+    seen = json.loads(record.read_text())
+    # Forked from this process (no exec: the runner imported here is the one that ran), in its own session.
+    assert seen["ppid"] == os.getpid() != seen["pid"]
+    assert seen["imported_in"] == os.getpid()
+    assert seen["sid"] == seen["pid"]
+    assert seen["sigterm_default"]
+    # Only stdin/stdout/stderr (and the descriptor listing /proc/self/fd itself): no socket or pipe of ours.
+    assert len(seen["fds"]) <= 4 and seen["fds"][:3] == [0, 1, 2]
+    assert wait_gone(seen["grandchild"])
+    out, _ = capfd.readouterr()
+    assert "forked workload output <token>" in out
+    assert FAKE_TOKEN not in out
+
+
+def test_forked_workload_is_stopped_with_its_tree_at_the_deadline(
+    results_queue: str,
+    moto_server: Moto,
+    recording_runner: handler_mod.TaskRunnerLoader,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(handler_mod.MARGIN_ENV, "1.5")
+    recording_runner.get(lambda: False)  # imported already, as in a warm sandbox
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record), "sleep": 60})
+
+    begin = time.monotonic()
+    answer = handler_mod.handler(sealed(event), FakeContext(3.0))
+    elapsed = time.monotonic() - begin
+
+    assert answer["status"] == "timeout"
+    assert elapsed < 3.0
+    _, finished = results(moto_server, results_queue, 2)
+    assert finished.outcome is Outcome.TIMEOUT
+    seen = json.loads(record.read_text())
+    assert wait_gone(seen["pid"]) and wait_gone(seen["grandchild"])
+
+
+def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(
+    results_queue: str, moto_server: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    release = threading.Event()
+    constructed: list[str] = []
+
+    class SlowImport(RecordingRunner):
+        def __init__(self) -> None:
+            release.wait(30)
+            constructed.append("runner")
+            super().__init__()
+
+    loader = handler_mod.TaskRunnerLoader(factory=SlowImport)
+    monkeypatch.setattr(handler_mod, "_TASK_RUNNER", loader)
+    monkeypatch.setenv(handler_mod.MARGIN_ENV, "1.0")
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record)})
+    try:
+        begin = time.monotonic()
+        answer = handler_mod.handler(sealed(event), FakeContext(2.0))
+        elapsed = time.monotonic() - begin
+    finally:
+        release.set()
+
+    assert answer == {"status": "timeout", "return_code": None}
+    assert elapsed < 2.0
+    _, finished = results(moto_server, results_queue, 2)
+    assert finished.outcome is Outcome.TIMEOUT
+    assert "did not start" in finished.detail
+    assert not record.exists()
+    # The import goes on in the background: the sandbox's next invocation finds it done.
+    assert loader.get(lambda: False) is not None and constructed == ["runner"]
+
+
+def _command_used_by_both_paths(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The fake command, installed as Airflow's own, so the fork path stays eligible and its fallback is seen."""
+    calls: list[list[str]] = []
+
+    def build(path: str) -> list[str]:
+        command = [sys.executable, "-c", FAKE_WORKLOAD, path]
+        calls.append(command)
+        return command
+
+    monkeypatch.setattr(handler_mod, "airflow_workload_command", build)
+    monkeypatch.setattr(handler_mod, "build_workload_command", build)
+    return calls
+
+
+def test_failed_import_falls_back_to_a_new_process_and_says_so_once(
+    results_queue: str, moto_server: Moto, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise ImportError("No module named 'airflow'")
+
+    monkeypatch.setattr(handler_mod, "_TASK_RUNNER", handler_mod.TaskRunnerLoader(factory=broken))
+    calls = _command_used_by_both_paths(monkeypatch)
+
+    with caplog.at_level(logging.INFO, logger=handler_mod.log.name):
+        first = handler_mod.handler(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60))
+        second = handler_mod.handler(sealed(make_event(results_queue, {"exit": 2})), FakeContext(60))
+
+    assert first == {"status": "success", "return_code": 0}
+    assert second == {"status": "failed", "return_code": 2}
+    assert len(calls) == 2
+    assert caplog.text.count("Could not import Airflow's task runner") == 1
+
+
+def test_fork_can_be_turned_off(
+    results_queue: str, moto_server: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader = handler_mod.TaskRunnerLoader(factory=RecordingRunner)
+    monkeypatch.setattr(handler_mod, "_TASK_RUNNER", loader)
+    monkeypatch.setenv(handler_mod.FORK_ENV, "false")
+    calls = _command_used_by_both_paths(monkeypatch)
+
+    answer = handler_mod.handler(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60))
+
+    assert answer["status"] == "success" and len(calls) == 1
+    assert not loader.settled  # nothing imported
+
+
+def test_fork_setting_is_checked_before_anything_runs(
+    results_queue: str, moto_server: Moto, fake_workload: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert handler_mod.fork_wanted({}) is True
+    assert handler_mod.fork_wanted({handler_mod.FORK_ENV: "No"}) is False
+    monkeypatch.setenv(handler_mod.FORK_ENV, "sometimes")
+    with pytest.raises(handler_mod.HandlerConfigError, match=handler_mod.FORK_ENV):
+        handler_mod.handler(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60))
+    assert fake_workload == []
+    assert moto_server.receive_all(results_queue, 1, timeout=1) == []  # not even STARTED
+
+
+# Run in a new interpreter: the wake-up installs a signal handler and a fork hook for the whole process.
+WAKE_PROBE = r"""
+import os, selectors, signal, socket, sys, time
+import attrs
+from hybrid_router.lambda_exec import handler
+from airflow.sdk.execution_time import supervisor
+
+if sys.argv[1] == "wake":
+    handler._wake_supervisor_on_child_exit()
+ours, theirs = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    # As Airflow's task process: its sockets close, and only then does it become reapable.
+    ours.close()
+    child_sigchld_default = signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    theirs.close()
+    time.sleep(0.3)
+    os._exit(0 if child_sigchld_default else 3)
+theirs.close()
+# Made as Airflow's supervisor makes it: the attrs default of its `selector` field.
+selector = attrs.fields(supervisor.WatchedSubprocess).selector.default.factory()
+selector.register(ours, selectors.EVENT_READ)
+begin = time.monotonic()
+code = None
+# Airflow's supervisor loop, reduced: handle EOF, check for exit, wait up to its heartbeat interval again.
+while code is None:
+    for key, _ in selector.select(timeout=5):
+        if not key.fileobj.recv(1):
+            selector.unregister(key.fileobj)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+print(f"{time.monotonic() - begin:.2f} {code}")
+"""
+
+
+@pytest.mark.parametrize("mode", ["wake", "plain"])
+def test_supervisor_notices_its_task_process_exit_at_once(mode: str, tmp_path: Path) -> None:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    probe = subprocess.run(
+        [sys.executable, "-c", WAKE_PROBE, mode], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    waited, code = probe.stdout.split()
+    assert code == "0"  # the task process had SIGCHLD's default disposition back
+    if mode == "wake":
+        assert float(waited) < 1.5
+    else:  # the race this guards against: without the wake-up, the loop sleeps its whole select timeout
+        assert float(waited) >= 4.9
