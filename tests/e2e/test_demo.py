@@ -344,3 +344,28 @@ def test_check_reports_more_lambda_runs_at_once_than_the_reserved_concurrency():
     assert "4 tasks ran on Lambda at once, more than its reserved concurrency 3" in _problems(observed)
     observed[lambda_only[0]] = replace(observed[lambda_only[0]], end_date="2026-01-01T00:00:01Z")
     assert _problems(observed) == []
+
+
+def test_demo_policy_is_valid_without_warnings_and_routes_the_demo_tasks_as_declared():
+    from hybrid_router.router.policy import load_policy, resolve_facts
+
+    policy = load_policy(REPO / "examples" / "policy.yaml")
+    assert [str(w) for w in policy.warnings] == []
+    assert set(policy.executors) == {LAMBDA, LOCAL}
+
+    def route(**facts) -> tuple[str, str]:
+        decision = policy.decide(resolve_facts(dag_id=MAIN_DAG, **facts))
+        return decision.executor, decision.rule
+
+    # The facts the router resolves for each demo task (the DAG's hints), against the declared rule and first stop.
+    declared = {e.task_id: (e.paths[0][0], e.rule) for e in EXPECTED}
+    assert route(task_id="short_task") == declared["short_task"]
+    assert route(task_id="pinned_task", queue="lambda") == declared["pinned_task"]
+    assert (
+        route(task_id="long_task", executor_config={"hybrid_router": {"expected_duration": "40m"}})
+        == (declared["long_task"])
+    )
+    assert (
+        route(task_id="too_slow", executor_config={"hybrid_router": {"expected_duration": "1m"}})
+        == (declared["too_slow"])
+    )
