@@ -76,7 +76,8 @@ def use_executor(stack: AirflowStack, executor: str, core_parallelism: int) -> N
             stack.sql("SELECT count(*) FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'")
             == [(0,)]
         ),
-        60,
+        # LocalExecutor's end() waits for its workers' supervisors, which can take a while on a loaded machine.
+        180,
         "the previous scheduler to stop",
     )
     stack.env["AIRFLOW__CORE__EXECUTOR"] = executor
