@@ -9,7 +9,19 @@ AWS API calls are counted on the executor's side only, with a ``before-call.*.*`
 created while the executor runs (the provider rebuilds its clients after a failed health check), from the
 executor's construction to its ``end()``.
 
-    python benchmarks/lambda_dispatch.py [--tasks 200] [--heartbeat 0.5]
+The local service's account concurrency defaults to this machine's CPU count (both functions share it): each
+sandbox is a process on the same CPUs as moto and the executors, so more sandboxes only add cold starts (a boto3
+import each) that compete with the runs; measured on 2 cores, 200 tasks took 4.5 s at 2, 5.0 s at 4, 6.5 s at 8,
+8.2 s at 16 and 10 s at 32.
+
+Two reference figures bound what any executor can reach here:
+- the local service alone: warm no-op events (no SQS) per second, at the same concurrency
+  (``local_lambda_rate.py``);
+- moto's SQS alone: the SQS work of our executor's run without Lambda or executor (``--tasks`` x 2 messages sent
+  one by one from as many threads as sandboxes, received and deleted in batches of ten by one reader); its time
+  is a floor for our wall time, and provider wall time / floor the highest speedup this machine allows.
+
+    python benchmarks/lambda_dispatch.py [--tasks 200] [--heartbeat 0.5] [--lambda-concurrency N]
 
 The last line is JSON with ``speedup_vs_provider`` (provider wall time / ours) and ``api_calls_per_task`` (ours).
 Targets: speedup >= 10, calls per task <= 1.5.
@@ -83,6 +95,8 @@ class InstantLambda:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the local service: boto3 reuses its connections
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -107,7 +121,12 @@ class InstantLambda:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            # The default backlog (5) resets connections under a burst of invokes from an executor's thread pool.
+            request_queue_size = 256
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._threads = [
             threading.Thread(target=self._server.serve_forever, daemon=True),
@@ -174,6 +193,73 @@ class InstantLambda:
                 self._sqs.send_message_batch(
                     QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies)]
                 )
+
+
+# -- reference figures ---------------------------------------------------------------------------------------------
+
+
+def sqs_floor(moto_url: str, messages: int, senders: int) -> dict[str, Any]:
+    """Time moto's SQS takes for ``messages`` results: sent one by one (as handlers send them) from ``senders``
+    processes (as sandboxes are) while one reader receives and deletes them in batches of ten (as the executor's
+    reader does). Client start-up is not timed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    reader = _sqs_client(moto_url)
+    url = reader.create_queue(QueueName=f"floor-{uuid.uuid4().hex[:6]}")["QueueUrl"]
+    ready, go = ctx.Barrier(senders + 1), ctx.Event()
+    counts = [messages // senders + (1 if i < messages % senders else 0) for i in range(senders)]
+    procs = [ctx.Process(target=_send_results, args=(moto_url, url, n, ready, go)) for n in counts]
+    for proc in procs:
+        proc.start()
+    try:
+        ready.wait(timeout=120)
+        begin = time.perf_counter()
+        go.set()
+        received = 0
+        while received < messages and time.perf_counter() - begin < 300:
+            got = reader.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
+                "Messages"
+            )
+            if not got:
+                continue
+            reader.delete_message_batch(
+                QueueUrl=url,
+                Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)],
+            )
+            received += len(got)
+        wall = time.perf_counter() - begin
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return {"messages": received, "wall_s": round(wall, 2), "messages_per_s": round(received / wall, 1)}
+
+
+def _send_results(moto_url: str, queue_url: str, count: int, ready: Any, go: Any) -> None:
+    client = _sqs_client(moto_url)
+    body = "x" * 600  # about the size of a signed result message
+    ready.wait()
+    go.wait()
+    for _ in range(count):
+        client.send_message(QueueUrl=queue_url, MessageBody=body)
+
+
+def _sqs_client(url: str) -> Any:
+    import boto3
+
+    from hybrid_router.devstack import FAKE_AWS_ENV
+
+    return boto3.client("sqs", endpoint_url=url, region_name=FAKE_AWS_ENV["AWS_DEFAULT_REGION"])
+
+
+def service_alone_rate(concurrency: int, events: int) -> dict[str, Any]:
+    """Warm no-op events per second of the local service alone (no SQS, no executor), at ``concurrency``."""
+    sys.path.insert(0, str(HERE))
+    from local_lambda_rate import run
+
+    return run(events=events, concurrency=concurrency, clients=4, sync_calls=20)
 
 
 # -- workloads -----------------------------------------------------------------------------------------------------
@@ -329,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lambda-concurrency",
         type=int,
-        default=32,
-        help="the local service's account concurrency (both functions)",
+        default=os.cpu_count() or 2,
+        help="the local service's account concurrency (both functions; default: the CPU count)",
     )
     args = parser.parse_args(argv)
 
@@ -378,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         ) as service:
             local = compare(service.url, moto.url, queues, args)
             invocations = service.stats()["functions"]["bench-hybrid"].get("invocations", 0)
-        service_rate = round(invocations / local["ours"]["wall_s"], 1)
+        # Invocations the service ran per second of our run: bounded by the run, not a capacity of the service.
+        service_rate_in_run = round(invocations / local["ours"]["wall_s"], 1)
+        floor = sqs_floor(moto.url, 2 * args.tasks, args.lambda_concurrency)
 
         # 2. An instant endpoint: what the executors themselves sustain once Lambda is not the bottleneck.
         queues = fresh_queues()
@@ -386,10 +474,21 @@ def main(argv: list[str] | None = None) -> int:
         with InstantLambda(moto.client("sqs"), results_urls) as instant:
             fast = compare(instant.url, moto.url, queues, args)
 
+    alone = service_alone_rate(args.lambda_concurrency, events=max(args.tasks, 100))
     local_speedup = report(
         f"local Lambda service ({args.tasks} no-op tasks, heartbeat {args.heartbeat}s)", local
     )
-    print(f"local Lambda service ran {service_rate} no-op invocations/s during our run (results sent to SQS)")
+    print(
+        f"local Lambda service: {service_rate_in_run} invocations/s during our run (each sends 2 results to SQS);"
+        f" alone (no SQS, warm, concurrency {args.lambda_concurrency}): {alone['noop_invocations_per_s']} no-op"
+        f" invocations/s, cold start {alone['cold_start_ms']} ms"
+    )
+    floor_speedup = round(local["provider"]["wall_s"] / floor["wall_s"], 2)
+    print(
+        f"moto SQS alone: {floor['messages']} result messages sent one by one, received and deleted in"
+        f" {floor['wall_s']} s = {floor['messages_per_s']} msg/s: a floor for our run (2 messages per task), so"
+        f" at most {floor_speedup}x the provider's {local['provider']['wall_s']} s on this machine"
+    )
     instant_speedup = report("instant Lambda endpoint (executor-bound)", fast)
     print(
         json.dumps(
@@ -399,7 +498,13 @@ def main(argv: list[str] | None = None) -> int:
                 "provider_api_calls_per_task": local["provider"]["api_calls_per_task"],
                 "ours_tasks_per_s": local["ours"]["tasks_per_s"],
                 "provider_tasks_per_s": local["provider"]["tasks_per_s"],
-                "local_service_noop_invocations_per_s": service_rate,
+                "local_service_noop_invocations_per_s": alone["noop_invocations_per_s"],
+                "local_service_invocations_per_s_in_run": service_rate_in_run,
+                "local_service_cold_start_ms": alone["cold_start_ms"],
+                "moto_sqs_floor_s": floor["wall_s"],
+                "moto_sqs_messages_per_s": floor["messages_per_s"],
+                "max_speedup_allowed_by_moto_sqs": floor_speedup,
+                "lambda_concurrency": args.lambda_concurrency,
                 "instant_endpoint_speedup_vs_provider": instant_speedup,
                 "instant_endpoint_api_calls_per_task": fast["ours"]["api_calls_per_task"],
                 "instant_endpoint_ours_tasks_per_s": fast["ours"]["tasks_per_s"],

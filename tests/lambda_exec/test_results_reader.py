@@ -1,0 +1,84 @@
+"""QueueReader batching: results that trickle in are gathered into fuller receives; a backlog is read at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from hybrid_router.lambda_exec.results import Disposition, QueueReader
+
+from .fakes import FakeSqs
+
+QUEUE = "http://sqs.local/123456789012/results"
+
+
+class CountingSqs(FakeSqs):
+    """Counts the receives that returned messages, and how many each returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+        answer = super().receive_message(**kwargs)
+        if answer.get("Messages"):
+            self.batches.append(len(answer["Messages"]))
+        return answer
+
+
+def _read(sqs: CountingSqs, expected: int, gather_s: float, trickle_s: float | None) -> float:
+    """Run a reader until it delivered ``expected`` messages; with ``trickle_s`` they arrive one at a time."""
+    delivered: list[str] = []
+    done = threading.Event()
+
+    def sort(message: Any) -> Disposition:
+        delivered.append(message.message_id)
+        if len(delivered) == expected:
+            done.set()
+        return Disposition.DELIVER
+
+    reader = QueueReader(
+        name="test-reader",
+        sqs=sqs,
+        queue_url=QUEUE,
+        sort=sort,
+        is_active=lambda: True,
+        wait_seconds=1,
+        release_visibility_s=30,
+        gather_s=gather_s,
+    )
+    if trickle_s is None:
+        for i in range(expected):
+            sqs.send(QUEUE, f"body-{i}")
+    begin = time.monotonic()
+    reader.start()
+    try:
+        if trickle_s is not None:
+            for i in range(expected):
+                sqs.send(QUEUE, f"body-{i}")
+                time.sleep(trickle_s)
+        assert done.wait(timeout=30), f"only {len(delivered)} of {expected} delivered"
+    finally:
+        reader.stop(flush=False, timeout=5)
+    assert len(set(delivered)) == expected
+    return time.monotonic() - begin
+
+
+def test_trickling_results_are_gathered_into_fuller_receives():
+    gathered, eager = CountingSqs(), CountingSqs()
+    _read(gathered, expected=40, gather_s=0.1, trickle_s=0.02)
+    _read(eager, expected=40, gather_s=0.0, trickle_s=0.02)
+    # One message every 20 ms: without a pause nearly every receive carries one message; with a 0.1 s pause
+    # after a partial batch, about five.
+    assert sum(gathered.batches) == 40
+    assert len(gathered.batches) <= 20, gathered.batches
+    assert len(gathered.batches) < len(eager.batches) / 1.5, (gathered.batches, eager.batches)
+
+
+def test_a_backlog_is_read_in_full_batches_without_pausing():
+    sqs = CountingSqs()
+    # A full batch means more may be waiting: no pause, so a long gather time must not slow the backlog down.
+    elapsed = _read(sqs, expected=100, gather_s=5.0, trickle_s=None)
+    assert sqs.batches == [10] * 10
+    assert elapsed < 4.0
