@@ -488,7 +488,7 @@ def _lambda_work_done(
     function then runs nothing, and the results queue is empty, so the Lambda executor has read every result: the
     router frees a slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
     """
-    stack._all_alive()  # a dead scheduler or API server fails at once, with the tail of its log
+    stack.check_alive()  # a dead scheduler or API server fails at once, with the tail of its log
     ended = {
         ti["task_id"] for ti in stack.task_instances(MAIN_DAG, run_id) if ti["state"] in ("success", "failed")
     }

@@ -125,19 +125,24 @@ class ManagedProcess:
             self.proc.wait(timeout=10)
 
     def stop(self, grace: float = 10.0) -> None:
+        self.terminate()
+        self.wait_and_sweep(time.monotonic() + grace)
+
+    def terminate(self) -> None:
+        """Ask the whole group to stop (SIGTERM), without waiting."""
+        if self.proc is not None and self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait_and_sweep(self, deadline: float) -> None:
+        """Wait for the leader until ``deadline``, then kill whatever is left of its group."""
         if self.proc is None:
             return
-        pgid = self.proc.pid
-        if self.proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         # The leader may be gone while workers of its group live on: always sweep the group.
         with suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         with suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         self.proc = None
@@ -278,7 +283,7 @@ class AirflowStack:
         self._start("dag-processor", ["dag-processor"])
         self.start_scheduler()
         wait_until(
-            lambda: self._all_alive() and _http_ok(f"{self.api_url}/api/v2/monitor/health"),
+            lambda: self.check_alive() and _http_ok(f"{self.api_url}/api/v2/monitor/health"),
             90,
             "the API server",
         )
@@ -302,14 +307,15 @@ class AirflowStack:
             # Sweep what is left of the group later, at stop(), as a new supervisor would.
             self._processes[f"scheduler-dead-{time.monotonic_ns()}"] = process
 
-    def stop(self) -> None:
-        for name in ("scheduler", "dag-processor", "api-server"):
-            process = self._processes.pop(name, None)
-            if process is not None:
-                process.stop()
-        for process in self._processes.values():
-            process.stop(grace=1)
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every component at once (each one's shutdown overlaps the others'), then sweep their groups."""
+        processes = list(self._processes.values())
         self._processes.clear()
+        for process in processes:
+            process.terminate()
+        deadline = time.monotonic() + grace
+        for process in processes:
+            process.wait_and_sweep(deadline)
 
     def __enter__(self) -> AirflowStack:
         try:
@@ -328,7 +334,8 @@ class AirflowStack:
         process.start()
         self._processes[name] = process
 
-    def _all_alive(self) -> bool:
+    def check_alive(self) -> bool:
+        """Raise StackError, with the tail of its log, if a component has died."""
         for name in ("api-server", "dag-processor", "scheduler"):
             process = self._processes.get(name)
             if process is not None:
@@ -357,7 +364,7 @@ class AirflowStack:
 
     def wait_dag(self, dag_id: str, timeout: float = 90) -> dict[str, Any]:
         def parsed() -> dict[str, Any] | None:
-            self._all_alive()
+            self.check_alive()
             try:
                 return self.api("GET", f"/api/v2/dags/{dag_id}")
             except StackError:
@@ -378,7 +385,7 @@ class AirflowStack:
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 120) -> str:
         def finished() -> str | None:
-            self._all_alive()
+            self.check_alive()
             state = self.dag_run(dag_id, run_id)["state"]
             return state if state in ("success", "failed") else None
 
