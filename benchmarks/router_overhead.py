@@ -12,6 +12,11 @@ its worker queue; the router counts its running tasks honestly, so it is given `
 ``--parallelism`` to measure the router with no queue at all.
 
     python benchmarks/router_overhead.py [--pairs 3] [--tasks 50] [--parallelism 8] [--router-core-parallelism 16]
+                                         [--task-seconds 0]
+
+The router frees a child's slot when it sees the child's event, at the next scheduler heartbeat; LocalExecutor's
+workers take the next task from their queue at once. With no-op tasks that gap (at most one scheduler loop per
+task) is most of what is measured; ``--task-seconds`` shows how it shrinks as tasks get longer.
 
 The last line is JSON: ``overhead_ratio`` is median(b) / median(a); the target is <= 1.10.
 """
@@ -43,6 +48,10 @@ from airflow.sdk import dag, task
 def router_overhead():
     @task
     def noop(i):
+        if {task_seconds}:
+            import time
+
+            time.sleep({task_seconds})
         return i
 
     for i in range({tasks}):
@@ -100,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--parallelism", type=int, default=8)
     parser.add_argument("--router-core-parallelism", type=int, default=None)
+    parser.add_argument(
+        "--task-seconds", type=float, default=0, help="how long each task sleeps (0: a no-op task)"
+    )
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
     router_core = args.router_core_parallelism or 2 * args.parallelism
@@ -108,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         dags = root / "dags"
         dags.mkdir()
-        (dags / "overhead.py").write_text(textwrap.dedent(DAG.format(tasks=args.tasks)))
+        (dags / "overhead.py").write_text(
+            textwrap.dedent(DAG.format(tasks=args.tasks, task_seconds=args.task_seconds))
+        )
         policy = root / "policy.yaml"
         policy.write_text(textwrap.dedent(POLICY.format(parallelism=args.parallelism)))
         stack = AirflowStack(
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bare_s": bare,
                     "router_s": routed,
                     "tasks": args.tasks,
+                    "task_seconds": args.task_seconds,
                     "parallelism": args.parallelism,
                     "router_core_parallelism": router_core,
                     "pairs": args.pairs,
