@@ -23,3 +23,8 @@ def test_lambda_dispatch_benchmark():
     assert figures["api_calls_per_task"] < figures["provider_api_calls_per_task"]
     assert figures["instant_endpoint_speedup_vs_provider"] > 1.5
     assert figures["longest_heartbeat_s"]["ours"] < figures["longest_heartbeat_s"]["provider"]
+    # The reference figures: the service alone runs no-ops far faster than the run drives it (it is not the
+    # bottleneck), and moto's SQS floor bounds the speedup any executor sending two results per task can reach.
+    assert figures["local_service_noop_invocations_per_s"] > figures["local_service_invocations_per_s_in_run"]
+    assert 0 < figures["moto_sqs_floor_one_message_per_task_s"] < figures["moto_sqs_floor_s"]
+    assert figures["speedup_vs_provider"] <= figures["max_speedup_allowed_by_moto_sqs"] * 1.2
