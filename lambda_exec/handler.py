@@ -132,8 +132,8 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
     if run.timed_out and not run.started:
         outcome = Outcome.TIMEOUT
         detail = (
-            f"the deadline ({run.margin_s:.1f}s before Lambda's) came after {run.duration_s:.1f}s while the "
-            "handler was still importing Airflow's task runner: the task did not start"
+            f"stopped by the handler {run.margin_s:.1f}s before the Lambda deadline after "
+            f"{run.duration_s:.1f}s, still importing Airflow's task runner: the task did not start"
         )
     elif run.timed_out:
         outcome = Outcome.TIMEOUT

@@ -1,10 +1,15 @@
 """End to end: a real Airflow (API server, scheduler, DAG processor on SQLite) with
 ``[core] executor = hybrid_router.lambda_exec.LambdaExecutor``, the local Lambda service running the project's
 real handler (which runs Airflow's own task runner), and moto's SQS.
+
+Two functions: ``airflow-task`` (30 s) runs most tasks; ``airflow-task-5s`` (the issue's 5 s timeout) runs the
+task that sleeps past its timeout, through a second LambdaExecutor instance (an aliased entry of Airflow's
+executor list with its own results queue) that the task names with ``executor=``.
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 import time
 from collections.abc import Iterator
@@ -23,10 +28,25 @@ from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_
 pytestmark = pytest.mark.e2e
 
 SECRET = "e2e-signing-secret"
-# Airflow's task runner needs 3-8 s to start and parse the DAG on a loaded 2-core machine, and the restart
-# test's steps must still run when the new scheduler adopts them (~12 s after the kill): 5 s leaves no room.
+# The restart test's steps must still run when the new scheduler adopts them (~12 s after the kill).
 FUNCTION_TIMEOUT_S = 30
+SHORT_FUNCTION = "airflow-task-5s"
+SHORT_TIMEOUT_S = 5
 OK_TASKS = 20
+
+# Importable by every Airflow process (PYTHONPATH): the second executor instance, bound to the 5 s function.
+# Its own results queue: on a shared one, each instance first releases the other's results (a visibility
+# timeout each), which would delay the timeout report past what the test checks.
+SHORT_EXECUTOR_MODULE = """
+from hybrid_router.lambda_exec import LambdaExecutor
+
+
+class ShortLambdaExecutor(LambdaExecutor):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("function_name", %(function)r)
+        kwargs.setdefault("results_queue_url", %(results)r)
+        super().__init__(*args, **kwargs)
+"""
 
 MAIN_DAG = """
 import time
@@ -35,9 +55,20 @@ from airflow.sdk import dag, task
 
 @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False, default_args={"retries": 0})
 def lambda_e2e():
-    @task(priority_weight=100)
+    # The first run in the 5 s function's sandbox imports Airflow's task runner (seconds on a loaded machine);
+    # this one warms it, so that the sleeper really runs, and sleeps past the timeout.
+    @task(priority_weight=100, executor="short")
+    def warm_up():
+        return "warm"
+
+    @task(priority_weight=100, executor="short", trigger_rule="all_done")
     def sleeper():
         time.sleep(120)
+
+    @task(priority_weight=100)
+    def forge_target():
+        time.sleep(8)  # running long enough for forged results to arrive
+        raise RuntimeError("the task's own failure, whatever forged results say")
 
     @task(priority_weight=100)
     def hog():
@@ -55,7 +86,8 @@ def lambda_e2e():
         print("ok task", i, "ran on Lambda")
         return i
 
-    sleeper()
+    warm_up() >> sleeper()
+    forge_target()
     hog()
     fails()
     for i in range(%(ok_tasks)d):
@@ -94,15 +126,22 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
     marker = root / "restart-marker.txt"
     (dags / "lambda_e2e.py").write_text(textwrap.dedent(MAIN_DAG % {"ok_tasks": OK_TASKS}))
     (dags / "lambda_restart.py").write_text(textwrap.dedent(RESTART_DAG % {"marker": str(marker)}))
+    modules = root / "modules"
+    modules.mkdir()
     lambda_port = free_port()
     log_dir = root / "lambda-logs"
     with MotoServer(log_dir=root) as moto:
         results = moto.create_queue("e2e-results")
         dlq = moto.create_queue("e2e-dlq")
+        short_results = moto.create_queue("e2e-results-5s")
+        (modules / "e2e_short_executor.py").write_text(
+            SHORT_EXECUTOR_MODULE % {"function": SHORT_FUNCTION, "results": short_results}
+        )
         airflow = AirflowStack(
             home=root / "airflow",
             dags_folder=dags,
-            executor="hybrid_router.lambda_exec.LambdaExecutor",
+            executor="hybrid_router.lambda_exec.LambdaExecutor,short:e2e_short_executor.ShortLambdaExecutor",
+            env={"PYTHONPATH": str(modules)},
             config={
                 "lambda_executor": {
                     "function_name": "airflow-task",
@@ -115,9 +154,6 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
                     "aws_conn_id": "",
                     "local_log_dir": str(log_dir),
                 },
-                # The task process lingers ~4 s after its final state in the sandbox; Airflow ends it after
-                # this overtime (the task's state is already recorded), so runs end well before the timeout.
-                "core": {"task_success_overtime": 1},
                 # Adopt a dead scheduler's tasks within seconds, not minutes.
                 "scheduler": {"scheduler_health_check_threshold": 5, "orphaned_tasks_check_interval": 2},
             },
@@ -131,9 +167,12 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
             maximum_retry_attempts=0,
             environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
         )
+        short_function = function.replace(
+            name=SHORT_FUNCTION, timeout_s=SHORT_TIMEOUT_S, reserved_concurrency=1
+        )
         service_env = {**airflow.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
         with LocalLambdaService(
-            functions=[function],
+            functions=[function, short_function],
             env=service_env,
             sqs_endpoint_url=moto.url,
             port=lambda_port,
@@ -142,14 +181,26 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
             try:
                 airflow.start()
                 yield SimpleNamespace(
-                    airflow=airflow, moto=moto, results=results, service=service, marker=marker
+                    airflow=airflow,
+                    moto=moto,
+                    results=results,
+                    service=service,
+                    marker=marker,
+                    log_dir=log_dir,
                 )
             finally:
                 airflow.stop()
 
 
-def _seconds(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+def _handler_start(log_dir: Path, function: str, task_label: str) -> datetime:
+    """When the handler began the invocation that ran ``task_label`` (its "Running ..." line in the function's log)."""
+    pattern = re.compile(r"\[INFO\]\t(\S+)Z\t\S+\tRunning " + re.escape(task_label) + " run=")
+    for stream in sorted((log_dir / function).glob("*.log")):
+        for line in stream.read_text(errors="replace").splitlines():
+            found = pattern.match(line)
+            if found:
+                return datetime.fromisoformat(found.group(1) + "+00:00")
+    raise AssertionError(f"no invocation of {task_label} in the logs of {function}")
 
 
 def _forge_results_for(stack: SimpleNamespace, dag_id: str, run_id: str, task_id: str) -> int:
@@ -182,11 +233,11 @@ def _forge_results_for(stack: SimpleNamespace, dag_id: str, run_id: str, task_id
 def test_lambda_dag_outcomes(stack):
     airflow = stack.airflow
     run_id = airflow.trigger("lambda_e2e")
-    _forge_results_for(stack, "lambda_e2e", run_id, "sleeper")
+    _forge_results_for(stack, "lambda_e2e", run_id, "forge_target")
     assert airflow.wait_run("lambda_e2e", run_id, timeout=150) == "failed"
     tis = {ti["task_id"]: ti for ti in airflow.task_instances("lambda_e2e", run_id)}
     assert {tis[f"ok_{i}"]["state"] for i in range(OK_TASKS)} == {"success"}
-    assert {tis[name]["state"] for name in ("fails", "sleeper", "hog")} == {"failed"}
+    assert {tis[name]["state"] for name in ("fails", "forge_target", "sleeper", "hog")} == {"failed"}
     assert all(ti["try_number"] == 1 for ti in tis.values())
     assert "ran on Lambda" in airflow.task_log("lambda_e2e", run_id, "ok_3")
 
@@ -194,16 +245,21 @@ def test_lambda_dag_outcomes(stack):
     infra = [line for line in scheduler_log.splitlines() if "lambda infrastructure failure" in line]
     assert any("task_id='sleeper'" in line and "failure: timeout" in line for line in infra), infra
     assert any("task_id='hog'" in line and "failure: out_of_memory" in line for line in infra), infra
-    assert not any(
-        "task_id='fails'" in line for line in infra
-    )  # the task's own failure is not infrastructure
-    # The forged results were dropped with a log line and did not make the sleeper succeed.
+    # The task's own failure is not infrastructure.
+    assert not any("task_id='fails'" in line or "task_id='forge_target'" in line for line in infra), infra
+    # The forged results were dropped with a log line and did not make their task succeed.
     assert scheduler_log.count("that changes no task") >= 2
     assert SECRET not in scheduler_log
 
-    # The timeout is reported within 3 s of the function's timeout.
+    # The task that sleeps past the 5 s function timeout is reported as an infrastructure timeout (by the
+    # handler's deadline watch) within 3 s of that timeout, counted from the invocation's start in the sandbox.
     sleeper = tis["sleeper"]
-    assert _seconds(sleeper["start_date"], sleeper["end_date"]) < FUNCTION_TIMEOUT_S + 3
+    assert sleeper["executor"] == "short"
+    assert sleeper["start_date"], "the sleeper never started in the 5 s function"
+    invoked = _handler_start(stack.log_dir, SHORT_FUNCTION, "lambda_e2e.sleeper")
+    recorded = datetime.fromisoformat(sleeper["end_date"])
+    assert (recorded - invoked).total_seconds() < SHORT_TIMEOUT_S + 3, (invoked, recorded)
+    assert any("task_id='sleeper'" in line and "by the handler" in line for line in infra), infra
     # Infrastructure failures are in the audit log (written by the executor itself, see _save_task_event_logs).
     events = {row[0] for row in airflow.sql("select event from log where dag_id='lambda_e2e'")}
     assert {"lambda timeout", "lambda out_of_memory"} <= events, events
