@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from hybrid_router.child_protocol import CapacityAware, InfrastructureFailure, R
 if TYPE_CHECKING:
     from airflow.executors.base_executor import BaseExecutor
     from airflow.models.taskinstancekey import TaskInstanceKey
+    from hybrid_router.router.provider_config import ProviderSection
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,17 @@ def instantiate_child(
 ) -> BaseExecutor:
     """Build one child executor. Its ``parallelism`` is the policy's ``max_concurrency`` when that is set."""
     from airflow.executors.executor_utils import ExecutorName
+    from hybrid_router.router.provider_config import provider_section, with_options
 
     cls = resolve_executor_class(name, class_path)
     accepted, open_ended = _accepted_kwargs(cls)
+    section = provider_section(cls) if options else None
+    if section is not None:
+        # The class reads its settings from a provider config section, not from its constructor: the options
+        # become that child's own values of the section (see provider_config.py).
+        _check_section_keys(name, section, options)
+        cls = with_options(cls, section.name, options)
+        options = {}
     unknown = sorted(set(options) - accepted)
     if unknown and not open_ended:
         raise ChildConfigError(
@@ -96,6 +106,18 @@ def instantiate_child(
         raise ChildConfigError(f"executors.{name}: {cls.__name__}({kwargs}) failed: {err}") from err
     executor.name = ExecutorName(module_path=f"{cls.__module__}.{cls.__qualname__}", alias=name)
     return executor
+
+
+def _check_section_keys(name: str, section: ProviderSection, options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key in section.keys:
+            continue
+        close = difflib.get_close_matches(key, section.keys, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ChildConfigError(
+            f"executors.{name}.options.{key}: not a key of [{section.name}] (known: "
+            f"{', '.join(sorted(section.keys))}){hint}"
+        )
 
 
 @dataclass

@@ -285,12 +285,6 @@ def test_ecs_option_the_executor_does_not_know_is_refused_at_start(
         router.start()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ChildConfigError,
-    reason="The router hands policy options to the child's constructor; AwsEcsExecutor (provider 9.39) takes "
-    "none and reads [aws_ecs_executor] from Airflow's config, so two ECS children cannot differ",
-)
 def test_ecs_options_in_the_policy_configure_that_child(
     ecs_account: EcsAccount, tmp_path: Path, audit_rows: list[Any]
 ) -> None:
