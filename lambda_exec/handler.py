@@ -8,10 +8,10 @@ What one invocation does:
 1. open the signed event; a malformed or forged event is logged (scrubbed) and nothing runs;
 2. an event delivered after its ``not_after`` (late or duplicated delivery) reports ``EVENT_EXPIRED`` and does
    not run, so a task that moved to another executor is never taken back by an old event;
-3. report ``STARTED``, then run the workload as Airflow's LocalExecutor workers do: in a child forked from this
-   process, in its own process group, its output streamed to the function's log. Airflow's task-running code is
-   imported once per sandbox, on first use, so warm invocations skip the seconds a new Python process needs to
-   import it (see "Starting the workload" below);
+3. report ``STARTED``, then run the workload as Airflow's LocalExecutor workers do: in a child forked from
+   this process, in its own process group, its output streamed to the function's log. Airflow's task-running
+   code is imported once per sandbox, on first use, so warm invocations skip the seconds a new Python process
+   needs to import it (see "Starting the workload" below);
 4. watch the invocation's own deadline: shortly before Lambda would kill the sandbox, stop the child's group
    and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ;
 5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED`` and the return code.
@@ -20,19 +20,23 @@ A result that cannot be sent (after botocore's own retries) raises, so Lambda ma
 the event reaches the DLQ: the executor then learns about the run from there.
 
 Starting the workload: the first invocation in a sandbox imports Airflow's workload runner in a background
-thread (the deadline watch runs meanwhile), then every workload runs in a forked child that parses the workload,
-initialises Airflow's logging and ORM settings as ``execute_workload`` does, calls ``BaseExecutor.run_workload``
-and leaves with its return code. If fork is unavailable, the import fails, or ``HYBRID_ROUTER_FORK_WORKLOADS`` is
-``false``, the workload runs as ``python -m airflow.sdk.execution_time.execute_workload`` in a new process
-instead (logged once per sandbox). A replaced ``build_workload_command`` (a custom command) always runs as a
-new process.
+thread (the deadline watch runs meanwhile), then every workload runs in a forked child that parses the
+workload, initialises Airflow's logging and ORM settings as ``execute_workload`` does, calls
+``BaseExecutor.run_workload`` and leaves with its return code. If fork is unavailable, the import fails, or
+``HYBRID_ROUTER_FORK_WORKLOADS`` is ``false``, the workload runs as
+``python -m airflow.sdk.execution_time.execute_workload`` in a new process instead (an import failure is
+logged once per sandbox). A replaced ``build_workload_command`` (a custom
+command) always runs as a new process. If the deadline comes during that first import, the invocation reports
+``TIMEOUT`` ("the task did not start") and the import goes on for the sandbox's next invocation. In the child,
+Airflow's supervisor is woken by SIGCHLD when its task process exits; without that it may notice the exit only
+at its next heartbeat, up to 5 s later (see ``_wake_supervisor_on_child_exit``).
 
 Environment:
 - ``HYBRID_ROUTER_SIGNING_SECRET`` (required): the HMAC secret shared with the executor.
 - ``HYBRID_ROUTER_DEADLINE_MARGIN_S`` (optional): seconds before the hard deadline at which the workload is
   stopped; default ``min(5, 10% of the time remaining when the invocation starts)``.
-- ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new Python
-  process (slower; for comparison or a runtime where fork misbehaves).
+- ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new
+  Python process (slower; for comparison or a runtime where fork misbehaves).
 - ``AWS_ENDPOINT_URL_SQS`` and the usual AWS variables are read by boto3 itself.
 """
 
@@ -256,7 +260,7 @@ def fork_wanted(environ: Mapping[str, str] | None = None) -> bool:
 
 
 class AirflowTaskRunner:
-    """Airflow's workload runner, imported into this (sandbox) process; ``run`` is called in forked children."""
+    """Airflow's workload runner, imported into this (sandbox) process; ``run`` runs in forked children."""
 
     def __init__(self) -> None:
         # Everything a forked child calls is imported here, once, so that no child pays for it.
@@ -428,7 +432,7 @@ def _stream_output(stream: Any) -> None:
 
 
 class ForkedWorkload:
-    """A workload run by ``runner.run`` in a child forked from this process; the part of Popen's API we use."""
+    """A workload run by ``runner.run`` in a child forked from this process; the Popen API we use."""
 
     def __init__(self, runner: Any, workload_json: str):
         read_fd, write_fd = os.pipe()
@@ -474,7 +478,7 @@ def _child_main(runner: Any, workload_json: str, read_fd: int, write_fd: int) ->
         os.dup2(devnull, 0)
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
-        # As Popen(close_fds=True): the runtime's control pipe and the SQS client's sockets stay the sandbox's.
+        # As Popen(close_fds=True): the runtime's control pipe and the SQS client's sockets stay the parent's.
         _close_fds_from(3)
         # The runtime may have replaced sys.stdout/stderr (a test's capture, a log shipper): the task writes
         # to descriptors 1 and 2, as a new process would.

@@ -193,7 +193,7 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
 
 
 def _handler_start(log_dir: Path, function: str, task_label: str) -> datetime:
-    """When the handler began the invocation that ran ``task_label`` (its "Running ..." line in the function's log)."""
+    """When the handler began the invocation that ran ``task_label``: its "Running ..." line in the log."""
     pattern = re.compile(r"\[INFO\]\t(\S+)Z\t\S+\tRunning " + re.escape(task_label) + " run=")
     for stream in sorted((log_dir / function).glob("*.log")):
         for line in stream.read_text(errors="replace").splitlines():
@@ -252,7 +252,7 @@ def test_lambda_dag_outcomes(stack):
     assert SECRET not in scheduler_log
 
     # The task that sleeps past the 5 s function timeout is reported as an infrastructure timeout (by the
-    # handler's deadline watch) within 3 s of that timeout, counted from the invocation's start in the sandbox.
+    # handler's deadline watch) within 3 s of that timeout, counted from the invocation's start.
     sleeper = tis["sleeper"]
     assert sleeper["executor"] == "short"
     assert sleeper["start_date"], "the sleeper never started in the 5 s function"

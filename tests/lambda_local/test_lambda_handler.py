@@ -282,7 +282,7 @@ def test_the_real_workload_runner_rejects_an_invalid_workload(
 
 
 class RecordingRunner:
-    """Stands in for Airflow's runner in the forked child: records where it runs, then acts on the workload."""
+    """Stands in for Airflow's runner in the forked child: records where it runs, then acts on the spec."""
 
     imported_in: int | None = None
 
@@ -407,7 +407,7 @@ def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(
 
 
 def _command_used_by_both_paths(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The fake command, installed as Airflow's own, so the fork path stays eligible and its fallback is seen."""
+    """The fake command, installed as Airflow's own: the fork path stays eligible and its fallback is seen."""
     calls: list[list[str]] = []
 
     def build(path: str) -> list[str]:
