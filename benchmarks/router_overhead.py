@@ -11,12 +11,15 @@ its worker queue; the router counts its running tasks honestly, so it is given `
 (default twice the workers) to hold its one-wave queue. Pass ``--router-core-parallelism`` equal to
 ``--parallelism`` to measure the router with no queue at all.
 
-    python benchmarks/router_overhead.py [--pairs 3] [--tasks 50] [--parallelism 8] [--router-core-parallelism 16]
-                                         [--task-seconds 0]
+    python benchmarks/router_overhead.py [--pairs 5] [--tasks 50] [--parallelism 8] [--router-core-parallelism 16]
+                                         [--task-seconds 0] [--prefetch N] [--also-without-prefetch]
 
-The router frees a child's slot when it sees the child's event, at the next scheduler heartbeat; LocalExecutor's
-workers take the next task from their queue at once. With no-op tasks that gap (at most one scheduler loop per
-task) is most of what is measured; ``--task-seconds`` shows how it shrinks as tasks get longer.
+Without prefetch the router frees a child's slot when it sees the child's event, at the next scheduler
+heartbeat, while LocalExecutor's workers take the next task from their queue at once: with no-op tasks that gap
+(up to one scheduler loop per task) is most of what is measured. The router's ``prefetch`` (by default equal to
+``max_concurrency`` for a LocalExecutor child) lets the child hold that many more tasks in its own queue.
+``--prefetch`` sets it in the policy; ``--also-without-prefetch`` adds a third run per round, the router with
+``prefetch: 0``, to show what prefetch buys.
 
 The last line is JSON: ``overhead_ratio`` is median(b) / median(a); the target is <= 1.10.
 """
@@ -64,7 +67,7 @@ router_overhead()
 POLICY = """
 version: 1
 executors:
-  local: {{class: LocalExecutor, max_concurrency: {parallelism}}}
+  local: {{class: LocalExecutor, max_concurrency: {parallelism}{prefetch}}}
 defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}
 rules:
   - name: everything
@@ -76,8 +79,8 @@ def _seconds(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def use_executor(stack: AirflowStack, executor: str, core_parallelism: int) -> None:
-    """Restart only the scheduler, with another ``[core] executor`` and ``[core] parallelism``."""
+def use_executor(stack: AirflowStack, executor: str, core_parallelism: int, policy: Path) -> None:
+    """Restart only the scheduler, with another ``[core] executor``, ``[core] parallelism`` and policy."""
     stack.kill_scheduler(signal.SIGTERM, group=True)
     # SQLite allows one scheduler: wait until the old one has closed its job.
     wait_until(
@@ -91,6 +94,7 @@ def use_executor(stack: AirflowStack, executor: str, core_parallelism: int) -> N
     )
     stack.env["AIRFLOW__CORE__EXECUTOR"] = executor
     stack.env["AIRFLOW__CORE__PARALLELISM"] = str(core_parallelism)
+    stack.env["AIRFLOW__HYBRID_ROUTER__POLICY_FILE"] = str(policy)
     stack.start_scheduler()
 
 
@@ -105,12 +109,21 @@ def timed_run(stack: AirflowStack, timeout: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--parallelism", type=int, default=8)
     parser.add_argument("--router-core-parallelism", type=int, default=None)
     parser.add_argument(
         "--task-seconds", type=float, default=0, help="how long each task sleeps (0: a no-op task)"
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the local child's prefetch (default: the router's default)",
+    )
+    parser.add_argument(
+        "--also-without-prefetch", action="store_true", help="add a run of the router with prefetch: 0"
     )
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
@@ -124,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             textwrap.dedent(DAG.format(tasks=args.tasks, task_seconds=args.task_seconds))
         )
         policy = root / "policy.yaml"
-        policy.write_text(textwrap.dedent(POLICY.format(parallelism=args.parallelism)))
+        prefetch = "" if args.prefetch is None else f", prefetch: {args.prefetch}"
+        policy.write_text(textwrap.dedent(POLICY.format(parallelism=args.parallelism, prefetch=prefetch)))
+        policy_no_prefetch = root / "policy-no-prefetch.yaml"
+        policy_no_prefetch.write_text(
+            textwrap.dedent(POLICY.format(parallelism=args.parallelism, prefetch=", prefetch: 0"))
+        )
         stack = AirflowStack(
             root / "airflow",
             dags,
@@ -137,27 +155,47 @@ def main(argv: list[str] | None = None) -> int:
         )
         bare: list[float] = []
         routed: list[float] = []
+        routed_no_prefetch: list[float] = []
+        runs = [
+            ("bare", "LocalExecutor", args.parallelism, policy, bare),
+            ("router", ROUTER, router_core, policy, routed),
+        ]
+        if args.also_without_prefetch:
+            runs.append(("router, prefetch 0", ROUTER, router_core, policy_no_prefetch, routed_no_prefetch))
         with stack:
             timed_run(stack, args.timeout)  # warm-up: DAG parsed, files cached, first-run costs paid
             for pair in range(args.pairs):
-                runs = (
-                    ("bare", "LocalExecutor", args.parallelism, bare),
-                    ("router", ROUTER, router_core, routed),
-                )
-                for label, executor, core_parallelism, results in runs:
-                    use_executor(stack, executor, core_parallelism)
+                for label, executor, core_parallelism, policy_file, results in runs:
+                    use_executor(stack, executor, core_parallelism, policy_file)
                     seconds = timed_run(stack, args.timeout)
                     results.append(seconds)
-                    print(f"pair {pair + 1} {label:6s} {seconds:6.2f} s", flush=True)
+                    print(f"pair {pair + 1} {label:18s} {seconds:6.2f} s", flush=True)
         bare_median, routed_median = statistics.median(bare), statistics.median(routed)
-        print(f"bare LocalExecutor: median {bare_median:.2f} s  {[round(s, 2) for s in bare]}")
-        print(f"router -> Local   : median {routed_median:.2f} s  {[round(s, 2) for s in routed]}")
+        print(f"bare LocalExecutor       : median {bare_median:.2f} s  {[round(s, 2) for s in bare]}")
+        print(f"router -> Local          : median {routed_median:.2f} s  {[round(s, 2) for s in routed]}")
+        # Each pair's own ratio: the spread says how much the shared machine moved between runs.
+        pair_ratios = [round(r / b, 3) for b, r in zip(bare, routed, strict=True)]
+        print(f"router / bare, per pair  : {pair_ratios}")
+        extra: dict[str, object] = {}
+        if routed_no_prefetch:
+            no_prefetch_median = statistics.median(routed_no_prefetch)
+            print(
+                f"router -> Local, no prefetch: median {no_prefetch_median:.2f} s  "
+                f"{[round(s, 2) for s in routed_no_prefetch]}"
+            )
+            extra = {
+                "overhead_ratio_prefetch_0": round(no_prefetch_median / bare_median, 3),
+                "router_prefetch_0_s": routed_no_prefetch,
+            }
         print(
             json.dumps(
                 {
                     "overhead_ratio": round(routed_median / bare_median, 3),
+                    "pair_ratios": pair_ratios,
+                    **extra,
                     "bare_s": bare,
                     "router_s": routed,
+                    "prefetch": args.prefetch,
                     "tasks": args.tasks,
                     "task_seconds": args.task_seconds,
                     "parallelism": args.parallelism,

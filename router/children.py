@@ -130,14 +130,26 @@ class Child:
     # Keys dispatched to this child and not yet finished. LocalExecutor (and BaseExecutor.trigger_tasks) never
     # fill ``running``, so the child's own count cannot be trusted for capacity.
     in_flight: set[TaskInstanceKey] = field(default_factory=set)
+    # Tasks the child may hold beyond ``limit`` in its own queue, started by the child the moment one of its
+    # workers is free instead of one scheduler loop later by the router (see RoutingExecutor).
+    prefetch: int = 0
 
     @property
     def limit(self) -> int:
         return self.max_concurrency if self.max_concurrency is not None else self.executor.parallelism
 
     def free_slots(self) -> int:
-        """How many more tasks this child can take now: the tightest of every bound it has."""
-        free = min(self.limit - len(self.in_flight), self.executor.slots_available)
+        """How many more tasks this child can start now: the tightest of every bound it has."""
+        return self._room(self.limit)
+
+    def prefetch_slots(self) -> int:
+        """How many more tasks this child can take to wait in its own queue once ``free_slots`` is used up."""
+        if self.prefetch <= 0:
+            return 0
+        return max(self._room(self.limit + self.prefetch) - self.free_slots(), 0)
+
+    def _room(self, bound: int) -> int:
+        free = min(bound - len(self.in_flight), self.executor.slots_available)
         if isinstance(self.executor, CapacityAware):
             try:
                 free = min(free, int(self.executor.free_capacity()))
@@ -159,6 +171,18 @@ class Child:
         return failure
 
 
+def default_prefetch(executor: BaseExecutor, limit: int) -> int:
+    """``limit`` for LocalExecutor, whose idle workers take queued tasks at once; 0 for any other executor.
+
+    Most other executors start whatever they are handed (ECS, Lambda, Batch): a prefetch there would raise
+    concurrency, not hide latency. Celery and Kubernetes queue outside the executor, where the router's
+    priority order and overflow would be lost to their brokers.
+    """
+    from airflow.executors.local_executor import LocalExecutor
+
+    return limit if isinstance(executor, LocalExecutor) else 0
+
+
 def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> dict[str, Child]:
     """Children for every entry of ``policy.executors`` (``ExecutorSpec``-like objects), in policy order."""
     children: dict[str, Child] = {}
@@ -170,5 +194,8 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             options=spec.options or {},
             team_name=team_name,
         )
-        children[name] = Child(name=name, executor=executor, max_concurrency=spec.max_concurrency)
+        child = Child(name=name, executor=executor, max_concurrency=spec.max_concurrency)
+        prefetch = getattr(spec, "prefetch", None)
+        child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)
+        children[name] = child
     return children

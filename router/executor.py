@@ -133,9 +133,20 @@ class RoutingExecutor(BaseExecutor):
     (tests, embedding); otherwise ``start()`` reads ``[hybrid_router]`` and builds the children.
 
     ``[core] parallelism`` bounds what the scheduler hands the router, counted honestly: tasks running on a
-    child and tasks waiting in the router's queue. Set it above the children's ``max_concurrency`` added up
-    so that the router can keep its queue of one more wave (see ``slots_available``); LocalExecutor alone is
-    not bound by it in Airflow 3.3.2 because it never fills its ``running`` set.
+    child, tasks prefetched into a child's queue and tasks waiting in the router's queue. Set it above the
+    children's ``max_concurrency`` plus ``prefetch`` added up so that the router can keep its queue of one
+    more wave (see ``slots_available``); LocalExecutor alone is not bound by it in Airflow 3.3.2 because it
+    never fills its ``running`` set.
+
+    Prefetch (policy ``executors.<name>.prefetch``; by default ``max_concurrency`` for LocalExecutor, 0 for
+    any other executor): the router learns that a child's task ended only at its next heartbeat, one scheduler
+    loop later, while a LocalExecutor worker that is done takes the next task from its own queue at once. So
+    a child may hold up to ``prefetch`` tasks beyond ``max_concurrency``; its workers (``max_concurrency`` of
+    them) still bound what runs at once. A prefetched task has left the router: it no longer overflows, is no
+    longer reordered by priority, and starts when a worker of that child is free. Hence the router prefers any
+    candidate with a free slot (overflow included) to a prefetch, and prefetches only behind tasks whose
+    policy ``expected_duration`` is at most a fifth of ``[scheduler] task_queued_timeout``, which a waiting
+    workload's token and the stuck-in-queued check both live by.
     """
 
     # Class flags are read on the class before start(), when the children are not built yet; they describe the
@@ -175,6 +186,7 @@ class RoutingExecutor(BaseExecutor):
         self._next_reload_at = float("inf")
         self._started = False
         self._log_readers: dict[str, BaseExecutor | None] = {}
+        self._prefetch_behind_at_most_s = 600.0 / 5  # set from [scheduler] task_queued_timeout by start()
 
     # -- start / stop ----------------------------------------------------------------------------------------
 
@@ -205,14 +217,22 @@ class RoutingExecutor(BaseExecutor):
         self.supports_connection_test = any(
             c.executor.supports_connection_test for c in self._children.values()
         )
+        self._prefetch_behind_at_most_s = self._task_queued_timeout_s() / 5
         self._started = True
         log.info(
             "RoutingExecutor started with children %s, fallback mode %s",
             ", ".join(
-                f"{c.name}={type(c.executor).__name__}(limit {c.limit})" for c in self._children.values()
+                f"{c.name}={type(c.executor).__name__}(limit {c.limit}, prefetch {c.prefetch})"
+                for c in self._children.values()
             ),
             self.fallback_mode,
         )
+
+    @staticmethod
+    def _task_queued_timeout_s() -> float:
+        from airflow.configuration import conf
+
+        return conf.getfloat("scheduler", "task_queued_timeout", fallback=600.0)
 
     def end(self) -> None:
         self._for_each_child("end", lambda c: c.executor.end())
@@ -415,7 +435,7 @@ class RoutingExecutor(BaseExecutor):
 
     @property
     def slots_available(self) -> int:
-        """The children's free slots plus the free room in the router's own queue.
+        """The children's free slots (prefetch included) plus the free room in the router's own queue.
 
         The queue holds one more wave (the children's limits added up) so that a task that finishes is
         replaced in the same heartbeat from the queue, not one scheduler loop later. A task in the queue is
@@ -423,25 +443,53 @@ class RoutingExecutor(BaseExecutor):
         """
         if not self._started:
             return super().slots_available
-        free = sum(child.free_slots() for child in self._children.values())
+        free = sum(child.free_slots() + self._prefetch_room(child) for child in self._children.values())
         queue_room = sum(child.limit for child in self._children.values()) - len(self.queued_tasks)
         return free + max(queue_room, 0)
 
+    def _prefetch_room(self, child: Child) -> int:
+        """Room in ``child``'s own queue, open only while every task it holds is expected to end soon.
+
+        A prefetched task waits in the child behind the tasks it already runs, out of the router's reach: its
+        token and the scheduler's stuck-in-queued clock both run ``[scheduler] task_queued_timeout``. So a
+        task is prefetched only behind tasks whose policy ``expected_duration`` is at most a fifth of that.
+        """
+        if child.prefetch <= 0:
+            return 0
+        for key in child.in_flight:
+            assignment = self._assignments.get(key)
+            decision = assignment.decision if assignment else None
+            if decision is None or decision.expected_duration_s > self._prefetch_behind_at_most_s:
+                return 0
+        return child.prefetch_slots()
+
     def _dispatch_waiting(self) -> set[str]:
-        """Hand waiting tasks, highest priority first, to the first candidate with room. Returns children used."""
+        """Hand waiting tasks, highest priority first, to the first candidate with room. Returns children used.
+
+        A candidate that can start the task now wins over one that would hold it in its queue (prefetch), so
+        a task overflows to an executor with a free slot rather than wait in its first choice's queue.
+        """
         if not self._waiting:
             return set()
         free = {name: child.free_slots() for name, child in self._children.items()}
+        # Measured on first need only, after this pass's earlier dispatches joined the children's in_flight.
+        queue_room: dict[str, int] | None = None
         used: set[str] = set()
         for key, workload in self.order_queued_tasks_by_priority():
             pending = self._waiting[key]
             target = next((name for name in pending.candidates if free.get(name, 0) > 0), None)
-            if target is None:
-                if not pending.announced_wait:
-                    pending.announced_wait = True
-                    self._announce_wait(key, workload, pending)
-                continue
-            free[target] -= 1
+            if target is not None:
+                free[target] -= 1
+            else:
+                if queue_room is None:
+                    queue_room = {name: self._prefetch_room(child) for name, child in self._children.items()}
+                target = next((name for name in pending.candidates if queue_room.get(name, 0) > 0), None)
+                if target is None:
+                    if not pending.announced_wait:
+                        pending.announced_wait = True
+                        self._announce_wait(key, workload, pending)
+                    continue
+                queue_room[target] -= 1
             self._dispatch(key, workload, pending, target)
             used.add(target)
         return used

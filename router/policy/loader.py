@@ -205,10 +205,12 @@ class _PolicyBuilder:
                         "AwsEcsExecutor', or one of " + ", ".join(sorted(AIRFLOW_SHORT_EXECUTOR_NAMES)),
                     )
             concurrency = spec.get("max_concurrency")
+            prefetch = spec.get("prefetch")
             executors[name] = ExecutorSpec(
                 name=name,
                 class_path=class_path if isinstance(class_path, str) else "",
                 max_concurrency=int(concurrency) if is_plain_number(concurrency) else None,
+                prefetch=int(prefetch) if is_plain_number(prefetch) else None,
                 limits=self._limits((*path, "limits"), _mapping(spec.get("limits"))),
                 options=_mapping(spec.get("options")),
             )

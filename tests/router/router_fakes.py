@@ -114,3 +114,12 @@ class DyingChild(FakeChild):
 
     def pop_infrastructure_failure(self, key) -> InfrastructureFailure | None:
         return self._failures.pop(key, None)
+
+
+class QueueingChild(FakeChild):
+    """Takes every task into its own queue and never fills ``running``, like LocalExecutor in Airflow 3.3.2."""
+
+    def _process_workloads(self, workload_items) -> None:
+        for workload in workload_items:
+            self.queued_tasks.pop(workload.key)
+            self.dispatched.append(workload)

@@ -12,7 +12,7 @@ from hybrid_router.router import executor as executor_module
 from hybrid_router.router.children import Child
 from hybrid_router.router.executor import RoutingExecutor, external_id, split_external_id
 from hybrid_router.router.policy import load_policy
-from router_fakes import CapacityChild, DyingChild, FakeChild, make_workload
+from router_fakes import CapacityChild, DyingChild, FakeChild, QueueingChild, make_workload
 
 POLICY = """
 version: 1
@@ -624,3 +624,96 @@ def test_task_log_comes_from_the_child_named_in_the_external_id_even_before_star
     assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id="lam"), 1) == ([], [])
     assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id="gone|x"), 1) == ([], [])
     assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id=None), 1) == ([], [])
+
+
+# -- prefetch ---------------------------------------------------------------------------------------------------
+
+
+def prefetching_router(make_router, prefetch: int = 2) -> RoutingExecutor:
+    """local_a (limit 2) queues internally like LocalExecutor and may hold ``prefetch`` more tasks."""
+    router = make_router(local_a=QueueingChild(parallelism=2, label="a"))
+    router.children["local_a"].prefetch = prefetch
+    return router
+
+
+def test_a_prefetching_child_holds_its_limit_plus_prefetch_and_the_rest_waits_in_the_router(make_router):
+    router = prefetching_router(make_router)
+    # local_a itself accepts 2 (its parallelism) until its next heartbeat takes them into its queue.
+    assert router.slots_available == (2 + 2 + 1) + (2 + 2 + 1)
+    for i in range(5):
+        router.queue_workload(make_workload(f"t{i}", priority_weight=10 - i), session=None)
+    router.heartbeat()
+    local_a = fake(router, "local_a")
+    assert [w.ti.task_id for w in local_a.dispatched] == ["t0", "t1", "t2", "t3"]
+    assert router.children["local_a"].in_flight == {w.ti.key for w in local_a.dispatched}
+    assert [w.ti.task_id for w in router.queued_tasks.values()] == ["t4"]
+    assert router.slots_available == (2 + 0 + 1) + (5 - 1)
+    # One finishes: the child's own queue already holds the next task; the router refills its queue.
+    local_a.finish(local_a.dispatched[0].ti.key)
+    router.heartbeat()
+    assert [w.ti.task_id for w in local_a.dispatched][-1] == "t4"
+    assert not router.queued_tasks
+
+
+def test_without_prefetch_a_queueing_child_gets_only_its_limit(make_router):
+    router = prefetching_router(make_router, prefetch=0)
+    for i in range(4):
+        router.queue_workload(make_workload(f"t{i}"), session=None)
+    router.heartbeat()
+    assert len(fake(router, "local_a").dispatched) == 2
+    assert len(router.queued_tasks) == 2
+
+
+def test_a_free_overflow_slot_wins_over_waiting_in_the_first_choices_queue(make_router, audit_rows):
+    # local_b (limit 1) prefetches one; its rule overflows to local_a (limit 2, no prefetch).
+    router = make_router(local_b=QueueingChild(parallelism=1, label="b"))
+    router.children["local_b"].prefetch = 1
+    for i in range(5):
+        router.queue_workload(make_workload(f"b{i}", queue="b", priority_weight=10 - i), session=None)
+    router.heartbeat()
+    assert [w.ti.task_id for w in fake(router, "local_b").dispatched] == ["b0", "b3"]
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["b1", "b2"]
+    assert len(router.queued_tasks) == 1  # b4: no room to start anywhere, local_b's queue is full
+    how = {row.task_id: json.loads(row.extra)["how"] for row in audit_rows}
+    assert how == {"b0": "policy", "b1": "overflow", "b2": "overflow", "b3": "policy"}
+
+
+def test_no_prefetch_behind_a_task_expected_to_run_long(make_router):
+    router = prefetching_router(make_router)
+    long_task = make_workload("long", executor_config={"hybrid_router": {"expected_duration": "30m"}})
+    router.queue_workload(long_task, session=None)
+    for i in range(3):
+        router.queue_workload(make_workload(f"t{i}", priority_weight=0), session=None)
+    router.heartbeat()
+    # A prefetched task would wait behind the long one, its token and queued clock running out.
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["long", "t0"]
+    assert router.slots_available == (2 + 0 + 1) + (5 - 2)
+    fake(router, "local_a").finish(long_task.ti.key)
+    router.heartbeat()
+    # Behind short tasks only again: the queue opens.
+    assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["long", "t0", "t1", "t2"]
+
+
+def test_prefetch_defaults_to_the_limit_for_local_executor_only(write_policy):
+    from hybrid_router.router.children import build_children
+
+    policy = load_policy(
+        write_policy(
+            "version: 1\n"
+            "executors:\n"
+            "  local: {class: LocalExecutor, max_concurrency: 3}\n"
+            "  local_no_queue: {class: LocalExecutor, max_concurrency: 3, prefetch: 0}\n"
+            "  local_more: {class: LocalExecutor, max_concurrency: 3, prefetch: 7}\n"
+            "  other: {class: router_fakes.FakeChild, max_concurrency: 3}\n"
+            "defaults: {expected_duration: 1m, memory_mb: 512, run_on: local}\n"
+            "rules:\n"
+            "  - {name: all, run_on: local}\n"
+        )
+    )
+    children = build_children(policy.executors)
+    assert {name: child.prefetch for name, child in children.items()} == {
+        "local": 3,
+        "local_no_queue": 0,
+        "local_more": 7,
+        "other": 0,
+    }
