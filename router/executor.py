@@ -146,7 +146,9 @@ class RoutingExecutor(BaseExecutor):
     longer reordered by priority, and starts when a worker of that child is free. Hence the router prefers any
     candidate with a free slot (overflow included) to a prefetch, and prefetches only behind tasks whose
     policy ``expected_duration`` is at most a fifth of ``[scheduler] task_queued_timeout``, which a waiting
-    workload's token and the stuck-in-queued check both live by.
+    workload's token and the stuck-in-queued check both live by. Should the scheduler die, tasks prefetched
+    into a LocalExecutor child's queue are left to its orphaned workers, as a bare LocalExecutor's backlog
+    is; ``prefetch: 0`` keeps every waiting task in the router instead.
     """
 
     # Class flags are read on the class before start(), when the children are not built yet; they describe the

@@ -82,8 +82,8 @@ def external_ids(stack: AirflowStack, dag_id: str, run_id: str) -> dict[str, str
 TWO_LOCALS = """
 version: 1
 executors:
-  local_a: {{class: LocalExecutor, max_concurrency: {a}}}
-  local_b: {{class: LocalExecutor, max_concurrency: {b}}}
+  local_a: {{class: LocalExecutor, max_concurrency: {a}, prefetch: {prefetch}}}
+  local_b: {{class: LocalExecutor, max_concurrency: {b}, prefetch: {prefetch}}}
 defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local_a}}
 rules:
   - name: queue b
@@ -99,7 +99,8 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
     # The router as one aliased entry of Airflow's executor list, beside a plain LocalExecutor (the default).
     stack, markers = make_stack(
         tmp_path,
-        TWO_LOCALS.format(a=4, b=1, b_overflow="[local_a]"),
+        # Default prefetch: overflow to a free slot still wins over waiting in local_b's own queue.
+        TWO_LOCALS.format(a=4, b=1, b_overflow="[local_a]", prefetch="null"),
         """
         @dag(
             schedule=None,
@@ -246,8 +247,10 @@ def test_next_try_mode_fails_the_try_and_runs_the_retry_on_the_fallback(tmp_path
 def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_runs_none_twice(tmp_path):
     stack, markers = make_stack(
         tmp_path,
-        # One slot per child, no overflow: one task runs on each child, one waits in the router for it.
-        TWO_LOCALS.format(a=1, b=1, b_overflow="[]"),
+        # One slot per child, no overflow, no prefetch: one task runs on each child, one waits in the router for
+        # it. (A task prefetched into a LocalExecutor's queue when the scheduler dies is in its orphaned
+        # workers' hands, as with a bare LocalExecutor's backlog; this test is about the router's own queue.)
+        TWO_LOCALS.format(a=1, b=1, b_overflow="[]", prefetch=0),
         """
         @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
         def restart():
