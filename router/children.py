@@ -83,11 +83,13 @@ def instantiate_child(
     cls = resolve_executor_class(name, class_path)
     accepted, open_ended = _accepted_kwargs(cls)
     section = provider_section(cls) if options else None
+    read_from_section = ""
     if section is not None:
         # The class reads its settings from a provider config section, not from its constructor: the options
         # become that child's own values of the section (see provider_config.py).
         _check_section_keys(name, section, options)
         cls = with_options(cls, section.name, options)
+        read_from_section = f" with [{section.name}] options {dict(options)}"
         options = {}
     unknown = sorted(set(options) - accepted)
     if unknown and not open_ended:
@@ -103,7 +105,9 @@ def instantiate_child(
     try:
         executor = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ChildConfigError(f"executors.{name}: {cls.__name__}({kwargs}) failed: {err}") from err
+        raise ChildConfigError(
+            f"executors.{name}: {cls.__name__}({kwargs}){read_from_section} failed: {err}"
+        ) from err
     executor.name = ExecutorName(module_path=f"{cls.__module__}.{cls.__qualname__}", alias=name)
     return executor
 

@@ -102,7 +102,9 @@ def test_an_unknown_key_names_the_policy_field_and_the_closest_key(ecs_settings)
 
 
 def test_a_bad_value_fails_when_the_child_is_built(ecs_settings):
-    with pytest.raises(ChildConfigError, match=r"executors\.ecs_big"):
+    with pytest.raises(
+        ChildConfigError, match=r"executors\.ecs_big: .*\[aws_ecs_executor\] options .*mutually exclusive"
+    ):
         instantiate_child(
             "ecs_big",
             ECS_CLASS,
