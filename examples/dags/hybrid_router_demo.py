@@ -15,8 +15,8 @@ from airflow.sdk import dag, task
 START = pendulum.datetime(2024, 1, 1, tz="UTC")
 # How many tasks the burst runs at once: more than the demo Lambda function's reserved concurrency (3).
 BURST_SIZE = 8
-# Longer than the demo function's timeout (30 s, set by `make demo`), so that Lambda stops the task.
-TOO_SLOW_S = 35
+# Longer than the demo function's timeout (15 s, set by `make demo`), so that Lambda stops the task.
+TOO_SLOW_S = 20
 
 
 @dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
@@ -26,12 +26,7 @@ def hybrid_router_demo():
         """No hint at all: the policy's default expected duration (short) sends it to Lambda."""
         return "done quickly"
 
-    # The hint repeats the execution_timeout: in the scheduler the router sees only the task instance row, not
-    # the task, so it cannot read execution_timeout there yet (a known router gap; drop the hint once it can).
-    @task(
-        execution_timeout=timedelta(minutes=40),
-        executor_config={"hybrid_router": {"expected_duration": "40m"}},
-    )
+    @task(execution_timeout=timedelta(minutes=40))
     def long_task() -> str:
         """Expected to run 40 minutes, over Lambda's 15-minute cap: it runs on the Local executor."""
         time.sleep(1)
