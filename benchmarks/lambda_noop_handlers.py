@@ -12,7 +12,8 @@ from typing import Any
 
 
 def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
-    """This project's protocol: signed STARTED and FINISHED(SUCCESS) results, as the real handler sends them."""
+    """This project's protocol, as the real handler sends it: a STARTED held back for the handler's grace
+    (``StartedNotice``, so a no-op sends none) and a signed FINISHED(SUCCESS)."""
     from hybrid_router.lambda_exec import handler, protocol
     from hybrid_router.lambda_exec.protocol import Outcome, Phase
 
@@ -20,7 +21,9 @@ def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
     invoke = protocol.open_event(event, secret)
     reporter = handler.ResultReporter(invoke, context, secret)
     started = time.time()
-    reporter.send(Phase.STARTED, started_at=started)
+    notice = handler.StartedNotice(reporter, started, handler.started_grace_s())
+    notice.arm()
+    notice.settle()  # the no-op workload ends here
     reporter.send(Phase.FINISHED, started_at=started, outcome=Outcome.SUCCESS, return_code=0)
     return {"status": "success"}
 

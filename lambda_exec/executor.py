@@ -13,6 +13,7 @@ How one task flows:
    an answer may hide an accepted event); other 4xx fail the task with the reason.
 3. Two reader threads (``results.QueueReader``) long-poll the results queue and the DLQ with batch receive and
    batch delete. A signed STARTED message makes the task RUNNING (external id ``lambda:<fn>:<request>:<dispatch>``);
+   a FINISHED with no STARTED before it (a run shorter than the handler's STARTED grace) does so first;
    FINISHED gives SUCCESS / FAILED, or, for TIMEOUT / EVENT_EXPIRED, a FAILED event plus an
    ``InfrastructureFailure`` the router can pop to fall back. A DLQ message (AWS's format: our event as the
    body, ``ErrorCode`` / ``ErrorMessage`` attributes) is classified as timeout / out of memory / crash / dead
@@ -793,14 +794,11 @@ class LambdaExecutor(BaseExecutor):
         if result.phase is Phase.STARTED:
             if dispatch.state is DispatchState.STARTED:
                 return  # Lambda retried the event: the first run is dead and this one started again
-            dispatch.state = DispatchState.STARTED
-            dispatch.started_at = result.started_at or result.sent_at
-            self._stats_timing("start_latency", max(0.0, dispatch.started_at - dispatch.issued_at))
-            self.running_state(
-                dispatch.key,
-                external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
-            )
+            self._mark_started(dispatch, result)
             return
+        if dispatch.state is not DispatchState.STARTED and result.outcome is not Outcome.EVENT_EXPIRED:
+            # A run shorter than the handler's STARTED grace sends FINISHED alone: it started all the same.
+            self._mark_started(dispatch, result)
         self._stats_timing("result_latency", max(0.0, now - dispatch.issued_at))
         outcome = result.outcome
         assert outcome is not None  # the protocol guarantees it for FINISHED
@@ -811,6 +809,15 @@ class LambdaExecutor(BaseExecutor):
             self._finish(dispatch, TaskInstanceState.FAILED, detail)
         else:
             self._infrastructure_failure(dispatch, outcome, result.detail or outcome.value)
+
+    def _mark_started(self, dispatch: Dispatch, result: ResultMessage) -> None:
+        dispatch.state = DispatchState.STARTED
+        dispatch.started_at = result.started_at or result.sent_at
+        self._stats_timing("start_latency", max(0.0, dispatch.started_at - dispatch.issued_at))
+        self.running_state(
+            dispatch.key,
+            external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
+        )
 
     def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome, detail: str) -> None:
         key = dispatch.key

@@ -8,13 +8,17 @@ What one invocation does:
 1. open the signed event; a malformed or forged event is logged (scrubbed) and nothing runs;
 2. an event delivered after its ``not_after`` (late or duplicated delivery) reports ``EVENT_EXPIRED`` and does
    not run, so a task that moved to another executor is never taken back by an old event;
-3. report ``STARTED``, then run the workload as Airflow's LocalExecutor workers do: in a child forked from
+3. run the workload as Airflow's LocalExecutor workers do: in a child forked from
    this process, in its own process group, its output streamed to the function's log. Airflow's task-running
    code is imported once per sandbox, on first use, so warm invocations skip the seconds a new Python process
    needs to import it (see "Starting the workload" below);
 4. watch the invocation's own deadline: shortly before Lambda would kill the sandbox, stop the child's group
    and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ;
-5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED`` and the return code.
+5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED``, the return code and the start time.
+
+``STARTED`` is reported only once the run has lasted ``HYBRID_ROUTER_STARTED_GRACE_S`` (see
+``StartedNotice``): most short tasks then cost one SQS message instead of two, and the executor takes a
+FINISHED with no STARTED before it as both.
 
 A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
 the event reaches the DLQ: the executor then learns about the run from there.
@@ -37,6 +41,8 @@ Environment:
   stopped; default ``min(5, 10% of the time remaining when the invocation starts)``.
 - ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new
   Python process (slower; for comparison or a runtime where fork misbehaves).
+- ``HYBRID_ROUTER_STARTED_GRACE_S`` (optional, default 0.5): how long a run may last before ``STARTED`` is
+  sent; ``0`` sends it before the workload starts (and runs nothing if it cannot be sent).
 - ``AWS_ENDPOINT_URL_SQS`` and the usual AWS variables are read by boto3 itself.
 """
 
@@ -66,6 +72,11 @@ log.setLevel(logging.INFO)
 SECRET_ENV = "HYBRID_ROUTER_SIGNING_SECRET"
 MARGIN_ENV = "HYBRID_ROUTER_DEADLINE_MARGIN_S"
 FORK_ENV = "HYBRID_ROUTER_FORK_WORKLOADS"
+STARTED_GRACE_ENV = "HYBRID_ROUTER_STARTED_GRACE_S"
+# A run shorter than this reports FINISHED only (one SQS message instead of two); a longer one reports STARTED
+# this late. Well below any heartbeat-based timeout of Airflow's, and below the executor's heartbeat.
+DEFAULT_STARTED_GRACE_S = 0.5
+MAX_STARTED_GRACE_S = 60.0
 DEFAULT_MAX_MARGIN_S = 5.0
 DEFAULT_MARGIN_FRACTION = 0.10
 # Between SIGTERM and SIGKILL at most: Airflow's task runner needs a moment to report its state on SIGTERM.
@@ -127,12 +138,17 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         )
         return {"status": Outcome.EVENT_EXPIRED.value}
 
-    # Settings are checked before STARTED: a misconfigured function fails the invocation, not the task.
+    # Settings are checked before anything runs: a misconfigured function fails the invocation, not the task.
     margin_s = deadline_margin_s(context.get_remaining_time_in_millis() / 1000.0)
     fork = fork_wanted()
-    reporter.send(Phase.STARTED, started_at=started_at)
+    notice = StartedNotice(reporter, started_at, started_grace_s())
+    notice.arm()
     log.info("Running %s (dispatch %s)", _task_label(invoke), invoke.dispatch_id)
-    run = run_workload(invoke.workload, context, margin_s, fork=fork)
+    try:
+        run = run_workload(invoke.workload, context, margin_s, fork=fork)
+    finally:
+        # FINISHED never overtakes a STARTED that is being sent; a run that ended within the grace sends none.
+        notice.settle()
     if run.timed_out and not run.started:
         outcome = Outcome.TIMEOUT
         detail = (
@@ -155,6 +171,70 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
         Phase.FINISHED, outcome=outcome, started_at=started_at, return_code=run.return_code, detail=detail
     )
     return {"status": outcome.value, "return_code": run.return_code}
+
+
+def started_grace_s(environ: Mapping[str, str] | None = None) -> float:
+    """How long STARTED is held back (``HYBRID_ROUTER_STARTED_GRACE_S``, default ``DEFAULT_STARTED_GRACE_S``)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(STARTED_GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STARTED_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HandlerConfigError(
+            f"{STARTED_GRACE_ENV}={raw!r}: expected a number of seconds, e.g. 0.5"
+        ) from None
+    if not 0 <= value <= MAX_STARTED_GRACE_S:
+        raise HandlerConfigError(
+            f"{STARTED_GRACE_ENV}={raw!r}: must be between 0 and {MAX_STARTED_GRACE_S:g}"
+        )
+    return value
+
+
+class StartedNotice:
+    """Reports STARTED once the run has lasted ``grace_s``, so that a short run sends FINISHED alone.
+
+    Each result is one SQS message the executor must receive and delete; FINISHED carries ``started_at``, so
+    for a run shorter than the grace STARTED says nothing the executor cannot learn from FINISHED. A longer
+    run still reports STARTED (the task becomes RUNNING with its request id while it runs), ``grace_s`` late.
+    With ``grace_s == 0`` STARTED is sent at once, before the workload starts, and a failed send raises
+    (nothing runs). After the grace a failed send is logged: FINISHED is still tried, and if it fails too the
+    invocation fails (and the event reaches the DLQ) as before.
+    """
+
+    def __init__(self, reporter: ResultReporter, started_at: float, grace_s: float):
+        self._reporter = reporter
+        self._started_at = started_at
+        self._grace_s = grace_s
+        self._cancelled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sent = False
+
+    def arm(self) -> None:
+        if self._grace_s <= 0:
+            self._send()
+            return
+        self._thread = threading.Thread(target=self._send_after_grace, name="started-notice", daemon=True)
+        self._thread.start()
+
+    def settle(self) -> None:
+        """The run is over: STARTED is no longer sent, or, if it is being sent, has been sent on return."""
+        self._cancelled.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _send_after_grace(self) -> None:
+        if self._cancelled.wait(self._grace_s):
+            return
+        try:
+            self._send()
+        except Exception:  # logged by the reporter; FINISHED decides whether the invocation fails
+            pass
+
+    def _send(self) -> None:
+        self._reporter.send(Phase.STARTED, started_at=self._started_at)
+        self.sent = True
 
 
 def deadline_margin_s(remaining_s: float, environ: Mapping[str, str] | None = None) -> float:

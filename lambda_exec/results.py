@@ -9,6 +9,9 @@ its ``sort`` callback what to do:
 - ``DELETE``: malformed, forged, superseded or stale; deleted in the next batch.
 - ``RELEASE``: for a dispatch another executor (or a future adopter) owns; hidden for a while with a longer
   visibility timeout so no reader re-reads it in a hot loop.
+
+When the reader stops, the delivered messages not acknowledged yet are made visible again at once (visibility
+timeout 0): the executor that adopts their tasks reads them without waiting out ``OWNED_VISIBILITY_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class QueueReader:
         self._wake = threading.Event()
         self._flush_on_stop = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Receipt handles delivered and not acknowledged yet; touched by the reader thread only.
+        self._unacked: set[str] = set()
         self.received = 0
 
     # -- control (scheduler thread) --------------------------------------------------------------------------
@@ -120,11 +125,16 @@ class QueueReader:
                 # The thread must outlive any single failure (network, throttling, a bug in one message).
                 log.exception("%s: reading %s failed; retrying", self.name, self._queue_url)
                 self._stop.wait(ERROR_PAUSE_S)
-        if self._flush_on_stop:
-            try:
-                self._delete(self._drain_acks())
-            except Exception:
-                log.exception("%s: could not delete acknowledged messages at stop", self.name)
+        try:
+            acked = self._drain_acks()
+            if self._flush_on_stop:
+                self._delete(acked)
+            else:
+                self._unacked.update(acked)
+            # Not (or not known to be) taken by the scheduler: whoever adopts the task reads these now.
+            self._release(sorted(self._unacked), visibility_s=0)
+        except Exception:
+            log.exception("%s: could not settle delivered messages at stop", self.name)
 
     def _poll_once(self) -> int:
         """One receive (a long poll) and the deletes that ride along; returns how many messages came."""
@@ -146,7 +156,9 @@ class QueueReader:
             except Exception:
                 log.exception("%s: could not handle message %s; leaving it", self.name, message.message_id)
                 disposition = Disposition.RELEASE
-            if disposition is Disposition.DELETE:
+            if disposition is Disposition.DELIVER:
+                self._unacked.add(message.receipt_handle)
+            elif disposition is Disposition.DELETE:
                 to_delete.append(message.receipt_handle)
             elif disposition is Disposition.RELEASE:
                 to_release.append(message.receipt_handle)
@@ -159,9 +171,11 @@ class QueueReader:
         handles = []
         while True:
             try:
-                handles.append(self._acks.get_nowait())
+                handle = self._acks.get_nowait()
             except Empty:
                 return handles
+            self._unacked.discard(handle)
+            handles.append(handle)
 
     def _delete(self, handles: list[str]) -> None:
         for start in range(0, len(handles), SQS_BATCH):
@@ -173,13 +187,14 @@ class QueueReader:
             for failure in batch_failures(response):
                 log.warning("%s: could not delete a message: %s", self.name, failure)
 
-    def _release(self, handles: list[str]) -> None:
+    def _release(self, handles: list[str], visibility_s: int | None = None) -> None:
+        timeout = self._release_visibility_s if visibility_s is None else visibility_s
         for start in range(0, len(handles), SQS_BATCH):
             chunk = handles[start : start + SQS_BATCH]
             response = self._sqs.change_message_visibility_batch(
                 QueueUrl=self._queue_url,
                 Entries=[
-                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": self._release_visibility_s}
+                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": timeout}
                     for i, handle in enumerate(chunk)
                 ],
             )

@@ -137,6 +137,57 @@ def test_success_flow_events_and_batch_deletes(started):
     drive(executor, lambda ev: len(sqs.deleted) == 2)
 
 
+def test_finished_without_started_reports_running_then_the_final_state(started, monkeypatch):
+    # A run shorter than the handler's STARTED grace sends FINISHED alone.
+    executor, lambda_, sqs = started()
+    workload = make_workload("quick")
+    key = workload.ti.key
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    changes = []
+    original = executor.change_state
+
+    def recording(key, state, info=None, remove_running=True):
+        changes.append((key, state, info))
+        original(key, state, info, remove_running=remove_running)
+
+    monkeypatch.setattr(executor, "change_state", recording)
+    dispatch = executor._dispatches[key]
+    run_started = time.time() - 0.2
+    message = ResultMessage(
+        phase=Phase.FINISHED,
+        dispatch_id=event.dispatch_id,
+        task=event.task,
+        sent_at=run_started + 0.2,
+        started_at=run_started,
+        outcome=Outcome.SUCCESS,
+        return_code=0,
+        request_id="req-7",
+        function_name="airflow-task",
+    )
+    sqs.send(RESULTS, protocol.seal_result(message, SECRET.encode()))
+    drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.SUCCESS)
+
+    assert [(state, info) for _, state, info in changes] == [
+        (TaskInstanceState.RUNNING, f"lambda:airflow-task:req-7:{event.dispatch_id}"),
+        (TaskInstanceState.SUCCESS, None),
+    ]
+    assert dispatch.started_at == run_started
+    assert key not in executor.running
+    drive(executor, lambda ev: len(sqs.deleted) == 1)
+
+
+def test_expired_event_alone_is_not_reported_as_running(started, monkeypatch):
+    executor, lambda_, sqs = started()
+    workload = make_workload("late")
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    states = []
+    monkeypatch.setattr(executor, "running_state", lambda key, info=None: states.append(info))
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.EVENT_EXPIRED, detail="late"))
+    drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
+    assert states == []
+    assert executor.pop_infrastructure_failure(workload.ti.key).reason == "event_expired"
+
+
 def test_task_failure_is_an_ordinary_failure(started):
     executor, lambda_, sqs = started()
     workload = make_workload("boom")

@@ -131,12 +131,13 @@ def test_outcomes_through_the_local_service(lambda_stack, no_thread_leak):
     assert oom is not None and oom.reason == "out_of_memory", oom
     assert "signal: killed" in oom.detail
 
-    # RUNNING came from the handler's STARTED message, with the run's request id in the external id.
-    running_info = seen_running[keys["ok-0"]]
+    # A run longer than the handler's STARTED grace reported STARTED while it ran: RUNNING with the run's
+    # request id in the external id, in a heartbeat of its own before the final state.
+    running_info = seen_running[keys["sleep-1"]]
     function_name, request_id, _ = parse_external_id(running_info)
     assert function_name == "airflow-task" and request_id
     sources, lines = executor.get_task_log(SimpleNamespace(external_executor_id=running_info), 1)
-    assert any("fake task ok-0 running" in line for line in lines), (sources, lines)
+    assert any("fake task sleep-1 running" in line for line in lines), (sources, lines)
 
     invokes = calls.count("Invoke")
     assert invokes == len(loads)

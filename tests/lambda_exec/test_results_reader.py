@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from hybrid_router.lambda_exec.results import Disposition, QueueReader
 
 from .fakes import FakeSqs
@@ -82,3 +83,61 @@ def test_a_backlog_is_read_in_full_batches_without_pausing():
     elapsed = _read(sqs, expected=100, gather_s=5.0, trickle_s=None)
     assert sqs.batches == [10] * 10
     assert elapsed < 4.0
+
+
+class VisibilityRecordingSqs(FakeSqs):
+    def __init__(self) -> None:
+        super().__init__()
+        self.visibility: dict[str, int] = {}
+
+    def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+        for entry in kwargs["Entries"]:
+            self.visibility[entry["ReceiptHandle"]] = entry["VisibilityTimeout"]
+        return super().change_message_visibility_batch(**kwargs)
+
+
+def _delivering_reader(sqs: FakeSqs, delivered: list[str]) -> QueueReader:
+    def sort(message: Any) -> Disposition:
+        delivered.append(message.receipt_handle)
+        return Disposition.DELIVER
+
+    return QueueReader(
+        name="test-reader",
+        sqs=sqs,
+        queue_url=QUEUE,
+        sort=sort,
+        is_active=lambda: True,
+        wait_seconds=0,
+        release_visibility_s=30,
+    )
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_stop_makes_unacknowledged_deliveries_visible_again_at_once(flush):
+    # A scheduler that stops before taking a delivered result must not hide it from the next owner for the
+    # owned visibility timeout (minutes): the adopting executor reads it at once.
+    sqs = VisibilityRecordingSqs()
+    delivered: list[str] = []
+    reader = _delivering_reader(sqs, delivered)
+    for i in range(3):
+        sqs.send(QUEUE, f"body-{i}")
+    reader.start()
+    try:
+        _wait_for(lambda: len(delivered) == 3)
+        if flush:
+            reader.ack(delivered[:1])  # taken by the scheduler: deleted, at the latest when the reader stops
+    finally:
+        reader.stop(flush=flush, timeout=5)
+    if flush:
+        assert sqs.deleted == delivered[:1]
+        assert sqs.visibility == {handle: 0 for handle in delivered[1:]}
+    else:
+        assert sqs.deleted == []
+        assert sqs.visibility == {handle: 0 for handle in delivered}

@@ -72,6 +72,7 @@ def fake_workload(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 def results_queue(aws_env: dict[str, str], moto_server: Moto, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(handler_mod.SECRET_ENV, SECRET)
     monkeypatch.delenv(handler_mod.MARGIN_ENV, raising=False)
+    monkeypatch.delenv(handler_mod.STARTED_GRACE_ENV, raising=False)
     return moto_server.new_queue("results")[0]
 
 
@@ -101,25 +102,44 @@ def results(moto: Moto, queue_url: str, expected: int) -> list[protocol.ResultMe
     return [protocol.open_result(m["Body"], SECRET.encode()) for m in messages]
 
 
+def until_finished(moto: Moto, queue_url: str, timeout: float = 10.0) -> list[protocol.ResultMessage]:
+    """The results of one run, in the order sent, up to its FINISHED (a short run sends FINISHED alone)."""
+    received: list[protocol.ResultMessage] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(r.phase is Phase.FINISHED for r in received):
+        for message in moto.receive_all(queue_url, 1, timeout=2):
+            received.append(protocol.open_result(message["Body"], SECRET.encode()))
+    return sorted(received, key=lambda r: (r.sent_at, r.phase is Phase.FINISHED))
+
+
 def sealed(event: InvokeEvent) -> dict[str, Any]:
     # Lambda's runtime hands the handler the parsed JSON payload: the envelope as a dict.
     return json.loads(protocol.seal_event(event, SECRET.encode()))
 
 
-def test_success_reports_started_then_finished(
-    results_queue: str, moto_server: Moto, fake_workload: list[list[str]], tmp_path: Path
+def test_a_run_longer_than_the_grace_reports_started_then_finished(
+    results_queue: str,
+    moto_server: Moto,
+    fake_workload: list[list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(handler_mod.STARTED_GRACE_ENV, "0.2")
     record = tmp_path / "record.json"
-    # Long enough for the handler's first scan of the workload's process tree.
-    event = make_event(results_queue, {"exit": 0, "record": str(record), "sleep": 0.5})
+    # Long enough for the handler's first scan of the workload's process tree, and past the grace.
+    event = make_event(results_queue, {"exit": 0, "record": str(record), "sleep": 0.8})
 
+    before = time.time()
     answer = handler_mod.handler(sealed(event), FakeContext(60))
 
     assert answer == {"status": "success", "return_code": 0}
-    started, finished = results(moto_server, results_queue, 2)
+    started, finished = until_finished(moto_server, results_queue)
     assert started.phase is Phase.STARTED and finished.phase is Phase.FINISHED
     assert finished.outcome is Outcome.SUCCESS and finished.return_code == 0
+    # STARTED went out at the end of the grace, while the workload still ran.
+    assert 0.15 <= started.sent_at - started.started_at < finished.sent_at - started.started_at
     for message in (started, finished):
+        assert before <= message.started_at <= started.sent_at
         assert message.dispatch_id == event.dispatch_id
         assert message.task == event.task
         assert message.request_id == "req-1"
@@ -142,7 +162,7 @@ def test_string_event_and_nonzero_exit_is_failed(
     answer = handler_mod.handler(protocol.seal_event(event, SECRET.encode()), FakeContext(60))
 
     assert answer["status"] == "failed"
-    _, finished = results(moto_server, results_queue, 2)
+    finished = until_finished(moto_server, results_queue)[-1]
     assert finished.outcome is Outcome.FAILED
     assert finished.return_code == 3
     assert "3" in finished.detail
@@ -166,7 +186,9 @@ def test_deadline_watch_kills_the_group_and_reports_timeout(
     assert answer["status"] == "timeout"
     # Stopped at remaining <= 1.5 s, i.e. ~1.5 s in, plus at most the 1 s SIGTERM grace.
     assert elapsed < 3.0
-    _, finished = results(moto_server, results_queue, 2)
+    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.phase is Phase.STARTED
     assert finished.outcome is Outcome.TIMEOUT
     assert "before the Lambda deadline" in finished.detail
     pids = json.loads(record.read_text())
@@ -224,15 +246,66 @@ def test_task_output_reaches_stdout_with_the_token_scrubbed(
     assert FAKE_TOKEN not in out
 
 
+def test_a_run_shorter_than_the_grace_reports_finished_alone(
+    results_queue: str, moto_server: Moto, fake_workload: list[list[str]]
+) -> None:
+    event = make_event(results_queue, {"exit": 0})
+
+    before = time.time()
+    answer = handler_mod.handler(sealed(event), FakeContext(60))
+
+    assert answer["status"] == "success" and len(fake_workload) == 1
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.phase is Phase.FINISHED and finished.outcome is Outcome.SUCCESS
+    # The start time the executor records for the run travels in FINISHED.
+    assert before <= finished.started_at < finished.sent_at - 0.01
+    # Nothing follows: the STARTED held back is cancelled, not sent late.
+    time.sleep(handler_mod.DEFAULT_STARTED_GRACE_S)
+    assert moto_server.receive_all(results_queue, 1, timeout=1) == []
+
+
 def test_unsendable_result_raises_so_lambda_fails_the_invocation(
     results_queue: str, moto_server: Moto, fake_workload: list[list[str]]
 ) -> None:
-    missing_queue = results_queue + "-does-not-exist"
-    event = make_event(missing_queue, {"exit": 0})
+    event = make_event(results_queue + "-does-not-exist", {"exit": 0})
+
+    with pytest.raises(ClientError):
+        handler_mod.handler(sealed(event), FakeContext(60))
+    assert len(fake_workload) == 1  # a short run learns it at FINISHED
+
+
+def test_with_no_grace_an_unsendable_started_runs_nothing(
+    results_queue: str, moto_server: Moto, fake_workload: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(handler_mod.STARTED_GRACE_ENV, "0")
+    event = make_event(results_queue + "-does-not-exist", {"exit": 0})
 
     with pytest.raises(ClientError):
         handler_mod.handler(sealed(event), FakeContext(60))
     assert fake_workload == []  # STARTED could not be sent: the task was not started either
+
+
+def test_with_no_grace_started_goes_out_before_a_short_run(
+    results_queue: str, moto_server: Moto, fake_workload: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(handler_mod.STARTED_GRACE_ENV, "0")
+    handler_mod.handler(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60))
+    assert [r.phase for r in until_finished(moto_server, results_queue)] == [Phase.STARTED, Phase.FINISHED]
+
+
+def test_started_grace_setting(
+    results_queue: str, moto_server: Moto, fake_workload: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert handler_mod.started_grace_s({}) == handler_mod.DEFAULT_STARTED_GRACE_S
+    assert handler_mod.started_grace_s({handler_mod.STARTED_GRACE_ENV: " 2.5 "}) == 2.5
+    for bad in ("soon", "-1", "600"):
+        with pytest.raises(handler_mod.HandlerConfigError, match=handler_mod.STARTED_GRACE_ENV):
+            handler_mod.started_grace_s({handler_mod.STARTED_GRACE_ENV: bad})
+    # Checked before anything runs: a misconfigured function fails the invocation, not the task.
+    monkeypatch.setenv(handler_mod.STARTED_GRACE_ENV, "later")
+    with pytest.raises(handler_mod.HandlerConfigError, match=handler_mod.STARTED_GRACE_ENV):
+        handler_mod.handler(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60))
+    assert fake_workload == []
 
 
 def test_missing_secret_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,7 +346,7 @@ def test_the_real_workload_runner_rejects_an_invalid_workload(
     answer = handler_mod.handler(sealed(event), FakeContext(120))
 
     assert answer["status"] == "failed" and answer["return_code"] != 0
-    _, finished = results(moto_server, results_queue, 2)
+    finished = until_finished(moto_server, results_queue)[-1]
     assert finished.outcome is Outcome.FAILED
     assert (handler_mod._TASK_RUNNER.runner is not None) is (fork == "true")
 
@@ -332,7 +405,7 @@ def test_workload_runs_in_a_child_forked_from_the_sandbox(
     answer = handler_mod.handler(sealed(event), FakeContext(60))
 
     assert answer == {"status": "failed", "return_code": 4}  # the runner's return code is the exit code
-    _, finished = results(moto_server, results_queue, 2)
+    finished = until_finished(moto_server, results_queue)[-1]
     assert finished.outcome is Outcome.FAILED and finished.return_code == 4
     seen = json.loads(record.read_text())
     # Forked from this process (no exec: the runner imported here is the one that ran), in its own session.
@@ -366,7 +439,9 @@ def test_forked_workload_is_stopped_with_its_tree_at_the_deadline(
 
     assert answer["status"] == "timeout"
     assert elapsed < 3.0
-    _, finished = results(moto_server, results_queue, 2)
+    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.phase is Phase.STARTED
     assert finished.outcome is Outcome.TIMEOUT
     seen = json.loads(record.read_text())
     assert wait_gone(seen["pid"]) and wait_gone(seen["grandchild"])
@@ -398,7 +473,7 @@ def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(
 
     assert answer == {"status": "timeout", "return_code": None}
     assert elapsed < 2.0
-    _, finished = results(moto_server, results_queue, 2)
+    finished = until_finished(moto_server, results_queue)[-1]
     assert finished.outcome is Outcome.TIMEOUT
     assert "did not start" in finished.detail
     assert not record.exists()

@@ -114,7 +114,8 @@ def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
     fn = fixture_fn(
         "airflow-task",
         "real_handler_with_fake_workload",
-        environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
+        # STARTED before the run, whatever its length: both results travel through the service.
+        environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET, "HYBRID_ROUTER_STARTED_GRACE_S": "0"},
     )
     service = start_service(fn)
     now = time.time()
