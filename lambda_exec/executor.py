@@ -31,8 +31,8 @@ Fencing (why an old run cannot come back after the task moved elsewhere):
   ``MaximumRetryAttempts = 0`` and a short ``MaximumEventAgeInSeconds`` (the health check warns otherwise), and
   Airflow's execution API refuses a second ``/run`` for a task that is already RUNNING on another host.
 
-Restart safety: a delivered message is deleted only one heartbeat after its event was handed to the scheduler,
-and messages for dispatches this instance does not own are left in the queue (hidden for
+Restart safety: a delivered message is deleted only one heartbeat after its event was handed to the scheduler
+(except a SUCCESS, which the task already recorded in Airflow's database before its process exited), and messages for dispatches this instance does not own are left in the queue (hidden for
 ``unowned_visibility_timeout`` seconds) for their owner, so a task that finished while the scheduler was down is
 reported once by the scheduler that adopts it.
 """
@@ -141,6 +141,7 @@ class Received:
     result: ResultMessage | None = None  # from the results queue
     dead_letter: tuple[Outcome, str, str] | None = None  # (outcome, detail, request id) from the DLQ
     queue: str = "results"
+    needs_ack: bool = True  # False: the reader deletes it without waiting for the scheduler
 
 
 @dataclass
@@ -708,11 +709,21 @@ class LambdaExecutor(BaseExecutor):
         except protocol.MessageError as exc:
             self._malformed("results", message, exc)
             return Disposition.DELETE
+        # A SUCCESS is already in Airflow's database: the task process recorded it through the execution API
+        # before it exited 0. A scheduler that dies before taking this event finds the task finished (it is
+        # not adopted), so the message need not wait a heartbeat for the acknowledgement. Deleting it at once
+        # keeps the queue short; moto's receive (and SQS's) costs grow with the messages in flight.
+        settled = result.phase is Phase.FINISHED and result.outcome is Outcome.SUCCESS
         return self._sort_owned(
             message,
             result.dispatch_id,
             "results",
-            Received(receipt_handle=message.receipt_handle, dispatch_id=result.dispatch_id, result=result),
+            Received(
+                receipt_handle=message.receipt_handle,
+                dispatch_id=result.dispatch_id,
+                result=result,
+                needs_ack=not settled,
+            ),
         )
 
     def _sort_dead_letter(self, message: QueueMessage) -> Disposition:
@@ -746,7 +757,7 @@ class LambdaExecutor(BaseExecutor):
             retired = dispatch_id in self._retired
         if owned:
             self._inbound.append(item)
-            return Disposition.DELIVER
+            return Disposition.DELIVER if item.needs_ack else Disposition.DELIVER_AND_DELETE
         if retired:
             self.log.debug("Deleting a %s message for finished dispatch %s", queue, dispatch_id)
             return Disposition.DELETE
@@ -775,8 +786,9 @@ class LambdaExecutor(BaseExecutor):
     def _apply_inbound(self, now: float) -> None:
         while self._inbound:
             item = self._inbound.popleft()
-            acks = self._acks_due.dead_letters if item.queue == "dlq" else self._acks_due.results
-            acks.append(item.receipt_handle)
+            if item.needs_ack:
+                acks = self._acks_due.dead_letters if item.queue == "dlq" else self._acks_due.results
+                acks.append(item.receipt_handle)
             dispatch = self._by_dispatch.get(item.dispatch_id)
             if dispatch is None:
                 continue  # revoked or finished since the reader delivered it

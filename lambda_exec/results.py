@@ -6,6 +6,8 @@ its ``sort`` callback what to do:
 - ``DELIVER``: the message is for a dispatch this executor owns; the callback has handed it to the executor.
   It is deleted only when the executor acknowledges it (``ack``), one heartbeat later, after the scheduler has
   taken the event: a scheduler that dies in between finds the message again once it becomes visible.
+- ``DELIVER_AND_DELETE``: handed to the executor and deleted in the next batch, without waiting for an
+  acknowledgement: the executor decided no restarted scheduler needs the message (see ``LambdaExecutor``).
 - ``DELETE``: malformed, forged, superseded or stale; deleted in the next batch.
 - ``RELEASE``: for a dispatch another executor (or a future adopter) owns; hidden for a while with a longer
   visibility timeout so no reader re-reads it in a hot loop.
@@ -43,6 +45,7 @@ GATHER_S = 0.1
 
 class Disposition(str, Enum):
     DELIVER = "deliver"
+    DELIVER_AND_DELETE = "deliver_and_delete"
     DELETE = "delete"
     RELEASE = "release"
 
@@ -158,7 +161,7 @@ class QueueReader:
                 disposition = Disposition.RELEASE
             if disposition is Disposition.DELIVER:
                 self._unacked.add(message.receipt_handle)
-            elif disposition is Disposition.DELETE:
+            elif disposition in (Disposition.DELETE, Disposition.DELIVER_AND_DELETE):
                 to_delete.append(message.receipt_handle)
             elif disposition is Disposition.RELEASE:
                 to_release.append(message.receipt_handle)

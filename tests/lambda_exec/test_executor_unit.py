@@ -176,6 +176,51 @@ def test_finished_without_started_reports_running_then_the_final_state(started, 
     drive(executor, lambda ev: len(sqs.deleted) == 1)
 
 
+def test_every_result_received_before_a_heartbeat_is_reported_by_that_heartbeat(started):
+    executor, lambda_, sqs = started()
+    loads = [make_workload(f"t{i}") for i in range(12)]
+    for workload in loads:
+        executor.queue_workload(workload, session=None)
+    drive(executor, lambda ev: len(lambda_.invokes) == len(loads))
+    for i in range(len(loads)):
+        sqs.send(RESULTS, result(sent_event(lambda_, i), Phase.FINISHED, Outcome.SUCCESS))
+    deadline = time.monotonic() + 5
+    while len(executor._inbound) < len(loads):  # all handed over by the reader thread
+        assert time.monotonic() < deadline, "the reader did not deliver the results"
+        time.sleep(0.01)
+
+    executor.heartbeat()
+
+    events = executor.get_event_buffer()
+    assert {events[w.ti.key][0] for w in loads} == {TaskInstanceState.SUCCESS}
+
+
+def test_a_success_is_deleted_at_once_and_other_results_after_the_scheduler_took_them(started):
+    executor, lambda_, sqs = started()
+    ok, bad = make_workload("ok"), make_workload("bad")
+    for workload in (ok, bad):
+        executor.queue_workload(workload, session=None)
+    drive(executor, lambda ev: len(lambda_.invokes) == 2)
+    by_task = {sent_event(lambda_, i).task.task_id: sent_event(lambda_, i) for i in range(2)}
+    success = sqs.send(RESULTS, result(by_task["ok"], Phase.FINISHED, Outcome.SUCCESS))
+    failure = sqs.send(RESULTS, result(by_task["bad"], Phase.FINISHED, Outcome.FAILED))
+    deadline = time.monotonic() + 5
+    while len(executor._inbound) < 2 or not sqs.deleted:
+        assert time.monotonic() < deadline, "the reader did not deliver the results"
+        time.sleep(0.01)
+    # No heartbeat yet: the SUCCESS (already recorded by the task itself) is gone, the failure waits.
+    assert sqs.deleted == [f"rh-{success}"]
+
+    executor.heartbeat()  # the scheduler takes both events
+    events = executor.get_event_buffer()
+    assert events[ok.ti.key][0] == TaskInstanceState.SUCCESS
+    assert events[bad.ti.key][0] == TaskInstanceState.FAILED
+    time.sleep(0.2)
+    assert sqs.deleted == [f"rh-{success}"]
+    drive(executor, lambda ev: f"rh-{failure}" in sqs.deleted)
+    assert sorted(sqs.deleted) == sorted([f"rh-{success}", f"rh-{failure}"])  # each deleted once
+
+
 def test_expired_event_alone_is_not_reported_as_running(started, monkeypatch):
     executor, lambda_, sqs = started()
     workload = make_workload("late")

@@ -187,9 +187,12 @@ def test_forged_result_and_duplicate_delivery_change_nothing(lambda_stack, no_th
 
 
 def test_a_new_executor_adopts_and_reports_a_task_finished_meanwhile(lambda_stack, no_thread_leak):
+    # A failure: its result waits in the queue for whoever adopts the task. (A SUCCESS is deleted once read:
+    # the task process recorded it in Airflow's database before exiting, so a restarted scheduler does not
+    # adopt the task at all.)
     first = make_executor(lambda_stack)
     first.start()
-    workload = make_workload("ok-adopt")
+    workload = make_workload("fail-adopt")
     key = workload.ti.key
     first.queue_workload(workload, session=None)
     queued = drive(first, lambda ev: key in ev)
@@ -205,6 +208,7 @@ def test_a_new_executor_adopts_and_reports_a_task_finished_meanwhile(lambda_stac
         )
         assert second.try_adopt_task_instances([ti]) == []
         events = drive(second, lambda ev: ev.get(key, (None,))[0] in FINAL, timeout=30)
-        assert events[key][0] == TaskInstanceState.SUCCESS
+        assert events[key][0] == TaskInstanceState.FAILED
+        assert second.pop_infrastructure_failure(key) is None  # the task's own failure: no fallback
     finally:
         second.end()
