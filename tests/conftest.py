@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
+
+import pytest
 
 _home = tempfile.mkdtemp(prefix="hybrid-router-tests-")
 os.environ["AIRFLOW_HOME"] = _home
@@ -21,3 +24,20 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("default", derandomize=True, database=None, deadline=None)
 settings.register_profile("explore", max_examples=2000, deadline=None)
 settings.load_profile("default")
+
+
+@pytest.fixture
+def audit_rows(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Rows the router would write to Airflow's ``log`` table, captured instead (for tests with no database)."""
+    from hybrid_router.router import audit
+
+    written: list[Any] = []
+
+    def flush(self: audit.AuditLog) -> int:
+        rows = list(self._pending)
+        self._pending.clear()
+        written.extend(rows)
+        return len(rows)
+
+    monkeypatch.setattr(audit.AuditLog, "flush", flush)
+    return written

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from ecs_support import EcsAccount
-from hybrid_router.router import audit
 
 from hybrid_router.devstack import FAKE_AWS_ENV, MotoServer
 
@@ -80,18 +78,3 @@ def ecs_account(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_pa
     # The router writes a line into each task's log file; keep those in this test's folder.
     monkeypatch.setenv("AIRFLOW__LOGGING__BASE_LOG_FOLDER", str(tmp_path / "task-logs"))
     return account
-
-
-@pytest.fixture
-def audit_rows(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The router's audit rows, captured instead of written: these tests have no metadata database."""
-    written: list[Any] = []
-
-    def flush(self: audit.AuditLog) -> int:
-        rows = list(self._pending)
-        self._pending.clear()
-        written.extend(rows)
-        return len(rows)
-
-    monkeypatch.setattr(audit.AuditLog, "flush", flush)
-    return written
