@@ -287,34 +287,10 @@ def service_alone_rate(concurrency: int, events: int) -> dict[str, Any]:
 
 
 def make_workloads(count: int, dag_id: str) -> list[Any]:
-    from airflow.executors.workloads import BundleInfo, ExecuteTask
-    from airflow.executors.workloads.task import TaskInstanceDTO
+    from hybrid_router.devstack import make_workload
 
     run_id = f"bench__{uuid.uuid4().hex[:8]}"
-    workloads = []
-    for i in range(count):
-        ti = TaskInstanceDTO(
-            id=uuid.uuid4(),
-            dag_id=dag_id,
-            task_id=f"noop_{i}",
-            run_id=run_id,
-            try_number=1,
-            map_index=-1,
-            dag_version_id=uuid.uuid4(),
-            pool_slots=1,
-            priority_weight=1,
-            queue="default",
-        )
-        workloads.append(
-            ExecuteTask(
-                ti=ti,
-                dag_rel_path=f"{dag_id}.py",
-                token="",
-                log_path=f"dag_id={dag_id}/run_id={run_id}/task_id=noop_{i}/attempt=1.log",
-                bundle_info=BundleInfo(name="dags-folder"),
-            )
-        )
-    return workloads
+    return [make_workload(f"noop_{i}", dag_id=dag_id, run_id=run_id, token="") for i in range(count)]
 
 
 # -- one measured run -----------------------------------------------------------------------------------------------

@@ -442,6 +442,54 @@ def _conf_value(value: Any) -> str:
     return str(value)
 
 
+def make_workload(
+    task_id: str,
+    *,
+    dag_id: str = "dag",
+    run_id: str = "run",
+    try_number: int = 1,
+    map_index: int = -1,
+    queue: str = "default",
+    priority_weight: int = 1,
+    executor_config: dict[str, Any] | None = None,
+    token: str | None = None,
+    dag_rel_path: str | None = None,
+    log_path: str | None = "",
+) -> Any:
+    """An ``ExecuteTask`` as the scheduler would queue it, built in memory (no metadata database needed).
+
+    ``token`` defaults to ``token-of-<task_id>``, ``dag_rel_path`` to ``<dag_id>.py``, and ``log_path`` to
+    Airflow's default file name for the try (pass ``None`` for no log file).
+    """
+    import uuid
+
+    from airflow.executors.workloads import BundleInfo, ExecuteTask
+    from airflow.executors.workloads.task import TaskInstanceDTO
+
+    ti = TaskInstanceDTO(
+        id=uuid.uuid4(),
+        dag_id=dag_id,
+        task_id=task_id,
+        run_id=run_id,
+        try_number=try_number,
+        map_index=map_index,
+        dag_version_id=uuid.uuid4(),
+        pool_slots=1,
+        priority_weight=priority_weight,
+        queue=queue,
+        executor_config=executor_config,
+    )
+    if log_path == "":
+        log_path = f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt={try_number}.log"
+    return ExecuteTask(
+        ti=ti,
+        dag_rel_path=Path(dag_rel_path or f"{dag_id}.py"),
+        token=f"token-of-{task_id}" if token is None else token,
+        log_path=log_path,
+        bundle_info=BundleInfo(name="dags-folder"),
+    )
+
+
 @contextmanager
 def running(*servers: Any) -> Iterator[None]:
     """Start servers in order and stop them in reverse order, whatever happens."""

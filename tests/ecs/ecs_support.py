@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
-from airflow.executors.workloads.base import BundleInfo
-from airflow.executors.workloads.task import TaskInstanceDTO
 from airflow.models.taskinstancekey import TaskInstanceKey
 
+from hybrid_router import devstack
 from hybrid_router.devstack import MotoServer
 
 # Import path of RecordingExecutor as a policy's ``class``: this folder is on sys.path while its tests run.
@@ -37,36 +35,9 @@ class EcsAccount:
         return self.moto.client("ecs")
 
 
-def make_workload(
-    task_id: str,
-    *,
-    dag_id: str = "ecs_dag",
-    run_id: str = "manual__1",
-    try_number: int = 1,
-    queue: str = "default",
-    executor_config: dict[str, Any] | None = None,
-) -> workloads.ExecuteTask:
+def make_workload(task_id: str, *, dag_id: str = "ecs_dag", run_id: str = "manual__1", **fields: Any) -> Any:
     """An ``ExecuteTask`` as the scheduler would queue it, built without a database."""
-    ti = TaskInstanceDTO(
-        id=uuid.uuid4(),
-        dag_id=dag_id,
-        task_id=task_id,
-        run_id=run_id,
-        try_number=try_number,
-        map_index=-1,
-        dag_version_id=uuid.uuid4(),
-        pool_slots=1,
-        priority_weight=1,
-        queue=queue,
-        executor_config=executor_config,
-    )
-    return workloads.ExecuteTask(
-        ti=ti,
-        dag_rel_path=Path(f"{dag_id}.py"),
-        token=f"token-of-{task_id}",
-        log_path=f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt={try_number}.log",
-        bundle_info=BundleInfo(name="dags-folder"),
-    )
+    return devstack.make_workload(task_id, dag_id=dag_id, run_id=run_id, **fields)
 
 
 class RecordingExecutor(BaseExecutor):

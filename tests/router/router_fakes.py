@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
 from typing import Any
 
 from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
-from airflow.executors.workloads.base import BundleInfo
-from airflow.executors.workloads.task import TaskInstanceDTO
 from airflow.utils.state import TaskInstanceState
 
+from hybrid_router import devstack
 from hybrid_router.child_protocol import InfrastructureFailure
 
 
-def make_workload(
-    task_id: str,
-    *,
-    dag_id: str = "dag",
-    run_id: str = "run",
-    try_number: int = 1,
-    map_index: int = -1,
-    queue: str = "default",
-    priority_weight: int = 1,
-    executor_config: dict[str, Any] | None = None,
-    log_path: str | None = None,
-) -> workloads.ExecuteTask:
-    ti = TaskInstanceDTO(
-        id=uuid.uuid4(),
-        task_id=task_id,
-        dag_id=dag_id,
-        run_id=run_id,
-        try_number=try_number,
-        map_index=map_index,
-        dag_version_id=uuid.uuid4(),
-        queue=queue,
-        pool_slots=1,
-        priority_weight=priority_weight,
-        executor_config=executor_config,
-    )
-    return workloads.ExecuteTask(
-        ti=ti,
-        dag_rel_path=Path("dag.py"),
-        token="token-of-" + task_id,
-        log_path=log_path,
-        bundle_info=BundleInfo(name="dags-folder"),
-    )
+def make_workload(task_id: str, *, log_path: str | None = None, **fields: Any) -> Any:
+    return devstack.make_workload(task_id, log_path=log_path, **fields)
 
 
 class FakeChild(BaseExecutor):
