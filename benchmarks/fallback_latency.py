@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port
+from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, local_lambda_settings
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "lambda_fallback"
@@ -158,17 +158,15 @@ def run_scenario(
             executor=ROUTER,
             config={
                 "hybrid_router": {"policy_file": policy},
-                "lambda_executor": {
-                    "function_name": "airflow-task",
-                    "results_queue_url": results,
-                    "dead_letter_queue_url": dlq,
-                    "signing_secret": SECRET,
-                    "region_name": "us-east-1",
-                    "lambda_endpoint_url": f"http://127.0.0.1:{lambda_port}",
-                    "sqs_endpoint_url": moto.url,
-                    "aws_conn_id": "",
-                    "local_log_dir": str(root / "lambda-logs"),
-                },
+                "lambda_executor": local_lambda_settings(
+                    function_name="airflow-task",
+                    results_queue_url=results,
+                    dead_letter_queue_url=dlq,
+                    signing_secret=SECRET,
+                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
+                    sqs_endpoint_url=moto.url,
+                    local_log_dir=root / "lambda-logs",
+                ),
             },
         )
         function = FunctionConfig(

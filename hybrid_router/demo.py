@@ -33,12 +33,12 @@ from typing import Any
 from urllib.parse import quote
 
 from hybrid_router.devstack import (
-    FAKE_AWS_ENV,
     LOOPBACK,
     AirflowStack,
     MotoServer,
     StackError,
     free_port,
+    local_lambda_settings,
     wait_until,
 )
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
@@ -461,17 +461,15 @@ def airflow_config(
     """The demo's own settings (on top of AirflowStack's), the ones examples/airflow.cfg explains to users."""
     return {
         "hybrid_router": {"policy_file": policy},
-        "lambda_executor": {
-            "function_name": FUNCTION_NAME,
-            "results_queue_url": results_queue_url,
-            "dead_letter_queue_url": dead_letter_queue_url,
-            "signing_secret": signing_secret,
-            "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
-            "lambda_endpoint_url": lambda_endpoint_url,
-            "sqs_endpoint_url": sqs_endpoint_url,
-            "aws_conn_id": "",  # credentials come from the environment (moto accepts any)
-            "local_log_dir": local_log_dir,
-        },
+        "lambda_executor": local_lambda_settings(
+            function_name=FUNCTION_NAME,
+            results_queue_url=results_queue_url,
+            dead_letter_queue_url=dead_letter_queue_url,
+            signing_secret=signing_secret,
+            lambda_endpoint_url=lambda_endpoint_url,
+            sqs_endpoint_url=sqs_endpoint_url,
+            local_log_dir=local_log_dir,
+        ),
     }
 
 

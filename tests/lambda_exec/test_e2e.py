@@ -23,7 +23,14 @@ from hybrid_router.lambda_exec.executor import parse_external_id
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
-from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
+from hybrid_router.devstack import (
+    FAKE_AWS_ENV,
+    AirflowStack,
+    MotoServer,
+    free_port,
+    local_lambda_settings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -143,17 +150,15 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
             executor="hybrid_router.lambda_exec.LambdaExecutor,short:e2e_short_executor.ShortLambdaExecutor",
             env={"PYTHONPATH": str(modules)},
             config={
-                "lambda_executor": {
-                    "function_name": "airflow-task",
-                    "results_queue_url": results,
-                    "dead_letter_queue_url": dlq,
-                    "signing_secret": SECRET,
-                    "region_name": "us-east-1",
-                    "lambda_endpoint_url": f"http://127.0.0.1:{lambda_port}",
-                    "sqs_endpoint_url": moto.url,
-                    "aws_conn_id": "",
-                    "local_log_dir": str(log_dir),
-                },
+                "lambda_executor": local_lambda_settings(
+                    function_name="airflow-task",
+                    results_queue_url=results,
+                    dead_letter_queue_url=dlq,
+                    signing_secret=SECRET,
+                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
+                    sqs_endpoint_url=moto.url,
+                    local_log_dir=log_dir,
+                ),
                 # Adopt a dead scheduler's tasks within seconds, not minutes.
                 "scheduler": {"scheduler_health_check_threshold": 5, "orphaned_tasks_check_interval": 2},
             },

@@ -30,3 +30,19 @@ def write_policy(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def session():
+    """An in-memory database with Airflow's tables, for the router's own SQL."""
+    from airflow.models import import_all_models
+    from airflow.models.base import Base
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    import_all_models()
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        yield session
+    engine.dispose()

@@ -5,23 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from airflow.models import import_all_models
-from airflow.models.base import Base
 from airflow.models.taskinstance import TaskInstance
 from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, refresh_queued_dttm, reset_to_queued
 from router_fakes import make_workload
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
-
-
-@pytest.fixture
-def session():
-    import_all_models()
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        yield session
-    engine.dispose()
 
 
 def add_ti(session: Session, state: str | None, try_number: int = 1, task_id: str = "t") -> uuid.UUID:

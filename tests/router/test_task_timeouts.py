@@ -8,12 +8,9 @@ import zlib
 from datetime import datetime, timezone
 
 import pytest
-from airflow.models import import_all_models
-from airflow.models.base import Base
 from airflow.models.serialized_dag import SerializedDagModel
 from hybrid_router.router.task_timeouts import ExecutionTimeouts, timeouts_from_serialized
-from sqlalchemy import create_engine, event
-from sqlalchemy.orm import Session
+from sqlalchemy import event
 
 SERIALIZED = {
     "dag": {
@@ -30,16 +27,6 @@ SERIALIZED = {
 def test_only_numeric_timeouts_are_kept():
     assert timeouts_from_serialized(SERIALIZED) == {"slow": 1200.0}
     assert timeouts_from_serialized({}) == {}
-
-
-@pytest.fixture
-def session():
-    import_all_models()
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        yield session
-    engine.dispose()
 
 
 @pytest.mark.parametrize("compressed", [False, True])
