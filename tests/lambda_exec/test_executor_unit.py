@@ -391,12 +391,8 @@ def test_throttling_backs_off_without_blocking_and_reports_no_capacity(started):
     assert executor.free_capacity() == 15
 
 
-def test_throttled_beyond_the_bound_is_an_infrastructure_failure(started):
-    clock = FakeClock()
-    lambda_ = FakeLambda()
-    lambda_.answer(*[client_error("TooManyRequestsException", 429)] * 10)
-    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
-    workload = make_workload("never")
+def exhaust_backoff(executor, lambda_, clock, workload) -> None:
+    """Queue the workload and let three refused invokes, 21 s apart, run past a 30 s back-off bound."""
     executor.queue_workload(workload, session=None)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 1)
@@ -404,6 +400,15 @@ def test_throttled_beyond_the_bound_is_an_infrastructure_failure(started):
         clock.advance(21)
         executor.heartbeat()
         wait_invokes(executor, lambda_, attempt)
+
+
+def test_throttled_beyond_the_bound_is_an_infrastructure_failure(started):
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(*[client_error("TooManyRequestsException", 429)] * 10)
+    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
+    workload = make_workload("never")
+    exhaust_backoff(executor, lambda_, clock, workload)
     state, info = executor.get_event_buffer()[workload.ti.key]
     assert state == TaskInstanceState.FAILED and "throttled" in info
     assert executor.pop_infrastructure_failure(workload.ti.key).reason == "throttled"
@@ -416,13 +421,7 @@ def test_server_errors_beyond_the_bound_fail_the_try_without_fallback(started):
     lambda_.answer(*[client_error("ServiceException", 503)] * 10)
     executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
     workload = make_workload("unavailable")
-    executor.queue_workload(workload, session=None)
-    executor.heartbeat()
-    wait_invokes(executor, lambda_, 1)
-    for attempt in (2, 3):
-        clock.advance(21)
-        executor.heartbeat()
-        wait_invokes(executor, lambda_, attempt)
+    exhaust_backoff(executor, lambda_, clock, workload)
     state, info = executor.get_event_buffer()[workload.ti.key]
     assert state == TaskInstanceState.FAILED and "ServiceException" in info
     assert executor.pop_infrastructure_failure(workload.ti.key) is None

@@ -117,6 +117,26 @@ def sealed(event: InvokeEvent) -> dict[str, Any]:
     return json.loads(protocol.seal_event(event, SECRET.encode()))
 
 
+def run_past_the_deadline(
+    event: Any, record: Path, moto_server: Moto, results_queue: str
+) -> protocol.ResultMessage:
+    """Run a 60 s task with 3 s left and a 1.5 s margin; check the handler stopped its whole tree in time."""
+    begin = time.monotonic()
+    answer = handler_mod.handler(sealed(event), FakeContext(3.0))
+    elapsed = time.monotonic() - begin
+
+    assert answer["status"] == "timeout"
+    # Stopped at remaining <= 1.5 s, i.e. ~1.5 s in, plus at most the 1 s SIGTERM grace.
+    assert elapsed < 3.0
+    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.phase is Phase.STARTED
+    assert finished.outcome is Outcome.TIMEOUT
+    pids = json.loads(record.read_text())
+    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
+    return finished
+
+
 def test_a_run_longer_than_the_grace_reports_started_then_finished(
     results_queue: str,
     moto_server: Moto,
@@ -179,20 +199,8 @@ def test_deadline_watch_kills_the_group_and_reports_timeout(
     record = tmp_path / "record.json"
     event = make_event(results_queue, {"sleep": 60, "record": str(record)})
 
-    begin = time.monotonic()
-    answer = handler_mod.handler(sealed(event), FakeContext(3.0))
-    elapsed = time.monotonic() - begin
-
-    assert answer["status"] == "timeout"
-    # Stopped at remaining <= 1.5 s, i.e. ~1.5 s in, plus at most the 1 s SIGTERM grace.
-    assert elapsed < 3.0
-    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
-    started, finished = until_finished(moto_server, results_queue)
-    assert started.phase is Phase.STARTED
-    assert finished.outcome is Outcome.TIMEOUT
+    finished = run_past_the_deadline(event, record, moto_server, results_queue)
     assert "before the Lambda deadline" in finished.detail
-    pids = json.loads(record.read_text())
-    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
 
 
 def test_expired_event_reports_and_does_not_run(
@@ -433,18 +441,7 @@ def test_forked_workload_is_stopped_with_its_tree_at_the_deadline(
     record = tmp_path / "record.json"
     event = make_event(results_queue, {"record": str(record), "sleep": 60})
 
-    begin = time.monotonic()
-    answer = handler_mod.handler(sealed(event), FakeContext(3.0))
-    elapsed = time.monotonic() - begin
-
-    assert answer["status"] == "timeout"
-    assert elapsed < 3.0
-    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
-    started, finished = until_finished(moto_server, results_queue)
-    assert started.phase is Phase.STARTED
-    assert finished.outcome is Outcome.TIMEOUT
-    seen = json.loads(record.read_text())
-    assert wait_gone(seen["pid"]) and wait_gone(seen["grandchild"])
+    run_past_the_deadline(event, record, moto_server, results_queue)
 
 
 def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(
