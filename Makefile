@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hybrid_router.demo
+	$(PY) -m devtools.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

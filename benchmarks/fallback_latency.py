@@ -30,7 +30,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hybrid_router.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, local_lambda_settings
+# devtools/ lives in the checkout, not the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, local_lambda_settings
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "lambda_fallback"

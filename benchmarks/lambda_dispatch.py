@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # devtools/ lives in the checkout, not the wheel
 SECRET = "benchmark-secret"
 FINAL_STATES = ("success", "failed")
 
@@ -270,7 +271,7 @@ def _send_results(moto_url: str, queue_url: str, count: int, ready: Any, go: Any
 def _sqs_client(url: str) -> Any:
     import boto3
 
-    from hybrid_router.devstack import FAKE_AWS_ENV
+    from devtools.devstack import FAKE_AWS_ENV
 
     return boto3.client("sqs", endpoint_url=url, region_name=FAKE_AWS_ENV["AWS_DEFAULT_REGION"])
 
@@ -287,7 +288,7 @@ def service_alone_rate(concurrency: int, events: int) -> dict[str, Any]:
 
 
 def make_workloads(count: int, dag_id: str) -> list[Any]:
-    from hybrid_router.devstack import make_workload
+    from devtools.devstack import make_workload
 
     run_id = f"bench__{uuid.uuid4().hex[:8]}"
     return [make_workload(f"noop_{i}", dag_id=dag_id, run_id=run_id, token="") for i in range(count)]
@@ -347,9 +348,8 @@ def compare(
     lambda_url: str, moto_url: str, queues: dict[str, str], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Run N tasks through our executor, then through the provider's, against the same endpoints."""
+    from devtools.devstack import FAKE_AWS_ENV
     from hybrid_router.lambda_exec.executor import LambdaExecutor
-
-    from hybrid_router.devstack import FAKE_AWS_ENV
 
     def ours() -> Any:
         return LambdaExecutor(
@@ -432,9 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from devtools.devstack import FAKE_AWS_ENV, MotoServer
     from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
-
-    from hybrid_router.devstack import FAKE_AWS_ENV, MotoServer
 
     os.environ.update(FAKE_AWS_ENV)
     os.environ.pop("AWS_SESSION_TOKEN", None)

@@ -25,6 +25,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
 NOOP_MODULE = """

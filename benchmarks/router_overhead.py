@@ -39,7 +39,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from hybrid_router.devstack import AirflowStack, StackError, wait_until
+# devtools/ lives in the checkout, not the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.devstack import AirflowStack, StackError, wait_until
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "router_overhead"

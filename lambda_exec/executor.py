@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.utils.state import TaskInstanceState
 from cachetools import TTLCache
+
+from hybrid_router.child_protocol import InfrastructureFailure
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.aws import (
     AwsClients,
@@ -70,10 +72,9 @@ from hybrid_router.lambda_exec.config import (
     LambdaExecutorConfig,
     check_option_names,
 )
+from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, TaskRef
 from hybrid_router.lambda_exec.results import Disposition, QueueReader
-
-from hybrid_router.child_protocol import InfrastructureFailure
 
 if TYPE_CHECKING:
     from airflow.executors import workloads
@@ -148,25 +149,6 @@ class Received:
 class _Acks:
     results: list[str] = field(default_factory=list)
     dead_letters: list[str] = field(default_factory=list)
-
-
-def external_id(function_name: str, request_id: str, dispatch_id: str) -> str:
-    """The ``external_executor_id`` the scheduler stores for a task run by this executor."""
-    return f"lambda:{function_name}:{request_id or '-'}:{dispatch_id}"
-
-
-def parse_external_id(value: str | None) -> tuple[str, str, str] | None:
-    """``(function_name, request_id, dispatch_id)`` from an external id, or None if it is not ours.
-
-    The function name may be an ARN (with colons), so the id is split from the right.
-    """
-    if not value or not value.startswith("lambda:"):
-        return None
-    parts = value[len("lambda:") :].rsplit(":", 2)
-    if len(parts) != 3 or not all(parts):
-        return None
-    function_name, request_id, dispatch_id = parts
-    return function_name, "" if request_id == "-" else request_id, dispatch_id
 
 
 class LambdaExecutor(BaseExecutor):
@@ -454,7 +436,7 @@ class LambdaExecutor(BaseExecutor):
         not_adopted: list[TaskInstance] = []
         now = self._clock()
         for ti in tis:
-            parsed = parse_external_id(ti.external_executor_id)
+            parsed = parse_lambda_external_id(ti.external_executor_id)
             if parsed is None or parsed[0] != self.config.function_name:
                 not_adopted.append(ti)
                 continue
@@ -502,7 +484,7 @@ class LambdaExecutor(BaseExecutor):
         for the request id on real AWS. Called by the API server on an executor that was never started, so it
         relies only on the task's external id and the configuration, and never raises.
         """
-        parsed = parse_external_id(getattr(ti, "external_executor_id", None))
+        parsed = parse_lambda_external_id(getattr(ti, "external_executor_id", None))
         if parsed is None:
             return [], []
         function_name, request_id, dispatch_id = parsed
@@ -654,7 +636,7 @@ class LambdaExecutor(BaseExecutor):
             self.change_state(
                 dispatch.key,
                 TaskInstanceState.QUEUED,
-                external_id(self.config.function_name, outcome, dispatch.dispatch_id),
+                lambda_external_id(self.config.function_name, outcome, dispatch.dispatch_id),
                 remove_running=False,
             )
 
@@ -828,7 +810,7 @@ class LambdaExecutor(BaseExecutor):
         self._stats_timing("start_latency", max(0.0, dispatch.started_at - dispatch.issued_at))
         self.running_state(
             dispatch.key,
-            external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
+            lambda_external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
         )
 
     def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome, detail: str) -> None:
@@ -951,6 +933,4 @@ __all__ = [
     "LambdaConfigError",
     "LambdaExecutor",
     "LambdaHealthError",
-    "external_id",
-    "parse_external_id",
 ]

@@ -14,6 +14,7 @@ from hybrid_router.child_protocol import CapacityAware, InfrastructureFailure, R
 if TYPE_CHECKING:
     from airflow.executors.base_executor import BaseExecutor
     from airflow.models.taskinstancekey import TaskInstanceKey
+
     from hybrid_router.router.provider_config import ProviderSection
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def instantiate_child(
 ) -> BaseExecutor:
     """Build one child executor. Its ``parallelism`` is the policy's ``max_concurrency`` when that is set."""
     from airflow.executors.executor_utils import ExecutorName
+
     from hybrid_router.router.provider_config import provider_section, with_options
 
     cls = resolve_executor_class(name, class_path)

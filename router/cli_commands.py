@@ -21,9 +21,8 @@ from hybrid_router.router.policy import Decision, Policy, PolicyError, TaskFacts
 from hybrid_router.router.policy.units import format_duration, format_memory
 
 if TYPE_CHECKING:
+    from hybrid_router.router.config import RouterConfig
     from hybrid_router.router.history import TaskKey, TaskRunStats
-
-    from hybrid_router.config import RouterConfig
 
 COMMAND_LINE_SOURCE = "command_line"
 
@@ -35,7 +34,7 @@ def _fail(code: int, *messages: str) -> NoReturn:
 
 
 def _router_config() -> RouterConfig:
-    from hybrid_router.config import RouterConfig, RouterConfigError
+    from hybrid_router.router.config import RouterConfig, RouterConfigError
 
     try:
         return RouterConfig.from_airflow_conf()
@@ -107,6 +106,7 @@ def _history_lookup(dag_id: str, task_id: str) -> tuple[Callable[[str, str], flo
 def _read_run_stats(days: int) -> tuple[dict[TaskKey, TaskRunStats], str | None]:
     """Every task's runs in the last ``days`` days, or an empty dict and why the database could not say."""
     from airflow.utils.session import create_session
+
     from hybrid_router.router.history import read_task_run_stats
 
     try:

@@ -24,8 +24,10 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
+
 from hybrid_router.router import audit, metrics
 from hybrid_router.router.children import Child, build_children, instantiate_child
+from hybrid_router.router.external_id import join_child_id, split_child_id
 from hybrid_router.router.fallback import (
     NEXT_TRY,
     SAME_TRY,
@@ -40,15 +42,12 @@ from hybrid_router.router.task_timeouts import ExecutionTimeouts
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
     from airflow.models.taskinstance import TaskInstance
-    from hybrid_router.router.policy import Decision, Policy
     from sqlalchemy.orm import Session
 
     from hybrid_router.child_protocol import InfrastructureFailure
-    from hybrid_router.config import RouterConfig
+    from hybrid_router.router.config import RouterConfig
+    from hybrid_router.router.policy import Decision, Policy
 
-# ``external_executor_id`` is "<child>" or "<child>|<the child's own id>": adoption after a restart reads the
-# child's name back from it and hands the child its own id.
-EXTERNAL_ID_SEPARATOR = "|"
 # A workload that waited in the router longer than this gets a new execution-API token before it is handed to a
 # child: its token lives only ``[scheduler] task_queued_timeout`` from when the scheduler made it.
 TOKEN_REFRESH_AFTER_S = 60.0
@@ -58,20 +57,6 @@ TOKEN_REFRESH_AFTER_S = 60.0
 KEEP_WAITING_ALIVE_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
-
-
-def external_id(child: str, child_info: Any) -> str:
-    if child_info in (None, ""):
-        return child
-    return f"{child}{EXTERNAL_ID_SEPARATOR}{child_info}"
-
-
-def split_external_id(value: str | None) -> tuple[str | None, str | None]:
-    """``(child name, the child's own id or None)`` of an ``external_executor_id`` the router wrote."""
-    if not value:
-        return None, None
-    child, sep, rest = value.partition(EXTERNAL_ID_SEPARATOR)
-    return child, (rest if sep else None)
 
 
 def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
@@ -194,7 +179,7 @@ class RoutingExecutor(BaseExecutor):
 
     def _ensure_policy(self) -> Policy:
         if self._config is None and self._policy is None:
-            from hybrid_router.config import RouterConfig
+            from hybrid_router.router.config import RouterConfig
 
             self._config = RouterConfig.from_airflow_conf()
         if self._policy is None:
@@ -319,6 +304,7 @@ class RoutingExecutor(BaseExecutor):
 
     def _build_history(self) -> Callable[[str, str], float | None]:
         from airflow.utils.session import create_session
+
         from hybrid_router.router.history import TaskDurationHistory
 
         # Its own sessions, never the scheduler's scoped one: the lookup runs inside the scheduler's
@@ -534,7 +520,7 @@ class RoutingExecutor(BaseExecutor):
         assignment.tried.append(target)
         # Written now, not when the child reports RUNNING: a task must be adoptable by its child's name even
         # if the scheduler dies before the child says anything.
-        self.event_buffer[key] = (TaskInstanceState.QUEUED, external_id(target, None))
+        self.event_buffer[key] = (TaskInstanceState.QUEUED, join_child_id(target, None))
         if self._audit_enabled:
             event = audit.EVENT_FALLBACK if pending.kind == "fallback" else audit.EVENT_ROUTED
             self._audit.record(event, key, **extra)
@@ -642,7 +628,7 @@ class RoutingExecutor(BaseExecutor):
                 log.debug("Dropping event %s for %s from %s, which no longer owns it", state, key, child.name)
                 continue
             if state in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
-                self.event_buffer[key] = (state, external_id(child.name, info))
+                self.event_buffer[key] = (state, join_child_id(child.name, info))
                 continue
             if state == TaskInstanceState.FAILED:
                 failure = child.pop_infrastructure_failure(key)
@@ -797,7 +783,7 @@ class RoutingExecutor(BaseExecutor):
         by_child: dict[str, list[tuple[TaskInstance, str]]] = {}
         not_adopted: list[TaskInstance] = []
         for ti in tis:
-            name, child_info = split_external_id(ti.external_executor_id)
+            name, child_info = split_child_id(ti.external_executor_id)
             if name in self._children:
                 by_child.setdefault(name, []).append((ti, ti.external_executor_id))
                 ti.external_executor_id = child_info
@@ -830,7 +816,7 @@ class RoutingExecutor(BaseExecutor):
         The API server calls this on a router it built but never started: the child named in the task's
         ``external_executor_id`` is then built from the policy (not started), as Airflow builds executors there.
         """
-        name, child_info = split_external_id(getattr(ti, "external_executor_id", None))
+        name, child_info = split_child_id(getattr(ti, "external_executor_id", None))
         if name is None:
             return [], []
         try:

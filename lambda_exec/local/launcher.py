@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
 from hybrid_router.lambda_exec.local.__main__ import URL_LINE_PREFIX
 from hybrid_router.lambda_exec.local.config import (
     DEFAULT_ACCOUNT_CONCURRENCY,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from hybrid_router.lambda_exec.local.config import FunctionConfig
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+
 from hybrid_router.policies import SCHEMA
 
 from .conditions import (

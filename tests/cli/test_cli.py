@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+
 from hybrid_router.policies import DEFAULT_POLICY
 from hybrid_router.router.cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 from hybrid_router.router.policy import TaskFacts, load_policy

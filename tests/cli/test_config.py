@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from airflow.configuration import conf
 from airflow.exceptions import AirflowConfigException
-from hybrid_router.policies import DEFAULT_POLICY
 
-from hybrid_router.config import RouterConfig, RouterConfigError, resolve_policy_file
+from hybrid_router.policies import DEFAULT_POLICY
+from hybrid_router.router.config import RouterConfig, RouterConfigError, resolve_policy_file
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ import statistics
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hybrid_router.router.history import TaskDurationHistory, percentile, worker_seconds
 from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
+
+from hybrid_router.router.history import TaskDurationHistory, percentile, worker_seconds
 
 
 class FakeTimer:

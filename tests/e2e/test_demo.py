@@ -1,6 +1,6 @@
 """``make demo`` end to end, and the parts of it that need no servers.
 
-The end-to-end test runs ``python -m hybrid_router.demo`` as ``make demo`` does: a real Airflow with the router, the
+The end-to-end test runs ``python -m devtools.demo`` as ``make demo`` does: a real Airflow with the router, the
 local Lambda service and moto's SQS. It checks the demo's verdict, then checks the same facts again straight from
 the Airflow database the demo leaves behind, and that no process the demo started outlives it.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hybrid_router import demo
-from hybrid_router.demo import EXPECTED, FAILURE_DAG, LAMBDA, LOCAL, MAIN_DAG, Observed, check
+from devtools import demo
+from devtools.demo import EXPECTED, FAILURE_DAG, LAMBDA, LOCAL, MAIN_DAG, Observed, check
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_TIMEOUT_S = 300
@@ -202,7 +202,7 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
     output = tmp_path / "demo-output"
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hybrid_router.demo", "--output", str(output)],
+        [sys.executable, "-m", "devtools.demo", "--output", str(output)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from hybrid_router.devstack import AirflowStack, MotoServer
+from devtools.devstack import AirflowStack, MotoServer
 
 pytestmark = pytest.mark.e2e
 

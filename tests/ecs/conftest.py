@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ecs_support import EcsAccount
 
-from hybrid_router.devstack import FAKE_AWS_ENV, MotoServer
+from devtools.devstack import FAKE_AWS_ENV, MotoServer
 
 CLUSTER = "airflow-tasks"
 TASK_FAMILY = "airflow-worker"

@@ -15,8 +15,8 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 
-from hybrid_router import devstack
-from hybrid_router.devstack import MotoServer
+from devtools import devstack
+from devtools.devstack import MotoServer
 
 # Import path of RecordingExecutor as a policy's ``class``: this folder is on sys.path while its tests run.
 RECORDING_EXECUTOR = "ecs_support.RecordingExecutor"

@@ -19,6 +19,7 @@ from airflow.executors import workloads
 from airflow.providers.amazon.aws.executors.ecs.ecs_executor import AwsEcsExecutor
 from airflow.utils.state import TaskInstanceState
 from ecs_support import RECORDING_EXECUTOR, EcsAccount, RecordingExecutor, TaskInstanceRow, make_workload
+
 from hybrid_router.router import RoutingExecutor
 from hybrid_router.router.children import ChildConfigError
 from hybrid_router.router.policy import TaskFacts, load_policy

@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any
 
 from botocore.exceptions import ClientError
+
 from hybrid_router.lambda_exec.aws import AwsClients
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hybrid_router.lambda_exec.config import LambdaConfigError, LambdaExecutorConfig
 
 REQUIRED = {"function_name": "fn", "results_queue_url": "http://q/results", "signing_secret": "s3cret"}

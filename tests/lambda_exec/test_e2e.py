@@ -18,12 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hybrid_router.lambda_exec import protocol
-from hybrid_router.lambda_exec.executor import parse_external_id
-from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
-from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
-from hybrid_router.devstack import (
+from devtools.devstack import (
     FAKE_AWS_ENV,
     AirflowStack,
     MotoServer,
@@ -31,6 +27,10 @@ from hybrid_router.devstack import (
     local_lambda_settings,
     wait_until,
 )
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +219,7 @@ def _forge_results_for(stack: SimpleNamespace, dag_id: str, run_id: str, task_id
         return rows[0][0] if rows and rows[0][1] == "running" and rows[0][0] else None
 
     external = wait_until(running_external_id, 60, f"{task_id} to run on Lambda", interval=0.1)
-    _, request_id, dispatch_id = parse_external_id(external)
+    _, request_id, dispatch_id = parse_lambda_external_id(external)
     forged = ResultMessage(
         phase=Phase.FINISHED,
         dispatch_id=dispatch_id,

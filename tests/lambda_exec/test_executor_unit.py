@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.utils.state import TaskInstanceState
+
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.config import LambdaConfigError
-from hybrid_router.lambda_exec.executor import LambdaExecutor, external_id, parse_external_id
+from hybrid_router.lambda_exec.executor import LambdaExecutor
+from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
 from .conftest import SECRET, drive
@@ -102,12 +104,12 @@ def invoke_and_accept(executor, lambda_, workload):
 
 def test_external_id_round_trip_with_arn():
     arn = "arn:aws:lambda:us-east-1:123456789012:function:airflow-task"
-    value = external_id(arn, "a-b-c", "d1")
+    value = lambda_external_id(arn, "a-b-c", "d1")
     assert value.startswith(f"lambda:{arn}:")
-    assert parse_external_id(value) == (arn, "a-b-c", "d1")
-    assert parse_external_id("lambda:fn:-:d2") == ("fn", "", "d2")
-    assert parse_external_id("celery-task-id") is None
-    assert parse_external_id(None) is None
+    assert parse_lambda_external_id(value) == (arn, "a-b-c", "d1")
+    assert parse_lambda_external_id("lambda:fn:-:d2") == ("fn", "", "d2")
+    assert parse_lambda_external_id("celery-task-id") is None
+    assert parse_lambda_external_id(None) is None
 
 
 # -- the happy path and the task's own outcomes ------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_success_flow_events_and_batch_deletes(started):
     assert event.task == TaskRef(*key)
     assert json.loads(event.workload)["ti"]["task_id"] == "ok"
     assert event.not_after - event.issued_at == 300
-    assert parse_external_id(queued_info)[2] == event.dispatch_id
+    assert parse_lambda_external_id(queued_info)[2] == event.dispatch_id
     assert executor.has_task(SimpleNamespace(id=workload.ti.id, key=key))
 
     sqs.send(RESULTS, result(event, Phase.STARTED, request_id="req-9"))
@@ -537,12 +539,12 @@ def test_adopts_own_tasks_and_reports_a_result_left_in_the_queue(started):
     mine = SimpleNamespace(
         key=key,
         state=TaskInstanceState.RUNNING,
-        external_executor_id=external_id("airflow-task", "r1", "d-old"),
+        external_executor_id=lambda_external_id("airflow-task", "r1", "d-old"),
     )
     other_fn = SimpleNamespace(
         key=make_workload("x").ti.key,
         state=TaskInstanceState.RUNNING,
-        external_executor_id=external_id("airflow-task-10g", "r2", "d2"),
+        external_executor_id=lambda_external_id("airflow-task-10g", "r2", "d2"),
     )
     foreign = SimpleNamespace(
         key=make_workload("y").ti.key, state=TaskInstanceState.RUNNING, external_executor_id="abc"
@@ -594,7 +596,7 @@ def test_get_task_log_reads_the_local_service_log(tmp_path):
         "END RequestId: req-42\nREPORT RequestId: req-42\tDuration: 5 ms\nSTART RequestId: next\n"
     )
     executor, _, _ = make_executor(local_log_dir=str(tmp_path))
-    ti = SimpleNamespace(external_executor_id=external_id("airflow-task", "req-42", "d1"))
+    ti = SimpleNamespace(external_executor_id=lambda_external_id("airflow-task", "req-42", "d1"))
     sources, lines = executor.get_task_log(ti, 1)
     assert sources == [
         f"AWS Lambda airflow-task: request req-42 (dispatch d1), local Lambda log folder {tmp_path}/airflow-task"
@@ -608,7 +610,7 @@ def test_get_task_log_reads_the_local_service_log(tmp_path):
 
 
 def test_get_task_log_without_config_still_points_at_the_function():
-    ti = SimpleNamespace(external_executor_id=external_id("airflow-task", "req-1", "d1"))
+    ti = SimpleNamespace(external_executor_id=lambda_external_id("airflow-task", "req-1", "d1"))
     sources, lines = LambdaExecutor().get_task_log(ti, 1)
     assert sources == ["AWS Lambda airflow-task: request req-1"]
     assert "function_name" in lines[0] or "required" in lines[0]

@@ -15,10 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.utils.state import TaskInstanceState
-from hybrid_router.lambda_exec.executor import LambdaExecutor, parse_external_id
-from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
-from hybrid_router.devstack import FAKE_AWS_ENV, MotoServer
+from devtools.devstack import FAKE_AWS_ENV, MotoServer
+from hybrid_router.lambda_exec.executor import LambdaExecutor
+from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
 from .conftest import SECRET, drive
 from .workloads import make_workload
@@ -134,7 +135,7 @@ def test_outcomes_through_the_local_service(lambda_stack, no_thread_leak):
     # A run longer than the handler's STARTED grace reported STARTED while it ran: RUNNING with the run's
     # request id in the external id, in a heartbeat of its own before the final state.
     running_info = seen_running[keys["sleep-1"]]
-    function_name, request_id, _ = parse_external_id(running_info)
+    function_name, request_id, _ = parse_lambda_external_id(running_info)
     assert function_name == "airflow-task" and request_id
     sources, lines = executor.get_task_log(SimpleNamespace(external_executor_id=running_info), 1)
     assert any("fake task sleep-1 running" in line for line in lines), (sources, lines)
@@ -159,7 +160,7 @@ def test_forged_result_and_duplicate_delivery_change_nothing(lambda_stack, no_th
         key = workload.ti.key
         executor.queue_workload(workload, session=None)
         queued = drive(executor, lambda ev: key in ev)
-        dispatch_id = parse_external_id(queued[key][1])[2]
+        dispatch_id = parse_lambda_external_id(queued[key][1])[2]
         # A forged FAILED for the same dispatch, signed with the wrong secret: must change nothing.
         forged = ResultMessage(
             phase=Phase.FINISHED,

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+
 from hybrid_router.lambda_exec.results import Disposition, QueueReader
 
 from .fakes import FakeSqs

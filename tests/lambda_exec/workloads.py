@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybrid_router import devstack
+from devtools import devstack
 
 
 def make_workload(

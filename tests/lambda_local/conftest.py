@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from hybrid_router.devstack import MotoServer
+from devtools.devstack import MotoServer
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 from botocore.exceptions import ClientError
+
 from hybrid_router.lambda_exec import handler as handler_mod
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef

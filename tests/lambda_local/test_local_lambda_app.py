@@ -6,6 +6,7 @@ from typing import Any
 
 import botocore.session
 from botocore.parsers import RestJSONParser
+
 from hybrid_router.lambda_exec.local import errors
 from hybrid_router.lambda_exec.local.app import LambdaApi, Request, Response
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hybrid_router.lambda_exec.local.config import ConfigError, FunctionConfig, load_config
 
 

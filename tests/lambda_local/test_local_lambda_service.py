@@ -20,6 +20,7 @@ import psutil
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef

@@ -3,6 +3,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+
 from hybrid_router.router.policy import Policy, PolicyError, load_policy_text
 
 # A valid policy head: tests append a rule list (see policy_text) or change one piece of it.

@@ -9,10 +9,11 @@ import math
 import re
 
 import yaml
-from hybrid_router.policies import DEFAULT_POLICY
-from hybrid_router.router.policy import Policy, PolicyError, TaskFacts, load_policy_text
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from hybrid_router.policies import DEFAULT_POLICY
+from hybrid_router.router.policy import Policy, PolicyError, TaskFacts, load_policy_text
 
 FILENAME = "fuzz.yaml"
 DEFAULT_TEXT = DEFAULT_POLICY.read_text(encoding="utf-8")

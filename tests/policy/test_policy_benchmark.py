@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from hybrid_router.router.policy import load_policy_text
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "policy_decisions.py"

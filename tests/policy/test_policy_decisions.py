@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from hybrid_router.policies import DEFAULT_POLICY
 from hybrid_router.router.policy import (
     Decision,

@@ -7,6 +7,7 @@ import json
 import jsonschema
 import pytest
 import yaml
+
 from hybrid_router.policies import DEFAULT_POLICY, SCHEMA
 from hybrid_router.router.policy import load_policy, load_policy_text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from hybrid_router.router.policy import PolicyError, PolicyIssue, load_policy, load_policy_text
 
 from .conftest import BASE_POLICY, errors_of, load, policy_text

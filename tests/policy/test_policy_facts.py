@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+
 from hybrid_router.router.policy import TaskFacts, resolve_facts
 
 

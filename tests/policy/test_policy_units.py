@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from hybrid_router.router.policy import Limits, format_duration, parse_duration, parse_memory_mb
 
 

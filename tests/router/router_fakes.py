@@ -8,7 +8,7 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
-from hybrid_router import devstack
+from devtools import devstack
 from hybrid_router.child_protocol import InfrastructureFailure
 
 

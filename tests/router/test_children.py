@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.executors.local_executor import LocalExecutor
-from hybrid_router.router.children import Child, ChildConfigError, build_children, instantiate_child
 from router_fakes import CapacityChild, FakeChild, make_workload
+
+from hybrid_router.router.children import Child, ChildConfigError, build_children, instantiate_child
 
 
 class WithOptions(FakeChild):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_router.devstack import AirflowStack, wait_until
+from devtools.devstack import AirflowStack, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.utils.state import TaskInstanceState
+from router_fakes import CapacityChild, DyingChild, FakeChild, QueueingChild, make_workload
+
 from hybrid_router.router import executor as executor_module
 from hybrid_router.router.children import Child
-from hybrid_router.router.executor import RoutingExecutor, external_id, split_external_id
+from hybrid_router.router.executor import RoutingExecutor
+from hybrid_router.router.external_id import join_child_id, split_child_id
 from hybrid_router.router.policy import load_policy
-from router_fakes import CapacityChild, DyingChild, FakeChild, QueueingChild, make_workload
 
 POLICY = """
 version: 1
@@ -357,9 +359,9 @@ def test_adoption_hands_each_task_to_the_child_named_in_its_external_id(make_rou
 
 
 def test_external_id_round_trip():
-    assert split_external_id(external_id("lambda", "abc|def")) == ("lambda", "abc|def")
-    assert split_external_id(external_id("local", None)) == ("local", None)
-    assert split_external_id(None) == (None, None)
+    assert split_child_id(join_child_id("lambda", "abc|def")) == ("lambda", "abc|def")
+    assert split_child_id(join_child_id("local", None)) == ("local", None)
+    assert split_child_id(None) == (None, None)
 
 
 def test_revoke_task_never_raises(make_router):

@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 from airflow.models.taskinstance import TaskInstance
-from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, refresh_queued_dttm, reset_to_queued
 from router_fakes import make_workload
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+
+from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, refresh_queued_dttm, reset_to_queued
 
 
 def add_ti(session: Session, state: str | None, try_number: int = 1, task_id: str = "t") -> uuid.UUID:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hybrid_router.router.policy import PolicyError, load_policy_text
 
 POLICY = """\

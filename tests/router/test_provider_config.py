@@ -10,6 +10,7 @@ from airflow.executors.base_executor import BaseExecutor, ExecutorConf
 from airflow.providers.amazon.aws.executors.aws_lambda.lambda_executor import AwsLambdaExecutor
 from airflow.providers.amazon.aws.executors.batch.batch_executor import AwsBatchExecutor
 from airflow.providers.amazon.aws.executors.ecs.ecs_executor import AwsEcsExecutor
+
 from hybrid_router.router.children import ChildConfigError, instantiate_child
 from hybrid_router.router.provider_config import OptionsConf, provider_section, with_options
 

@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 
 import pytest
 from airflow.models.serialized_dag import SerializedDagModel
-from hybrid_router.router.task_timeouts import ExecutionTimeouts, timeouts_from_serialized
 from sqlalchemy import event
+
+from hybrid_router.router.task_timeouts import ExecutionTimeouts, timeouts_from_serialized
 
 SERIALIZED = {
     "dag": {

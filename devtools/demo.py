@@ -1,6 +1,6 @@
 """``make demo``: a real Airflow routes the demo DAGs between a (local) Lambda function and the Local executor.
 
-Run as ``python -m hybrid_router.demo``. It starts, all on 127.0.0.1 with free ports and in a fresh
+Run as ``python -m devtools.demo``. It starts, all on 127.0.0.1 with free ports and in a fresh
 AIRFLOW_HOME under the output folder (``demo-output/`` by default):
 
 - moto's server, with the SQS results queue and dead-letter queue the Lambda path uses;
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from hybrid_router.devstack import (
+from devtools.devstack import (
     LOOPBACK,
     AirflowStack,
     MotoServer,
@@ -43,6 +43,7 @@ from hybrid_router.devstack import (
 )
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.router.audit import AUDIT_OWNER, EVENT_FALLBACK, EVENT_ROUTED
+from hybrid_router.router.external_id import split_child_id
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 MAIN_DAG = "hybrid_router_demo"
@@ -264,9 +265,7 @@ def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
         problems.append(f"unexpected router events: {'; '.join(seen.other_events)}")
     if seen.try_number != 1:
         problems.append(f"try {seen.try_number}: a fallback must not spend a retry")
-    # The router writes "<child>" or "<child>|<the child's own id>" (router.executor.external_id); that module
-    # is not imported here because it imports Airflow, which would read the user's own AIRFLOW_HOME.
-    final_child = (seen.external_executor_id or "").split("|", 1)[0]
+    final_child, _ = split_child_id(seen.external_executor_id)
     if path and final_child != path[-1]:
         problems.append(f"external_executor_id {seen.external_executor_id!r} disagrees with the audit rows")
     return verdict
@@ -645,9 +644,7 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hybrid_router.demo", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--output", type=Path, default=Path("demo-output"), help="folder for the report and the Airflow home"
     )
