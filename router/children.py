@@ -136,8 +136,8 @@ class Child:
     # Keys dispatched to this child and not yet finished. LocalExecutor (and BaseExecutor.trigger_tasks) never
     # fill ``running``, so the child's own count cannot be trusted for capacity.
     in_flight: set[TaskInstanceKey] = field(default_factory=set)
-    # Tasks the child may hold beyond ``limit`` in its own queue, started by the child the moment one of its
-    # workers is free instead of one scheduler loop later by the router (see RoutingExecutor).
+    # Tasks the child may hold beyond ``limit`` in its own queue, so that a worker that is done starts the
+    # next one at once, not one scheduler loop later (when the router uses it: ``waiting.prefetch_room``).
     prefetch: int = 0
 
     @property

@@ -59,15 +59,23 @@ class Option:
 
 
 @dataclass(frozen=True)
+class ExclusiveGroup:
+    """Options of which at most one may be given (exactly one when ``required``)."""
+
+    flags: tuple[str, ...]
+    required: bool = False
+
+
+@dataclass(frozen=True)
 class Command:
     name: str
     help: str
     function: str  # name of the body in COMMANDS_MODULE
     options: tuple[Option, ...]
     description: str | None = None
-    # argparse mutually exclusive groups: (required, option flags); Airflow's Arg has no such notion, so the
-    # body re-checks them for `airflow hybrid-router` (see cli_commands._require_one_of)
-    exclusive: tuple[tuple[bool, tuple[str, ...]], ...] = ()
+    # argparse mutually exclusive groups; Airflow's Arg has no such notion, so the body re-checks them for
+    # `airflow hybrid-router` (see cli_commands.simulate)
+    exclusive: tuple[ExclusiveGroup, ...] = ()
 
 
 OPT_JSON = Option(("--json",), {"action": "store_true", "help": "print one JSON object instead of text"})
@@ -147,7 +155,7 @@ SIMULATE = Command(
         ),
         OPT_JSON,
     ),
-    exclusive=((True, ("--tasks", "--from-db")),),
+    exclusive=(ExclusiveGroup(("--tasks", "--from-db"), required=True),),
 )
 
 COMMANDS: tuple[Command, ...] = (VALIDATE, EXPLAIN, SIMULATE)
@@ -170,11 +178,11 @@ def build_parser(prog: str = "python -m hybrid_router") -> argparse.ArgumentPars
         sub = subparsers.add_parser(
             command.name, help=command.help, description=command.description or command.help
         )
-        grouped = {flag for _, flags in command.exclusive for flag in flags}
-        for required, flags in command.exclusive:
-            group = sub.add_mutually_exclusive_group(required=required)
+        grouped = {flag for group in command.exclusive for flag in group.flags}
+        for exclusive in command.exclusive:
+            group = sub.add_mutually_exclusive_group(required=exclusive.required)
             for option in command.options:
-                if option.flags[0] in flags:
+                if option.flags[0] in exclusive.flags:
                     group.add_argument(*option.flags, **option.kwargs)
         for option in command.options:
             if option.flags[0] not in grouped:

@@ -3,20 +3,21 @@
 The scheduler sees only this executor. For every queued task it asks the policy where the task should run,
 hands the workload to that child (or to the first overflow child with room, or keeps it waiting, ordered by
 priority, until one has room), forwards the children's events, and after an infrastructure failure reported by
-a child hands the same try to the next fallback executor (see ``fallback.py``).
+a child hands the same try to the next fallback executor.
 
 Every decision is visible three ways: a line in the task's own log, the child's name at the front of the task
 instance's ``external_executor_id``, and an audit row in Airflow's ``log`` table, plus a metric per executor
-and per rule.
+and per rule. This module carries the decisions out; they are made beside it: which child takes a waiting task
+(``waiting.py``), what follows an infrastructure failure (``fallback.py``), what people are told
+(``audit.py``), who adopts a task after a restart (``adoption.py``), when the policy is reloaded
+(``policy_file.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -26,18 +27,31 @@ from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 
 from hybrid_router.router import audit, metrics
+from hybrid_router.router.adoption import offer_to_children
 from hybrid_router.router.children import Child, build_children, instantiate_child
 from hybrid_router.router.external_id import join_child_id, split_child_id
 from hybrid_router.router.fallback import (
-    NEXT_TRY,
     SAME_TRY,
-    NextTryRoute,
+    FallbacksExhausted,
     NextTryRoutes,
+    RerunSameTry,
+    RouteNextTry,
+    decide_fallback,
     redispatch_same_try,
     refresh_queued_dttm,
 )
 from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
+from hybrid_router.router.policy_file import PolicyFile
 from hybrid_router.router.task_timeouts import ExecutionTimeouts
+from hybrid_router.router.waiting import (
+    KEEP_WAITING_ALIVE_EVERY_S,
+    TOKEN_REFRESH_AFTER_S,
+    Assignment,
+    Pending,
+    PendingKind,
+    Room,
+    prefetch_room,
+)
 
 if TYPE_CHECKING:
     from airflow.executors.workloads import ExecutorWorkload
@@ -47,14 +61,6 @@ if TYPE_CHECKING:
     from hybrid_router.child_protocol import InfrastructureFailure
     from hybrid_router.router.config import RouterConfig
     from hybrid_router.router.policy import Decision, Policy
-
-# A workload that waited in the router longer than this gets a new execution-API token before it is handed to a
-# child: its token lives only ``[scheduler] task_queued_timeout`` from when the scheduler made it.
-TOKEN_REFRESH_AFTER_S = 60.0
-# A task waiting in the router is QUEUED in the database; the scheduler's stuck-in-queued check (``[scheduler]
-# task_queued_timeout``, 600 s by default) would revoke and finally fail it. Its ``queued_dttm`` is moved on
-# every this many seconds while it waits, so lack of room never fails a task.
-KEEP_WAITING_ALIVE_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
     return workload.model_copy(update={"ti": ti})
 
 
-class _WithExternalId:
+class _TaskInstanceWithChildId:
     """A task instance as its child knows it: the child's own external id, without the router's prefix."""
 
     def __init__(self, ti: Any, external_executor_id: str | None) -> None:
@@ -83,57 +89,13 @@ class _WithExternalId:
         return getattr(self._ti, name)
 
 
-@dataclass
-class Pending:
-    """A task waiting inside the router for one of ``candidates`` to have room."""
-
-    candidates: tuple[str, ...]
-    decision: Decision | None  # None only for an adopted task whose decision could not be made again
-    kind: str = "routed"  # "routed" | "fallback" | "next_try"
-    since: float = 0.0
-    failure: InfrastructureFailure | None = None
-    failed_on: str | None = None
-    announced_wait: bool = False
-    kept_alive_at: float = 0.0
-
-
-@dataclass
-class Assignment:
-    """Which child owns a key now, and what is left to try should it die there."""
-
-    ti_id: Any
-    decision: Decision | None  # None for a task adopted after a restart until it is needed again
-    child: str | None = None  # None while waiting for a fallback executor with room
-    tried: list[str] = field(default_factory=list)
-    fallbacks_used: int = 0
-    log_path: str | None = None
-
-
 class RoutingExecutor(BaseExecutor):
     """Routes each task to a child executor by policy, with overflow, fallback and adoption.
 
-    Set ``[core] executor = hybrid_router.router.RoutingExecutor`` (or give it an alias in Airflow's executor
-    list) and ``[hybrid_router] policy_file``. The constructor reads nothing and starts nothing: the API server
-    and ``airflow dags test`` also build executors. ``policy``, ``config`` and ``children`` may be passed in
-    (tests, embedding); otherwise ``start()`` reads ``[hybrid_router]`` and builds the children.
-
-    ``[core] parallelism`` bounds what the scheduler hands the router, counted honestly: tasks running on a
-    child, tasks prefetched into a child's queue and tasks waiting in the router's queue. Set it above the
-    children's ``max_concurrency`` plus ``prefetch`` added up so that the router can keep its queue of one
-    more wave (see ``slots_available``); LocalExecutor alone is not bound by it in Airflow 3.3.2 because it
-    never fills its ``running`` set.
-
-    Prefetch (policy ``executors.<name>.prefetch``; by default ``max_concurrency`` for LocalExecutor, 0 for
-    any other executor): the router learns that a child's task ended only at its next heartbeat, one scheduler
-    loop later, while a LocalExecutor worker that is done takes the next task from its own queue at once. So
-    a child may hold up to ``prefetch`` tasks beyond ``max_concurrency``; its workers (``max_concurrency`` of
-    them) still bound what runs at once. A prefetched task has left the router: it no longer overflows, is no
-    longer reordered by priority, and starts when a worker of that child is free. Hence the router prefers any
-    candidate with a free slot (overflow included) to a prefetch, and prefetches only behind tasks whose
-    policy ``expected_duration`` is at most a fifth of ``[scheduler] task_queued_timeout``, which a waiting
-    workload's token and the stuck-in-queued check both live by. Should the scheduler die, tasks prefetched
-    into a LocalExecutor child's queue are left to its orphaned workers, as a bare LocalExecutor's backlog
-    is; ``prefetch: 0`` keeps every waiting task in the router instead.
+    The constructor reads nothing and starts nothing: the API server and ``airflow dags test`` also build
+    executors. ``policy``, ``config`` and ``children`` may be passed in (tests, embedding); otherwise
+    ``start()`` reads ``[hybrid_router]`` and builds the children. Sizing ``[core] parallelism`` and each
+    child's ``max_concurrency`` and ``prefetch``: docs/tuning.md.
     """
 
     # Class flags are read on the class before start(), when the children are not built yet; they describe the
@@ -165,15 +127,14 @@ class RoutingExecutor(BaseExecutor):
         self._clock = clock
         self._waiting: dict[TaskInstanceKey, Pending] = {}
         self._assignments: dict[TaskInstanceKey, Assignment] = {}
-        self._next_try = NextTryRoutes()
-        self._timeouts = ExecutionTimeouts()
+        self._next_try_routes = NextTryRoutes()
+        self._execution_timeouts = ExecutionTimeouts()
         self._audit = audit.AuditLog()
         self._audit_enabled = True
-        self._policy_stamp: tuple[int, int] | None = None
-        self._next_reload_at = float("inf")
+        self._policy_file: PolicyFile | None = None  # set when the policy comes from a file (``config``)
         self._started = False
         self._log_readers: dict[str, BaseExecutor | None] = {}
-        self._prefetch_behind_at_most_s = 600.0 / 5  # set from [scheduler] task_queued_timeout by start()
+        self._task_queued_timeout_s = 600.0  # [scheduler] task_queued_timeout, read by start()
 
     # -- start / stop ----------------------------------------------------------------------------------------
 
@@ -182,16 +143,21 @@ class RoutingExecutor(BaseExecutor):
             from hybrid_router.router.config import RouterConfig
 
             self._config = RouterConfig.from_airflow_conf()
+        if self._config is not None and self._policy_file is None:
+            self._policy_file = PolicyFile(
+                self._config.policy_file,
+                reload_interval=float(self._config.reload_interval),
+                clock=self._clock,
+            )
         if self._policy is None:
-            self._policy = self._load_policy_file()
-            self._policy_stamp = self._file_stamp()
+            self._policy = self._policy_file.load()
         return self._policy
 
     def start(self) -> None:
         self._ensure_policy()
         if self._config is not None:
             self._audit_enabled = self._config.audit_log
-            self._next_reload_at = self._clock() + float(self._config.reload_interval)
+            self._policy_file.start_watching()
             if self._history is None and self._config.history_enabled:
                 self._history = self._build_history()
         if not self._children:
@@ -204,7 +170,7 @@ class RoutingExecutor(BaseExecutor):
         self.supports_connection_test = any(
             c.executor.supports_connection_test for c in self._children.values()
         )
-        self._prefetch_behind_at_most_s = self._task_queued_timeout_s() / 5
+        self._task_queued_timeout_s = self._read_task_queued_timeout_s()
         self._started = True
         log.info(
             "RoutingExecutor started with children %s, fallback mode %s",
@@ -216,7 +182,7 @@ class RoutingExecutor(BaseExecutor):
         )
 
     @staticmethod
-    def _task_queued_timeout_s() -> float:
+    def _read_task_queued_timeout_s() -> float:
         from airflow.configuration import conf
 
         return conf.getfloat("scheduler", "task_queued_timeout", fallback=600.0)
@@ -255,52 +221,17 @@ class RoutingExecutor(BaseExecutor):
     def max_fallbacks(self) -> int:
         return self._policy.max_fallbacks
 
-    def _load_policy_file(self) -> Any:
-        from hybrid_router.router.policy import load_policy
-
-        return load_policy(self._config.policy_file)
-
-    def _file_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self._config.policy_file)
-        except (OSError, AttributeError, TypeError):
-            return None
-        return st.st_mtime_ns, st.st_size
-
     def reload_policy(self) -> bool:
         """Load the policy file again if it changed; keep the last good policy when the new one is bad."""
-        stamp = self._file_stamp()
-        if stamp is None or stamp == self._policy_stamp:
+        if self._policy_file is None:
             return False
-        self._policy_stamp = stamp
-        try:
-            policy = self._load_policy_file()
-        except Exception as err:
-            issues = getattr(err, "issues", None)
-            log.error(
-                "Policy reload from %s failed; routing goes on with the last good policy: %s%s",
-                self._config.policy_file,
-                err,
-                "".join(f"\n  {issue}" for issue in issues) if issues else "",
-            )
-            return False
-        if dict(policy.executors) != dict(self._policy.executors):
-            log.error(
-                "Policy reload from %s changes the executors section; that takes a scheduler restart. "
-                "Routing goes on with the last good policy.",
-                self._config.policy_file,
-            )
+        return self._use_policy(self._policy_file.reload(self._policy))
+
+    def _use_policy(self, policy: Policy | None) -> bool:
+        if policy is None:
             return False
         self._policy = policy
-        log.info("Policy reloaded from %s", self._config.policy_file)
         return True
-
-    def _maybe_reload_policy(self) -> None:
-        now = self._clock()
-        if now < self._next_reload_at:
-            return
-        self._next_reload_at = now + float(self._config.reload_interval)
-        self.reload_policy()
 
     def _build_history(self) -> Callable[[str, str], float | None]:
         from airflow.utils.session import create_session
@@ -337,7 +268,7 @@ class RoutingExecutor(BaseExecutor):
 
     def _queue_task(self, workload: workloads.ExecuteTask, session: Session | None) -> None:
         key = workload.ti.key
-        next_try = self._next_try.take(key)
+        next_try = self._next_try_routes.take(key)
         try:
             decision = self.decide(workload, session)
         except Exception as err:
@@ -347,7 +278,7 @@ class RoutingExecutor(BaseExecutor):
             pending = Pending(
                 candidates=(next_try.executor, *next_try.remaining),
                 decision=decision,
-                kind="next_try",
+                kind=PendingKind.NEXT_TRY,
                 failed_on=next_try.failed_on,
             )
         else:
@@ -374,7 +305,7 @@ class RoutingExecutor(BaseExecutor):
             ti = session.get(TaskInstance, ti_dto.id)
             if ti is not None:
                 pool, operator = ti.pool, ti.operator
-            execution_timeout_s = self._timeouts.get(session, ti_dto.dag_version_id, ti_dto.task_id)
+            execution_timeout_s = self._execution_timeouts.get(session, ti_dto.dag_version_id, ti_dto.task_id)
         return self._decide(
             dag_id=ti_dto.dag_id,
             task_id=ti_dto.task_id,
@@ -412,12 +343,16 @@ class RoutingExecutor(BaseExecutor):
     def _reject(self, workload: workloads.ExecuteTask, err: Exception) -> None:
         """A task the policy cannot route (bad ``executor_config``): fail it with the reason, visibly."""
         key = workload.ti.key
-        message = f"hybrid_router: cannot route this task: {err}"
+        notice = audit.route_error(err)
         log.error("Cannot route %s: %s", key, err)
-        audit.write_task_log_line(workload.log_path, message, level="error")
-        if self._audit_enabled:
-            self._audit.record("hybrid_router.route_error", key, error=str(err))
-        self.event_buffer[key] = (TaskInstanceState.FAILED, message)
+        self._tell(key, workload.log_path, notice)
+        self.event_buffer[key] = (TaskInstanceState.FAILED, notice.message)
+
+    def _tell(self, key: TaskInstanceKey, log_path: str | None, notice: audit.Notice) -> None:
+        """Write ``notice`` to the task's log and, unless audit rows are off, to Airflow's audit log."""
+        audit.write_task_log_line(log_path, notice.message, level=notice.level)
+        if notice.event is not None and self._audit_enabled:
+            self._audit.record(notice.event, key, **notice.extra)
 
     # -- capacity --------------------------------------------------------------------------------------------
 
@@ -436,59 +371,36 @@ class RoutingExecutor(BaseExecutor):
         return free + max(queue_room, 0)
 
     def _prefetch_room(self, child: Child) -> int:
-        """Room in ``child``'s own queue, open only while every task it holds is expected to end soon.
-
-        A prefetched task waits in the child behind the tasks it already runs, out of the router's reach: its
-        token and the scheduler's stuck-in-queued clock both run ``[scheduler] task_queued_timeout``. So a
-        task is prefetched only behind tasks whose policy ``expected_duration`` is at most a fifth of that.
-        """
-        if child.prefetch <= 0:
-            return 0
-        for key in child.in_flight:
-            assignment = self._assignments.get(key)
-            decision = assignment.decision if assignment else None
-            if decision is None or decision.expected_duration_s > self._prefetch_behind_at_most_s:
-                return 0
-        return child.prefetch_slots()
+        decisions = (
+            assignment.decision if (assignment := self._assignments.get(key)) else None
+            for key in child.in_flight
+        )
+        return prefetch_room(child, decisions, task_queued_timeout_s=self._task_queued_timeout_s)
 
     def _dispatch_waiting(self) -> set[str]:
-        """Hand waiting tasks, highest priority first, to the first candidate with room. Returns children used.
-
-        A candidate that can start the task now wins over one that would hold it in its queue (prefetch), so
-        a task overflows to an executor with a free slot rather than wait in its first choice's queue.
-        """
+        """Hand waiting tasks, highest priority first, to a candidate with room. Returns the children used."""
         if not self._waiting:
             return set()
-        free = {name: child.free_slots() for name, child in self._children.items()}
-        # Measured on first need only, after this pass's earlier dispatches joined the children's in_flight.
-        queue_room: dict[str, int] | None = None
+        room = Room(self._children, self._prefetch_room)
         used: set[str] = set()
         for key, workload in self.order_queued_tasks_by_priority():
             pending = self._waiting[key]
-            target = next((name for name in pending.candidates if free.get(name, 0) > 0), None)
-            if target is not None:
-                free[target] -= 1
-            else:
-                if queue_room is None:
-                    queue_room = {name: self._prefetch_room(child) for name, child in self._children.items()}
-                target = next((name for name in pending.candidates if queue_room.get(name, 0) > 0), None)
-                if target is None:
-                    if not pending.announced_wait:
-                        pending.announced_wait = True
-                        self._announce_wait(key, workload, pending)
-                    continue
-                queue_room[target] -= 1
+            target = room.take(pending.candidates)
+            if target is None:
+                if not pending.announced_wait:
+                    pending.announced_wait = True
+                    self._announce_wait(key, workload, pending)
+                continue
             self._dispatch(key, workload, pending, target)
             used.add(target)
         return used
 
     def _announce_wait(self, key: TaskInstanceKey, workload: workloads.ExecuteTask, pending: Pending) -> None:
-        names = ", ".join(pending.candidates) or "(none configured)"
-        log.info("No room for %s on %s; it waits in the router", key, names)
-        metrics.count_waiting(pending.candidates[0] if pending.candidates else "none")
-        audit.write_task_log_line(
-            workload.log_path, f"hybrid_router: waiting for a free slot on {names}; the task is not dropped"
+        log.info(
+            "No room for %s on %s; it waits in the router", key, audit.candidate_list(pending.candidates)
         )
+        metrics.count_waiting(pending.candidates[0] if pending.candidates else "none")
+        self._tell(key, workload.log_path, audit.waiting(pending.candidates))
 
     def _dispatch(
         self, key: TaskInstanceKey, workload: workloads.ExecuteTask, pending: Pending, target: str
@@ -501,7 +413,7 @@ class RoutingExecutor(BaseExecutor):
                     "token": workloads.ExecuteTask.generate_token(str(workload.ti.id), self.jwt_generator)
                 }
             )
-        message, extra = self._describe(pending, target)
+        notice = pending.dispatch_notice(target, now=self._clock())
         del self.queued_tasks[key]
         del self._waiting[key]
         try:
@@ -511,9 +423,9 @@ class RoutingExecutor(BaseExecutor):
             # the task with the reason rather than stall the scheduler loop or retry forever.
             log.exception("Child executor %s refused %s", target, key)
             self._assignments.pop(key, None)
-            self._reject(workload, RuntimeError(f"executor '{target}' refused the task: {err}"))
+            self._reject(workload, audit.refused_by_child(target, err))
             return
-        audit.write_task_log_line(workload.log_path, message)
+        self._tell(key, workload.log_path, notice)
         child.in_flight.add(key)
         self.running.add(key)
         assignment.child = target
@@ -521,61 +433,19 @@ class RoutingExecutor(BaseExecutor):
         # Written now, not when the child reports RUNNING: a task must be adoptable by its child's name even
         # if the scheduler dies before the child says anything.
         self.event_buffer[key] = (TaskInstanceState.QUEUED, join_child_id(target, None))
-        if self._audit_enabled:
-            event = audit.EVENT_FALLBACK if pending.kind == "fallback" else audit.EVENT_ROUTED
-            self._audit.record(event, key, **extra)
-        if pending.kind == "fallback":
+        if pending.kind is PendingKind.FALLBACK:
             metrics.count_fallback(pending.failed_on or "unknown", target, pending.failure.reason)
         else:
             metrics.count_routed(target, pending.decision.rule)
             if pending.candidates and target != pending.candidates[0]:
                 metrics.count_overflow(pending.candidates[0], target)
-        log.info("%s -> %s (%s)", key, target, extra.get("how"))
-
-    def _describe(self, pending: Pending, target: str) -> tuple[str, dict[str, Any]]:
-        """The task-log line and the audit row's details for one dispatch."""
-        decision = pending.decision
-        if pending.kind == "fallback":
-            failure = pending.failure
-            extra: dict[str, Any] = {
-                "executor": target,
-                "rule": decision.rule if decision else None,
-                "rule_index": decision.rule_index if decision else None,
-                "how": "fallback",
-                "failed_on": pending.failed_on,
-                "reason": failure.reason,
-                "detail": failure.detail,
-                "waited_s": round(self._clock() - pending.since, 3),
-            }
-            detail = f": {failure.detail}" if failure.detail else ""
-            message = (
-                f"hybrid_router: FALLBACK - the run on executor '{pending.failed_on}' died "
-                f"({failure.reason}{detail}); the same try runs again on executor '{target}'. "
-                "The lines below are from that new run."
-            )
-            return message, extra
-        overflow_from = pending.candidates[0] if target != pending.candidates[0] else None
-        how = "next_try" if pending.kind == "next_try" else ("overflow" if overflow_from else "policy")
-        # The decision as the policy made it, then what happened: the executor that took the task.
-        extra = {**decision.to_dict(), "executor": target, "how": how, "overflow_from": overflow_from}
-        if pending.kind == "next_try":
-            message = (
-                f"hybrid_router: routed to executor '{target}' because the previous try died on "
-                f"'{pending.failed_on}' for infrastructure reasons (fallback mode next_try)"
-            )
-        else:
-            message = f"hybrid_router: routed to executor '{target}' by rule '{decision.rule}'"
-            if overflow_from:
-                message += f", overflow from '{overflow_from}' which had no free slot"
-            if decision.reasons:
-                message += "; " + "; ".join(decision.reasons)
-        return message, extra
+        log.info("%s -> %s (%s)", key, target, notice.extra.get("how"))
 
     # -- heartbeat -------------------------------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        if self._config is not None:
-            self._maybe_reload_policy()
+        if self._policy_file is not None:
+            self._use_policy(self._policy_file.reload_if_due(self._policy))
         self._dispatch_waiting()
         self._emit_metrics(self.slots_available, len(self.running), len(self.queued_tasks))
         self.sync()
@@ -667,18 +537,12 @@ class RoutingExecutor(BaseExecutor):
     def _on_infrastructure_failure(
         self, key: TaskInstanceKey, child: Child, assignment: Assignment, failure: InfrastructureFailure
     ) -> bool:
-        """Handle a run that died for infrastructure reasons. True when the FAILED must not be forwarded."""
+        """Act on a run that died for infrastructure reasons. True when the FAILED must not be forwarded."""
         if assignment.decision is None:
             try:
                 assignment.decision = self._decide_from_row(assignment.ti_id)
             except Exception:
                 log.exception("Could not decide the fallback of adopted task %s", key)
-        decision = assignment.decision
-        remaining = tuple(
-            name
-            for name in (decision.fallback if decision else ())
-            if name in self._children and name not in assignment.tried
-        )
         log.warning(
             "Run of %s on %s died for infrastructure reasons (%s: %s)",
             key,
@@ -686,46 +550,37 @@ class RoutingExecutor(BaseExecutor):
             failure.reason,
             failure.detail,
         )
-        if self.fallback_mode == NEXT_TRY:
-            if remaining:
-                self._next_try.remember(
-                    key,
-                    NextTryRoute(remaining[0], remaining[1:], failed_on=child.name, reason=failure.reason),
-                )
-                metrics.count_fallback(child.name, remaining[0], failure.reason)
-                audit.write_task_log_line(
-                    assignment.log_path,
-                    f"hybrid_router: the run on executor '{child.name}' died ({failure.reason}); this try fails "
-                    f"and the next try, if the task has retries left, runs on executor '{remaining[0]}'",
-                    level="warning",
-                )
-                if self._audit_enabled:
-                    self._audit.record(
-                        audit.EVENT_NEXT_TRY_ROUTED,
-                        key,
-                        failed_on=child.name,
-                        reason=failure.reason,
-                        next_executor=remaining[0],
-                    )
-            return False
-        if not remaining or assignment.fallbacks_used >= self.max_fallbacks:
-            why = (
-                "no fallback executor left"
-                if not remaining
-                else f"max_fallbacks ({self.max_fallbacks}) reached"
-            )
-            metrics.count_fallback_exhausted(child.name)
-            audit.write_task_log_line(
-                assignment.log_path,
-                f"hybrid_router: the run on executor '{child.name}' died ({failure.reason}: {failure.detail}); "
-                f"{why}, so the try fails",
-                level="error",
-            )
-            if self._audit_enabled:
-                self._audit.record(
-                    audit.EVENT_FALLBACK_EXHAUSTED, key, failed_on=child.name, reason=failure.reason, why=why
-                )
-            return False
+        next_step = decide_fallback(
+            failure,
+            failed_on=child.name,
+            fallback=assignment.decision.fallback if assignment.decision else (),
+            tried=assignment.tried,
+            fallbacks_used=assignment.fallbacks_used,
+            available=self._children.keys(),
+            mode=self.fallback_mode,
+            max_fallbacks=self.max_fallbacks,
+        )
+        match next_step:
+            case RerunSameTry(candidates=candidates):
+                return self._rerun_same_try(key, child, assignment, failure, candidates)
+            case RouteNextTry(route=route):
+                self._next_try_routes.remember(key, route)
+                metrics.count_fallback(child.name, route.executor, failure.reason)
+                self._tell(key, assignment.log_path, audit.next_try_routed(route))
+            case FallbacksExhausted():
+                metrics.count_fallback_exhausted(child.name)
+                self._tell(key, assignment.log_path, audit.fallback_exhausted(child.name, failure, next_step))
+        return False
+
+    def _rerun_same_try(
+        self,
+        key: TaskInstanceKey,
+        child: Child,
+        assignment: Assignment,
+        failure: InfrastructureFailure,
+        candidates: tuple[str, ...],
+    ) -> bool:
+        """Reset the try to QUEUED to wait for the first of ``candidates`` with room; False if it moved on."""
         try:
             workload = redispatch_same_try(assignment.ti_id, key.try_number, self.jwt_generator)
         except Exception:
@@ -742,9 +597,9 @@ class RoutingExecutor(BaseExecutor):
         assignment.fallbacks_used += 1
         self.queued_tasks[key] = workload
         self._waiting[key] = Pending(
-            candidates=remaining,
-            decision=decision,
-            kind="fallback",
+            candidates=candidates,
+            decision=assignment.decision,
+            kind=PendingKind.FALLBACK,
             since=self._clock(),
             failure=failure,
             failed_on=child.name,
@@ -780,34 +635,16 @@ class RoutingExecutor(BaseExecutor):
 
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
         """Hand each task instance to the child named in its ``external_executor_id``; return the rest."""
-        by_child: dict[str, list[tuple[TaskInstance, str]]] = {}
-        not_adopted: list[TaskInstance] = []
-        for ti in tis:
-            name, child_info = split_child_id(ti.external_executor_id)
-            if name in self._children:
-                by_child.setdefault(name, []).append((ti, ti.external_executor_id))
-                ti.external_executor_id = child_info
-            else:
-                not_adopted.append(ti)
-        for name, items in by_child.items():
-            child = self._children[name]
-            offered = [ti for ti, _ in items]
-            try:
-                refused = {id(ti) for ti in child.executor.try_adopt_task_instances(offered)}
-            except Exception:
-                log.exception("Child executor %s failed to adopt task instances", name)
-                refused = {id(ti) for ti in offered}
-            for ti, original in items:
-                ti.external_executor_id = original
-                if id(ti) in refused:
-                    not_adopted.append(ti)
-                    continue
-                key = ti.key
-                self._assignments[key] = Assignment(ti_id=ti.id, decision=None, child=name, tried=[name])
-                child.in_flight.add(key)
-                self.running.add(key)
+        adopted, not_adopted = offer_to_children(self._children, tis)
+        for ti, child in adopted:
+            key = ti.key
+            self._assignments[key] = Assignment(
+                ti_id=ti.id, decision=None, child=child.name, tried=[child.name]
+            )
+            child.in_flight.add(key)
+            self.running.add(key)
         if tis:
-            log.info("Adopted %d of %d task instances", len(tis) - len(not_adopted), len(tis))
+            log.info("Adopted %d of %d task instances", len(adopted), len(tis))
         return not_adopted
 
     def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
@@ -823,10 +660,10 @@ class RoutingExecutor(BaseExecutor):
             reader = self._log_reader(name)
             if reader is None:
                 return [], []
-            return reader.get_task_log(_WithExternalId(ti, child_info), try_number)
+            return reader.get_task_log(_TaskInstanceWithChildId(ti, child_info), try_number)
         except Exception as err:
             log.exception("Reading the log of %s from executor %s failed", ti, name)
-            return [], [f"hybrid_router: executor '{name}' could not read its log: {err}"]
+            return [], [audit.log_read_failed(name, err)]
 
     def _log_reader(self, name: str) -> BaseExecutor | None:
         if name in self._children:

@@ -12,12 +12,17 @@ That takes two database steps, both here:
 
 ``next_try`` fails the try as usual and sends the task's next try to the fallback executor; the router only
 has to remember where that next try goes.
+
+Which of these happens to a dead run is decided by ``decide_fallback``, a pure function; the executor carries
+the decision out.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,9 @@ if TYPE_CHECKING:
     from airflow.models.taskinstancekey import TaskInstanceKey
     from sqlalchemy.orm import Session
 
+    from hybrid_router.child_protocol import InfrastructureFailure
+    from hybrid_router.router.policy.model import FallbackMode
+
 log = logging.getLogger(__name__)
 
 SAME_TRY = "same_try"
@@ -36,6 +44,124 @@ NEXT_TRY = "next_try"
 # States from which a dead run's try may be handed over: RUNNING once its worker called /run, QUEUED when it
 # died before that.
 RESETTABLE_STATES = ("running", "queued")
+
+
+# -- the decision --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NextTryRoute:
+    """Where the next try of a task goes after an infrastructure failure, and why."""
+
+    executor: str
+    remaining: tuple[str, ...]
+    failed_on: str
+    reason: str
+
+
+class ExhaustedCause(enum.Enum):
+    NO_FALLBACK_LEFT = "no_fallback_left"  # every fallback executor was tried, or none is configured
+    MAX_FALLBACKS_REACHED = "max_fallbacks_reached"
+
+
+@dataclass(frozen=True)
+class RerunSameTry:
+    """Reset the try to QUEUED and hand it to the first of ``candidates`` with room; hold its FAILED back."""
+
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RouteNextTry:
+    """Let the try fail as reported and send the task's next try to ``route.executor``."""
+
+    route: NextTryRoute
+
+
+@dataclass(frozen=True)
+class FallbacksExhausted:
+    """No fallback is left for this try: it fails as reported, and people are told why."""
+
+    cause: ExhaustedCause
+    max_fallbacks: int
+
+
+@dataclass(frozen=True)
+class NothingToDo:
+    """The try fails as reported, nothing to remember: ``next_try`` mode with no fallback executor left."""
+
+
+FallbackDecision = RerunSameTry | RouteNextTry | FallbacksExhausted | NothingToDo
+
+
+def decide_fallback(
+    failure: InfrastructureFailure,
+    *,
+    failed_on: str,
+    fallback: Sequence[str],
+    tried: Collection[str],
+    fallbacks_used: int,
+    available: Collection[str],
+    mode: FallbackMode,
+    max_fallbacks: int,
+) -> FallbackDecision:
+    """What to do with a try whose run on ``failed_on`` died for infrastructure reasons.
+
+    ``fallback`` is the policy's fallback list for the task; only executors in ``available`` (the router's
+    children) that are not in ``tried`` (every executor a run of this try was handed to) are candidates.
+    ``max_fallbacks`` bounds same-try re-runs only: in ``next_try`` mode each fallback spends one of the
+    task's retries, which Airflow bounds already.
+    """
+    remaining = tuple(name for name in fallback if name in available and name not in tried)
+    if mode == NEXT_TRY:
+        if not remaining:
+            return NothingToDo()
+        return RouteNextTry(
+            NextTryRoute(remaining[0], remaining[1:], failed_on=failed_on, reason=failure.reason)
+        )
+    if not remaining:
+        return FallbacksExhausted(ExhaustedCause.NO_FALLBACK_LEFT, max_fallbacks)
+    if fallbacks_used >= max_fallbacks:
+        return FallbacksExhausted(ExhaustedCause.MAX_FALLBACKS_REACHED, max_fallbacks)
+    return RerunSameTry(remaining)
+
+
+# -- where next tries go -------------------------------------------------------------------------------------
+
+
+class NextTryRoutes:
+    """Remembers, per (dag_id, task_id, run_id, map_index), the executor for a task's next try.
+
+    Bounded (oldest forgotten first): a task whose next try never comes (no retries left, run cleared) must
+    not keep an entry for the life of the scheduler.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._routes: OrderedDict[tuple[str, str, str, int], tuple[int, NextTryRoute]] = OrderedDict()
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def remember(self, key: TaskInstanceKey, route: NextTryRoute) -> None:
+        self._routes[key.primary] = (key.try_number, route)
+        self._routes.move_to_end(key.primary)
+        while len(self._routes) > self._max_entries:
+            self._routes.popitem(last=False)
+
+    def take(self, key: TaskInstanceKey) -> NextTryRoute | None:
+        """The route for ``key`` if it is a later try than the one that failed; consumed when returned."""
+        entry = self._routes.get(key.primary)
+        if entry is None:
+            return None
+        failed_try, route = entry
+        if key.try_number <= failed_try:
+            return None
+        del self._routes[key.primary]
+        return route
+
+
+# -- database steps, each one conditional statement ----------------------------------------------------------
 
 
 def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> bool:
@@ -104,45 +230,3 @@ def redispatch_same_try(ti_id: UUID | str, try_number: int, generator: JWTGenera
         if workload is None:
             session.rollback()
         return workload
-
-
-@dataclass(frozen=True)
-class NextTryRoute:
-    """Where the next try of a task goes after an infrastructure failure, and why."""
-
-    executor: str
-    remaining: tuple[str, ...]
-    failed_on: str
-    reason: str
-
-
-class NextTryRoutes:
-    """Remembers, per (dag_id, task_id, run_id, map_index), the executor for a task's next try.
-
-    Bounded (oldest forgotten first): a task whose next try never comes (no retries left, run cleared) must
-    not keep an entry for the life of the scheduler.
-    """
-
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self._routes: OrderedDict[tuple[str, str, str, int], tuple[int, NextTryRoute]] = OrderedDict()
-        self._max_entries = max_entries
-
-    def __len__(self) -> int:
-        return len(self._routes)
-
-    def remember(self, key: TaskInstanceKey, route: NextTryRoute) -> None:
-        self._routes[key.primary] = (key.try_number, route)
-        self._routes.move_to_end(key.primary)
-        while len(self._routes) > self._max_entries:
-            self._routes.popitem(last=False)
-
-    def take(self, key: TaskInstanceKey) -> NextTryRoute | None:
-        """The route for ``key`` if it is a later try than the one that failed; consumed when returned."""
-        entry = self._routes.get(key.primary)
-        if entry is None:
-            return None
-        failed_try, route = entry
-        if key.try_number <= failed_try:
-            return None
-        del self._routes[key.primary]
-        return route

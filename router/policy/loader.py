@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 
@@ -439,43 +439,57 @@ def _describe(value: Any) -> str:
     return f"{kind} {shown if len(shown) <= 40 else shown[:37] + '...'}"
 
 
-def _explain_schema_error(error: jsonschema.ValidationError) -> list[tuple[FieldPath, str, bool]]:
-    """(field path, message, whether to point at the key) for one jsonschema error, in our words."""
+class _SchemaProblem(NamedTuple):
+    path: FieldPath
+    message: str
+    at_key: bool = False  # point at the key (an unknown or badly named one), not at its value
+
+
+def _explain_schema_error(error: jsonschema.ValidationError) -> list[_SchemaProblem]:
+    """The problems one jsonschema error stands for, in our words."""
     path: FieldPath = tuple(error.absolute_path)
     validator, expected, instance = error.validator, error.validator_value, error.instance
     if "propertyNames" in error.schema_path:
-        return [((*path, instance), f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}", True)]
+        return [
+            _SchemaProblem(
+                (*path, instance), f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}", at_key=True
+            )
+        ]
     if validator == "additionalProperties" and isinstance(instance, dict):
         known = error.schema.get("properties", {})
         return [
-            ((*path, key), f"unknown key {key!r}{did_you_mean(key, known)}", True)
+            _SchemaProblem((*path, key), f"unknown key {key!r}{did_you_mean(key, known)}", at_key=True)
             for key in instance
             if key not in known
         ]
     if validator == "required" and isinstance(instance, dict):
         return [
-            ((*path, key), f"missing required key {key!r}", False) for key in expected if key not in instance
+            _SchemaProblem((*path, key), f"missing required key {key!r}")
+            for key in expected
+            if key not in instance
         ]
     if validator == "type":
         kinds = [expected] if isinstance(expected, str) else list(expected)
         wanted = " or ".join(_JSON_TYPES.get(kind, kind) for kind in kinds)
-        return [(path, f"expected {wanted}, got {_describe(instance)}", False)]
+        return [_SchemaProblem(path, f"expected {wanted}, got {_describe(instance)}")]
     if validator == "const" and path == ("version",):
-        return [(path, f"unsupported version {instance!r}: this release reads version {expected}", False)]
+        return [
+            _SchemaProblem(path, f"unsupported version {instance!r}: this release reads version {expected}")
+        ]
     if validator == "enum":
         choices = ", ".join(repr(choice) for choice in expected)
         hint = (
             did_you_mean(instance, [str(choice) for choice in expected]) if isinstance(instance, str) else ""
         )
-        return [(path, f"{_describe(instance)} is not one of {choices}{hint}", False)]
+        return [_SchemaProblem(path, f"{_describe(instance)} is not one of {choices}{hint}")]
     if validator in ("minItems", "minProperties", "minLength"):
-        return [(path, "must not be empty", False)]
+        return [_SchemaProblem(path, "must not be empty")]
     if validator == "minimum":
-        return [(path, f"must be at least {expected}, got {_describe(instance)}", False)]
+        return [_SchemaProblem(path, f"must be at least {expected}, got {_describe(instance)}")]
     if validator == "maximum":
-        return [(path, f"must be at most {expected}, got {_describe(instance)}", False)]
+        return [_SchemaProblem(path, f"must be at most {expected}, got {_describe(instance)}")]
     if validator == "pattern" and path[-1:] == ("class",):
-        return [(path, f"invalid class {instance!r}: {_CLASS_RULE}", False)]
+        return [_SchemaProblem(path, f"invalid class {instance!r}: {_CLASS_RULE}")]
     if validator == "pattern":  # the other pattern in the schema is the one for executor names
-        return [(path, f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}", False)]
-    return [(path, error.message, False)]
+        return [_SchemaProblem(path, f"invalid executor name {instance!r}: {_EXECUTOR_NAME_RULE}")]
+    return [_SchemaProblem(path, error.message)]

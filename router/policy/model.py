@@ -58,7 +58,7 @@ class ExecutorSpec:
     class_path: str  # import path, or the short name of one of Airflow's core executors
     max_concurrency: int | None = None
     # Tasks the router may hand this executor beyond max_concurrency, to wait in its own queue (None: the
-    # router's default for the class, see RoutingExecutor's docstring).
+    # router's default for the class; docs/tuning.md).
     prefetch: int | None = None
     limits: Limits = field(default_factory=Limits)
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
