@@ -17,11 +17,11 @@ def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
     from hybrid_router.lambda_exec import handler, protocol
     from hybrid_router.lambda_exec.protocol import Outcome, Phase
 
-    secret = os.environ[handler.SECRET_ENV].encode()
-    invoke = protocol.open_event(event, secret)
-    reporter = handler.ResultReporter(invoke, context, secret)
+    sandbox = handler.this_sandbox()  # the secret, the settings and the SQS client, kept between invocations
+    invoke = protocol.open_event(event, sandbox.secret)
+    reporter = handler.ResultReporter(invoke, context, sandbox.secret, sandbox.sqs_client)
     started = time.time()
-    notice = handler.StartedNotice(reporter, started, handler.started_grace_s())
+    notice = handler.StartedNotice(reporter, started, sandbox.settings.started_grace_s)
     notice.arm()
     notice.settle()  # the no-op workload ends here
     reporter.send(Phase.FINISHED, started_at=started, outcome=Outcome.SUCCESS, return_code=0)
@@ -30,8 +30,8 @@ def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
 
 def provider_noop(event: Any, context: Any) -> dict[str, Any]:
     """The Amazon provider's protocol (its docker/app.py): ``{task_key, return_code}`` to ``QUEUE_URL``."""
-    from hybrid_router.lambda_exec.handler import _sqs_client
+    from hybrid_router.lambda_exec.handler import this_sandbox
 
     body = json.dumps({"task_key": event["task_key"], "return_code": 0})
-    _sqs_client().send_message(QueueUrl=os.environ["QUEUE_URL"], MessageBody=body)
+    this_sandbox().sqs_client().send_message(QueueUrl=os.environ["QUEUE_URL"], MessageBody=body)
     return {"return_code": 0}

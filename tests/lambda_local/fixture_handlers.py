@@ -1,13 +1,39 @@
-"""Handlers the local Lambda service runs in tests (this folder is the functions' code_path)."""
+"""Handlers the local Lambda service runs in tests: this folder is the functions' ``code_path``, for the service's
+own tests and for the LambdaExecutor's integration tests (tests/lambda_exec/test_integration.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 from typing import Any
+
+# Stands in for Airflow's ``execute_workload --json-path FILE``; what it does is chosen by the workload. For an
+# Airflow workload, by its task id: ``fail*`` exits 1 (the task's own failure), ``sleep*`` sleeps far past any
+# function timeout, ``hog*`` touches memory until the service kills it, any other exits 0 at once. A bare
+# ``{"exit": N}`` (the service's tests) exits N.
+_FAKE_WORKLOAD = """
+import json, sys, time
+workload = json.load(open(sys.argv[1]))
+if "ti" not in workload:
+    print("fake task ran", flush=True)
+    sys.exit(workload["exit"])
+task_id = workload["ti"]["task_id"]
+print("fake task", task_id, "running", flush=True)
+if task_id.startswith("fail"):
+    sys.exit(1)
+if task_id.startswith("sleep"):
+    time.sleep(600)
+if task_id.startswith("hog"):
+    chunks = []
+    while True:
+        chunks.append(b"x" * (16 * 1024 * 1024))
+        time.sleep(0.01)
+sys.exit(0)
+"""
 
 
 def noop(event: Any, context: Any) -> dict[str, Any]:
@@ -48,15 +74,18 @@ def _append(path: str, context: Any, started: float) -> None:
 
 
 def real_handler_with_fake_workload(event: Any, context: Any) -> Any:
-    """The project's handler, with the Airflow workload command replaced by a tiny script (no Airflow here)."""
-    from hybrid_router.lambda_exec import handler
+    """The project's handler (signed events, STARTED/FINISHED results, deadline watch) in a sandbox whose
+    workloads run ``_FAKE_WORKLOAD`` instead of Airflow's task runner, so that no Airflow API server is needed."""
+    from hybrid_router.lambda_exec.handler import handle
 
-    def command(path: str) -> list[str]:
-        script = "import json, sys; spec = json.load(open(sys.argv[1])); print('fake task ran'); sys.exit(spec['exit'])"
-        return [sys.executable, "-c", script, path]
+    return handle(event, context, _fake_workload_sandbox())
 
-    handler.build_workload_command = command
-    return handler.handler(event, context)
+
+@functools.cache
+def _fake_workload_sandbox() -> Any:
+    from hybrid_router.lambda_exec.handler import Sandbox
+
+    return Sandbox(workload_command=lambda path: [sys.executable, "-c", _FAKE_WORKLOAD, path])
 
 
 def sleep_with_child(event: Any, context: Any) -> None:

@@ -1,0 +1,130 @@
+"""What the in-Lambda handler's tests share: a fake context, a fake workload, signed events, the results sent."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.handler import SECRET_ENV, Sandbox, handle
+from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
+
+if TYPE_CHECKING:
+    from moto_sqs import Moto
+
+SECRET = "handler-test-secret"
+FAKE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0aSJ9.c2lnbmF0dXJl"
+
+# Stands in for `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`: reads the workload
+# file like the real one and acts on it. Like Airflow's supervisor with its task runner, it can start a
+# grandchild in a process group of its own, to prove the handler kills the whole tree, not just one group.
+FAKE_WORKLOAD = r"""
+import json, os, subprocess, sys, time
+path = sys.argv[1]
+spec = json.loads(open(path).read())
+record = spec.get("record")
+if record:
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    with open(record, "w") as out:
+        json.dump({"pid": os.getpid(), "grandchild": grandchild.pid, "argv": sys.argv}, out)
+print("workload output line", spec.get("token", ""), flush=True)
+time.sleep(spec.get("sleep", 0))
+sys.exit(spec.get("exit", 0))
+"""
+
+
+class FakeCommand:
+    """A sandbox's ``workload_command`` that runs ``FAKE_WORKLOAD`` and records each command it builds."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, path: str) -> list[str]:
+        command = [sys.executable, "-c", FAKE_WORKLOAD, path]
+        self.calls.append(command)
+        return command
+
+
+def make_sandbox(settings: Mapping[str, str] | None = None, **fields: Any) -> Sandbox:
+    """A sandbox of the test's own: the signing secret and ``settings`` are its whole environment."""
+    return Sandbox(environ={SECRET_ENV: SECRET, **(settings or {})}, **fields)
+
+
+class FakeContext:
+    def __init__(self, timeout_s: float, request_id: str = "req-1"):
+        self.aws_request_id = request_id
+        self.function_name = "airflow-task"
+        self.memory_limit_in_mb = 1024
+        self.log_stream_name = "2026/11/24/[$LATEST]abcdef"
+        self._deadline = time.monotonic() + timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def make_event(queue_url: str, spec: dict[str, Any], not_after_in: float = 600.0) -> InvokeEvent:
+    now = time.time()
+    return InvokeEvent(
+        dispatch_id=uuid.uuid4().hex,
+        task=TaskRef("dag", "task", "run-1", 1),
+        workload=json.dumps(spec),
+        results_queue_url=queue_url,
+        issued_at=now,
+        not_after=now + not_after_in,
+    )
+
+
+def sealed(event: InvokeEvent) -> dict[str, Any]:
+    # Lambda's runtime hands the handler the parsed JSON payload: the envelope as a dict.
+    return json.loads(protocol.seal_event(event, SECRET.encode()))
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def results(moto: Moto, queue_url: str, expected: int) -> list[protocol.ResultMessage]:
+    messages = moto.receive_all(queue_url, expected, timeout=10)
+    return [protocol.open_result(m["Body"], SECRET.encode()) for m in messages]
+
+
+def until_finished(moto: Moto, queue_url: str, timeout: float = 10.0) -> list[protocol.ResultMessage]:
+    """The results of one run, in the order sent, up to its FINISHED (a short run sends FINISHED alone)."""
+    received: list[protocol.ResultMessage] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(r.phase is Phase.FINISHED for r in received):
+        for message in moto.receive_all(queue_url, 1, timeout=2):
+            received.append(protocol.open_result(message["Body"], SECRET.encode()))
+    return sorted(received, key=lambda r: (r.sent_at, r.phase is Phase.FINISHED))
+
+
+def run_past_the_deadline(
+    sandbox: Sandbox, event: InvokeEvent, record: Path, moto: Moto, results_queue: str
+) -> protocol.ResultMessage:
+    """Run a 60 s task with 3 s left and a 1.5 s margin; check the handler stopped its whole tree in time."""
+    begin = time.monotonic()
+    answer = handle(sealed(event), FakeContext(3.0), sandbox)
+    elapsed = time.monotonic() - begin
+
+    assert answer["status"] == "timeout"
+    # Stopped at remaining <= 1.5 s, i.e. ~1.5 s in, plus at most the 1 s SIGTERM grace.
+    assert elapsed < 3.0
+    # The run outlasted the STARTED grace: STARTED went out while it ran, then the TIMEOUT.
+    started, finished = until_finished(moto, results_queue)
+    assert started.phase is Phase.STARTED
+    assert finished.outcome is Outcome.TIMEOUT
+    pids = json.loads(record.read_text())
+    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
+    return finished

@@ -1,0 +1,237 @@
+"""How the handler starts workloads: forked from a sandbox that imported the task runner once, Airflow's own
+runner for real, the fallbacks to a new process, and the supervisor's wake-up on its task process's exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from hybrid_router.lambda_exec import task_runner
+from hybrid_router.lambda_exec.handler import FORK_ENV, MARGIN_ENV, handle
+from hybrid_router.lambda_exec.protocol import Outcome
+from hybrid_router.lambda_exec.task_runner import TaskRunnerLoader
+
+from .handler_support import (
+    FAKE_TOKEN,
+    FakeCommand,
+    FakeContext,
+    make_event,
+    make_sandbox,
+    run_past_the_deadline,
+    sealed,
+    until_finished,
+    wait_gone,
+)
+
+if TYPE_CHECKING:
+    from moto_sqs import Moto
+
+
+@pytest.mark.parametrize("fork", ["true", "false"])
+def test_the_real_workload_runner_rejects_an_invalid_workload(
+    results_queue: str, moto_server: Moto, fork: str
+) -> None:
+    """No fakes: Airflow's runner (forked, or `execute_workload` in a new process) rejects the workload."""
+    sandbox = make_sandbox({FORK_ENV: fork})
+    event = make_event(results_queue, {"not": "an ExecuteTask workload"})
+
+    answer = handle(sealed(event), FakeContext(120), sandbox)
+
+    assert answer["status"] == "failed" and answer["return_code"] != 0
+    finished = until_finished(moto_server, results_queue)[-1]
+    assert finished.outcome is Outcome.FAILED
+    assert sandbox.task_runner is not None
+    assert (sandbox.task_runner.runner is not None) is (fork == "true")
+
+
+class RecordingRunner:
+    """Stands in for Airflow's runner in the forked child: records where it runs, then acts on the spec."""
+
+    imported_in: int | None = None
+
+    def __init__(self) -> None:
+        # Set in the sandbox (parent) process: a forked child sees it, a new process would not.
+        RecordingRunner.imported_in = os.getpid()
+
+    def run(self, workload_json: str) -> int:
+        spec = json.loads(workload_json)
+        grandchild = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+        )
+        record = {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "sid": os.getsid(0),
+            "imported_in": RecordingRunner.imported_in,
+            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            "grandchild": grandchild.pid,
+        }
+        with open(spec["record"], "w") as out:
+            json.dump(record, out)
+        print("forked workload output", spec.get("token", ""), flush=True)
+        time.sleep(spec.get("sleep", 0))
+        return spec.get("exit", 0)
+
+
+def test_workload_runs_in_a_child_forked_from_the_sandbox(
+    results_queue: str, moto_server: Moto, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sandbox = make_sandbox(task_runner=TaskRunnerLoader(factory=RecordingRunner))
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record), "token": FAKE_TOKEN, "sleep": 0.5, "exit": 4})
+
+    answer = handle(sealed(event), FakeContext(60), sandbox)
+
+    assert answer == {"status": "failed", "return_code": 4}  # the runner's return code is the exit code
+    finished = until_finished(moto_server, results_queue)[-1]
+    assert finished.outcome is Outcome.FAILED and finished.return_code == 4
+    seen = json.loads(record.read_text())
+    # Forked from this process (no exec: the runner imported here is the one that ran), in its own session.
+    assert seen["ppid"] == os.getpid() != seen["pid"]
+    assert seen["imported_in"] == os.getpid()
+    assert seen["sid"] == seen["pid"]
+    assert seen["sigterm_default"]
+    # Only stdin/stdout/stderr (and the descriptor listing /proc/self/fd itself): no socket or pipe of ours.
+    assert len(seen["fds"]) <= 4 and seen["fds"][:3] == [0, 1, 2]
+    assert wait_gone(seen["grandchild"])
+    out, _ = capfd.readouterr()
+    assert "forked workload output <token>" in out
+    assert FAKE_TOKEN not in out
+
+
+def test_forked_workload_is_stopped_with_its_tree_at_the_deadline(
+    results_queue: str, moto_server: Moto, tmp_path: Path
+) -> None:
+    loader = TaskRunnerLoader(factory=RecordingRunner)
+    loader.get(lambda: False)  # imported already, as in a warm sandbox
+    sandbox = make_sandbox({MARGIN_ENV: "1.5"}, task_runner=loader)
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record), "sleep": 60})
+
+    run_past_the_deadline(sandbox, event, record, moto_server, results_queue)
+
+
+def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(
+    results_queue: str, moto_server: Moto, tmp_path: Path
+) -> None:
+    release = threading.Event()
+    constructed: list[str] = []
+
+    class SlowImport(RecordingRunner):
+        def __init__(self) -> None:
+            release.wait(30)
+            constructed.append("runner")
+            super().__init__()
+
+    loader = TaskRunnerLoader(factory=SlowImport)
+    sandbox = make_sandbox({MARGIN_ENV: "1.0"}, task_runner=loader)
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"record": str(record)})
+    try:
+        begin = time.monotonic()
+        answer = handle(sealed(event), FakeContext(2.0), sandbox)
+        elapsed = time.monotonic() - begin
+    finally:
+        release.set()
+
+    assert answer == {"status": "timeout", "return_code": None}
+    assert elapsed < 2.0
+    finished = until_finished(moto_server, results_queue)[-1]
+    assert finished.outcome is Outcome.TIMEOUT
+    assert "did not start" in finished.detail
+    assert not record.exists()
+    # The import goes on in the background: the sandbox's next invocation finds it done.
+    assert loader.get(lambda: False) is not None and constructed == ["runner"]
+
+
+def test_failed_import_falls_back_to_a_new_process_and_says_so_once(
+    results_queue: str, moto_server: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise ImportError("No module named 'airflow'")
+
+    # The fake command stands in for Airflow's own: the fork path stays eligible and its fallback is seen.
+    command = FakeCommand()
+    sandbox = make_sandbox(task_runner=TaskRunnerLoader(factory=broken), workload_command=command)
+
+    with caplog.at_level(logging.INFO, logger=task_runner.log.name):
+        first = handle(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60), sandbox)
+        second = handle(sealed(make_event(results_queue, {"exit": 2})), FakeContext(60), sandbox)
+
+    assert first == {"status": "success", "return_code": 0}
+    assert second == {"status": "failed", "return_code": 2}
+    assert len(command.calls) == 2
+    assert caplog.text.count("Could not import Airflow's task runner") == 1
+
+
+def test_fork_can_be_turned_off(results_queue: str, moto_server: Moto) -> None:
+    loader = TaskRunnerLoader(factory=RecordingRunner)
+    command = FakeCommand()
+    sandbox = make_sandbox({FORK_ENV: "false"}, task_runner=loader, workload_command=command)
+
+    answer = handle(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60), sandbox)
+
+    assert answer["status"] == "success" and len(command.calls) == 1
+    assert not loader.settled  # nothing imported
+
+
+# Run in a new interpreter: the wake-up installs a signal handler and a fork hook for the whole process.
+WAKE_PROBE = r"""
+import os, selectors, signal, socket, sys, time
+import attrs
+from hybrid_router.lambda_exec import task_runner
+from airflow.sdk.execution_time import supervisor
+
+if sys.argv[1] == "wake":
+    task_runner._wake_supervisor_on_child_exit()
+ours, theirs = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    # As Airflow's task process: its sockets close, and only then does it become reapable.
+    ours.close()
+    child_sigchld_default = signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    theirs.close()
+    time.sleep(0.3)
+    os._exit(0 if child_sigchld_default else 3)
+theirs.close()
+# Made as Airflow's supervisor makes it: the attrs default of its `selector` field.
+selector = attrs.fields(supervisor.WatchedSubprocess).selector.default.factory()
+selector.register(ours, selectors.EVENT_READ)
+begin = time.monotonic()
+code = None
+# Airflow's supervisor loop, reduced: handle EOF, check for exit, wait up to its heartbeat interval again.
+while code is None:
+    for key, _ in selector.select(timeout=5):
+        if not key.fileobj.recv(1):
+            selector.unregister(key.fileobj)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+print(f"{time.monotonic() - begin:.2f} {code}")
+"""
+
+
+@pytest.mark.parametrize("mode", ["wake", "plain"])
+def test_supervisor_notices_its_task_process_exit_at_once(mode: str, tmp_path: Path) -> None:
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    probe = subprocess.run(
+        [sys.executable, "-c", WAKE_PROBE, mode], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    waited, code = probe.stdout.split()
+    assert code == "0"  # the task process had SIGCHLD's default disposition back
+    if mode == "wake":
+        assert float(waited) < 1.5
+    else:  # the race this guards against: without the wake-up, the loop sleeps its whole select timeout
+        assert float(waited) >= 4.9
