@@ -1,12 +1,13 @@
-"""The boundary with AWS: boto clients, error classification and parsing of responses into typed objects.
+"""The boundary with AWS: every boto call the executor side makes, with its errors and answers typed here.
 
-Nothing outside this module looks inside a boto response dict or a ``ClientError``.
+Nothing outside this module calls a boto client, looks inside a response dict or catches a botocore error.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,12 @@ _CREDENTIAL_ERRORS = frozenset(
     }
 )
 _THROTTLE_ERRORS = frozenset({"TooManyRequestsException", "ThrottlingException", "Throttling"})
+_RETRYABLE_ERRORS = frozenset({"ServiceException", "ResourceNotReadyException", "EC2ThrottledException"})
+# SQS takes at most this many entries in one batch call (and returns at most this many messages).
+SQS_BATCH_MAX = 10
+
+
+# -- clients -----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class AwsClients:
 
 
 def make_clients(config: LambdaExecutorConfig) -> AwsClients:
-    """Create the Lambda and SQS clients for ``config``.
+    """Create the Lambda and SQS clients for ``config``, with the credentials of ``aws_conn_id``.
 
     The Lambda client does not retry by itself: a 429 must reach the executor at once (it stops invoking and
     reports no free capacity), and 5xx answers are retried by the executor with jittered back-off, off the
@@ -53,9 +60,6 @@ def make_clients(config: LambdaExecutorConfig) -> AwsClients:
     from botocore.config import Config
 
     session = _session(config)
-    common: dict[str, Any] = {}
-    if config.region_name:
-        common["region_name"] = config.region_name
     pool = config.max_invoke_workers + 4
     lambda_client = session.client(
         "lambda",
@@ -66,7 +70,7 @@ def make_clients(config: LambdaExecutorConfig) -> AwsClients:
             connect_timeout=5,
             read_timeout=30,
         ),
-        **common,
+        **_region(config),
     )
     sqs_client = session.client(
         "sqs",
@@ -78,9 +82,21 @@ def make_clients(config: LambdaExecutorConfig) -> AwsClients:
             # A long poll holds the connection for up to poll_wait_seconds.
             read_timeout=config.poll_wait_seconds + 20,
         ),
-        **common,
+        **_region(config),
     )
     return AwsClients(lambda_=lambda_client, sqs=sqs_client, all=(lambda_client, sqs_client))
+
+
+def make_logs_client(config: LambdaExecutorConfig) -> Any:
+    """A CloudWatch Logs client with the same credentials as the Lambda and SQS clients (``aws_conn_id``)."""
+    from botocore.config import Config
+
+    # The API server reads logs while rendering a page: fail fast rather than retry.
+    return _session(config).client(
+        "logs",
+        config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        **_region(config),
+    )
 
 
 def _session(config: LambdaExecutorConfig) -> Any:
@@ -102,24 +118,42 @@ def _session(config: LambdaExecutorConfig) -> Any:
     return hook.get_session(region_name=config.region_name or None)
 
 
-# -- invoke errors ---------------------------------------------------------------------------------------------
+def _region(config: LambdaExecutorConfig) -> dict[str, str]:
+    return {"region_name": config.region_name} if config.region_name else {}
 
 
-class InvokeErrorKind(str, Enum):
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+class AwsErrorKind(str, Enum):
     THROTTLED = "throttled"  # 429: try again later, report no free capacity meanwhile
     RETRYABLE = "retryable"  # 5xx or a network failure: try again later
-    REJECTED = "rejected"  # any other 4xx, missing credentials: the task fails with the reason
+    REJECTED = "rejected"  # any other 4xx, missing credentials: retrying the same request cannot help
 
 
 @dataclass(frozen=True)
-class InvokeError:
-    kind: InvokeErrorKind
+class AwsError:
+    """A failed AWS call: what to do about it, AWS's error code (or the exception's name) and message."""
+
+    kind: AwsErrorKind
     code: str
     message: str
 
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
-def classify_invoke_error(exc: BaseException) -> InvokeError:
-    """Sort an exception raised by ``Lambda.Invoke`` into what the executor does about it."""
+
+class AwsCallError(Exception):
+    """Raised by the calls below that the caller cannot go on without; ``error`` says what went wrong."""
+
+    def __init__(self, operation: str, error: AwsError):
+        super().__init__(f"{operation} failed: {error}")
+        self.operation = operation
+        self.error = error
+
+
+def classify_error(exc: BaseException) -> AwsError:
+    """Sort an exception raised by a boto call into what the caller does about it."""
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -130,37 +164,106 @@ def classify_invoke_error(exc: BaseException) -> InvokeError:
         ConnectionError as BotoConnectionError,
     )
 
+    # First: NoCredentialsError is no ClientError and has no ``.response`` to read.
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return InvokeError(InvokeErrorKind.REJECTED, type(exc).__name__, f"AWS credentials: {exc}")
+        return AwsError(AwsErrorKind.REJECTED, type(exc).__name__, f"AWS credentials: {exc}")
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {}) or {}
         code = str(error.get("Code", "Unknown"))
         message = str(error.get("Message", "")) or str(exc)
         status = int((exc.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
         if code in _THROTTLE_ERRORS or status == 429:
-            return InvokeError(InvokeErrorKind.THROTTLED, code, message)
-        if status >= 500 or code in (
-            "ServiceException",
-            "ResourceNotReadyException",
-            "EC2ThrottledException",
-        ):
-            return InvokeError(InvokeErrorKind.RETRYABLE, code, message)
+            return AwsError(AwsErrorKind.THROTTLED, code, message)
+        if status >= 500 or code in _RETRYABLE_ERRORS:
+            return AwsError(AwsErrorKind.RETRYABLE, code, message)
         if code in _CREDENTIAL_ERRORS:
-            return InvokeError(InvokeErrorKind.REJECTED, code, f"AWS credentials or permissions: {message}")
-        return InvokeError(InvokeErrorKind.REJECTED, code, message)
+            return AwsError(AwsErrorKind.REJECTED, code, f"AWS credentials or permissions: {message}")
+        return AwsError(AwsErrorKind.REJECTED, code, message)
     if isinstance(exc, (BotoConnectionError, BotoCoreError, OSError)):
-        return InvokeError(InvokeErrorKind.RETRYABLE, type(exc).__name__, str(exc))
-    return InvokeError(InvokeErrorKind.REJECTED, type(exc).__name__, str(exc))
+        return AwsError(AwsErrorKind.RETRYABLE, type(exc).__name__, str(exc))
+    return AwsError(AwsErrorKind.REJECTED, type(exc).__name__, str(exc))
 
 
-def invoke_request_id(response: dict[str, Any]) -> str:
-    """The request id of an accepted async invoke; Lambda gives the run the same id (``aws_request_id``)."""
+def _call(operation: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """One boto call; a botocore error becomes an ``AwsCallError`` naming the operation."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return operation(**kwargs)
+    except (BotoCoreError, ClientError) as exc:
+        raise AwsCallError(getattr(operation, "__name__", "AWS call"), classify_error(exc)) from exc
+
+
+def _function(function_name: str, qualifier: str) -> dict[str, str]:
+    return {"FunctionName": function_name, **({"Qualifier": qualifier} if qualifier else {})}
+
+
+# -- Lambda ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FunctionSettings:
+    timeout_s: int | None
+    memory_mb: int | None
+
+
+@dataclass(frozen=True)
+class EventInvokeSettings:
+    maximum_retry_attempts: int | None  # None: not set in the config (Lambda's default is 2)
+    maximum_event_age_s: int | None
+
+
+@dataclass(frozen=True)
+class InvokeAccepted:
+    request_id: str  # Lambda gives the run the same id (``aws_request_id``)
+
+
+def describe_function(lambda_client: Any, function_name: str, qualifier: str = "") -> FunctionSettings:
+    """``GetFunction``: the settings the executor needs. Raises ``AwsCallError``."""
+    configuration = (
+        _call(lambda_client.get_function, **_function(function_name, qualifier)).get("Configuration") or {}
+    )
+    return FunctionSettings(
+        timeout_s=_int_or_none(configuration.get("Timeout")),
+        memory_mb=_int_or_none(configuration.get("MemorySize")),
+    )
+
+
+def event_invoke_settings(lambda_client: Any, function_name: str, qualifier: str = "") -> EventInvokeSettings:
+    """``GetFunctionEventInvokeConfig``; raises ``AwsCallError``, also when the function has no such config."""
+    response = _call(lambda_client.get_function_event_invoke_config, **_function(function_name, qualifier))
+    return EventInvokeSettings(
+        maximum_retry_attempts=_int_or_none(response.get("MaximumRetryAttempts")),
+        maximum_event_age_s=_int_or_none(response.get("MaximumEventAgeInSeconds")),
+    )
+
+
+def reserved_concurrency(lambda_client: Any, function_name: str) -> int | None:
+    """``GetFunctionConcurrency``: the function's reserved concurrency, None without one. Raises ``AwsCallError``."""
+    response = _call(lambda_client.get_function_concurrency, FunctionName=function_name)
+    return _int_or_none(response.get("ReservedConcurrentExecutions"))
+
+
+def invoke_async(
+    lambda_client: Any, function_name: str, qualifier: str, payload: str
+) -> InvokeAccepted | AwsError:
+    """One ``Invoke(InvocationType=Event)``; every failure comes back as an ``AwsError``, never raised."""
+    try:
+        response = lambda_client.invoke(
+            InvocationType="Event", Payload=payload.encode("utf-8"), **_function(function_name, qualifier)
+        )
+    except Exception as exc:  # runs in a pool thread: whatever went wrong must reach the scheduler thread
+        return classify_error(exc)
     meta = response.get("ResponseMetadata") or {}
     headers = meta.get("HTTPHeaders") or {}
-    return str(meta.get("RequestId") or headers.get("x-amzn-requestid") or "")
+    return InvokeAccepted(str(meta.get("RequestId") or headers.get("x-amzn-requestid") or ""))
 
 
-# -- SQS messages ------------------------------------------------------------------------------------------------
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# -- SQS ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -174,7 +277,23 @@ class QueueMessage:
     attributes: dict[str, str]  # message attributes (string values), e.g. a DLQ's ErrorCode / ErrorMessage
 
 
-def parse_receive_response(response: dict[str, Any]) -> list[QueueMessage]:
+def check_queue(sqs_client: Any, queue_url: str) -> None:
+    """Raise ``AwsCallError`` unless the queue exists and these credentials may read it."""
+    _call(sqs_client.get_queue_attributes, QueueUrl=queue_url, AttributeNames=["QueueArn"])
+
+
+def receive_messages(
+    sqs_client: Any, queue_url: str, *, wait_seconds: int, visibility_timeout: int
+) -> list[QueueMessage]:
+    """One long-polling receive of up to ``SQS_BATCH_MAX`` messages with their receive counts and attributes."""
+    response = sqs_client.receive_message(
+        QueueUrl=queue_url,
+        MaxNumberOfMessages=SQS_BATCH_MAX,
+        WaitTimeSeconds=wait_seconds,
+        VisibilityTimeout=visibility_timeout,
+        MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        MessageAttributeNames=["All"],
+    )
     messages = []
     for raw in response.get("Messages") or []:
         system = raw.get("Attributes") or {}
@@ -199,12 +318,49 @@ def parse_receive_response(response: dict[str, Any]) -> list[QueueMessage]:
     return messages
 
 
-def batch_failures(response: dict[str, Any]) -> list[str]:
-    """Readable lines for the entries an SQS batch call could not handle."""
-    return [
-        f"{entry.get('Id')}: {entry.get('Code')} {entry.get('Message', '')}".strip()
-        for entry in response.get("Failed") or []
-    ]
+def delete_messages(sqs_client: Any, queue_url: str, receipt_handles: list[str]) -> list[str]:
+    """Delete in batches; returns a readable line for each message SQS could not delete."""
+    return _in_batches(sqs_client.delete_message_batch, queue_url, receipt_handles, {})
+
+
+def change_visibility(
+    sqs_client: Any, queue_url: str, receipt_handles: list[str], *, visibility_timeout: int
+) -> list[str]:
+    """Hide (or, with 0, show) messages again in batches; returns a line for each one SQS could not change."""
+    return _in_batches(
+        sqs_client.change_message_visibility_batch,
+        queue_url,
+        receipt_handles,
+        {"VisibilityTimeout": visibility_timeout},
+    )
+
+
+def _in_batches(
+    operation: Callable[..., dict[str, Any]], queue_url: str, handles: list[str], extra: dict[str, Any]
+) -> list[str]:
+    failures = []
+    for start in range(0, len(handles), SQS_BATCH_MAX):
+        chunk = handles[start : start + SQS_BATCH_MAX]
+        response = operation(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": handle, **extra} for i, handle in enumerate(chunk)],
+        )
+        failures.extend(
+            f"{entry.get('Id')}: {entry.get('Code')} {entry.get('Message', '')}".strip()
+            for entry in response.get("Failed") or []
+        )
+    return failures
+
+
+# -- CloudWatch Logs ---------------------------------------------------------------------------------------------
+
+
+def filter_log_messages(logs_client: Any, log_group: str, request_id: str, *, limit: int) -> list[str]:
+    """The messages of ``log_group`` that mention ``request_id`` (one page). Raises ``AwsCallError``."""
+    response = _call(
+        logs_client.filter_log_events, logGroupName=log_group, filterPattern=f'"{request_id}"', limit=limit
+    )
+    return [str(event.get("message", "")).rstrip("\n") for event in response.get("events") or []]
 
 
 # -- DLQ classification -----------------------------------------------------------------------------------------

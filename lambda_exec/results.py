@@ -1,7 +1,7 @@
 """A background reader of one SQS queue (results or dead letters): long polling, batch receive, batch delete.
 
-The reader owns every SQS call on its queue, so the scheduler loop never waits on SQS. For each message it asks
-its ``sort`` callback what to do:
+The reader makes every SQS call on its queue (through ``aws``), so the scheduler loop never waits on SQS. For
+each message it asks its ``classify`` callback what to do:
 
 - ``DELIVER``: the message is for a dispatch this executor owns; the callback has handed it to the executor.
   It is deleted only when the executor acknowledges it (``ack``), one heartbeat later, after the scheduler has
@@ -25,19 +25,19 @@ from enum import Enum
 from queue import Empty, SimpleQueue
 from typing import Any
 
-from hybrid_router.lambda_exec.aws import QueueMessage, batch_failures, parse_receive_response
+from hybrid_router.lambda_exec import aws
+from hybrid_router.lambda_exec.aws import QueueMessage
 
 log = logging.getLogger(__name__)
 
-SQS_BATCH = 10
 # How long a received message we own stays hidden before another receive can see it again: well above the
 # time between receiving it and acknowledging it one heartbeat later.
 OWNED_VISIBILITY_TIMEOUT_S = 120
 # How often an idle reader (no dispatch in flight) checks whether it has work again.
 IDLE_CHECK_S = 0.5
 ERROR_PAUSE_S = 1.0
-# After a receive that came back with fewer than SQS_BATCH messages, let the queue fill for this long before the
-# next receive. Results trickle in one by one while many tasks run: without the pause each receive (and each
+# After a receive that came back with less than a full batch, let the queue fill for this long before the next
+# receive. Results trickle in one by one while many tasks run: without the pause each receive (and each
 # delete batch) carries one or two messages, doubling the SQS calls per task. The executor applies messages only
 # at its heartbeat (every second or so), so this adds no visible latency.
 GATHER_S = 0.1
@@ -59,7 +59,7 @@ class QueueReader:
         name: str,
         sqs: Any,
         queue_url: str,
-        sort: Callable[[QueueMessage], Disposition],
+        classify: Callable[[QueueMessage], Disposition],
         is_active: Callable[[], bool],
         wait_seconds: int,
         release_visibility_s: int,
@@ -68,7 +68,7 @@ class QueueReader:
         self.name = name
         self._sqs = sqs
         self._queue_url = queue_url
-        self._sort = sort
+        self._classify = classify
         self._is_active = is_active
         self._wait_seconds = wait_seconds
         self._release_visibility_s = release_visibility_s
@@ -122,7 +122,7 @@ class QueueReader:
                     self._wake.wait(IDLE_CHECK_S)
                     self._wake.clear()
                     continue
-                if 0 < self._poll_once() < SQS_BATCH:
+                if 0 < self._poll_once() < aws.SQS_BATCH_MAX:
                     self._stop.wait(self._gather_s)
             except Exception:
                 # The thread must outlive any single failure (network, throttling, a bug in one message).
@@ -141,21 +141,18 @@ class QueueReader:
 
     def _poll_once(self) -> int:
         """One receive (a long poll) and the deletes that ride along; returns how many messages came."""
-        response = self._sqs.receive_message(
-            QueueUrl=self._queue_url,
-            MaxNumberOfMessages=SQS_BATCH,
-            WaitTimeSeconds=self._wait_seconds,
-            VisibilityTimeout=OWNED_VISIBILITY_TIMEOUT_S,
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
-            MessageAttributeNames=["All"],
+        messages = aws.receive_messages(
+            self._sqs,
+            self._queue_url,
+            wait_seconds=self._wait_seconds,
+            visibility_timeout=OWNED_VISIBILITY_TIMEOUT_S,
         )
-        messages = parse_receive_response(response)
         self.received += len(messages)
         to_delete: list[str] = []
         to_release: list[str] = []
         for message in messages:
             try:
-                disposition = self._sort(message)
+                disposition = self._classify(message)
             except Exception:
                 log.exception("%s: could not handle message %s; leaving it", self.name, message.message_id)
                 disposition = Disposition.RELEASE
@@ -181,25 +178,10 @@ class QueueReader:
             handles.append(handle)
 
     def _delete(self, handles: list[str]) -> None:
-        for start in range(0, len(handles), SQS_BATCH):
-            chunk = handles[start : start + SQS_BATCH]
-            response = self._sqs.delete_message_batch(
-                QueueUrl=self._queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": handle} for i, handle in enumerate(chunk)],
-            )
-            for failure in batch_failures(response):
-                log.warning("%s: could not delete a message: %s", self.name, failure)
+        for failure in aws.delete_messages(self._sqs, self._queue_url, handles):
+            log.warning("%s: could not delete a message: %s", self.name, failure)
 
     def _release(self, handles: list[str], visibility_s: int | None = None) -> None:
         timeout = self._release_visibility_s if visibility_s is None else visibility_s
-        for start in range(0, len(handles), SQS_BATCH):
-            chunk = handles[start : start + SQS_BATCH]
-            response = self._sqs.change_message_visibility_batch(
-                QueueUrl=self._queue_url,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": timeout}
-                    for i, handle in enumerate(chunk)
-                ],
-            )
-            for failure in batch_failures(response):
-                log.debug("%s: could not release a message: %s", self.name, failure)
+        for failure in aws.change_visibility(self._sqs, self._queue_url, handles, visibility_timeout=timeout):
+            log.debug("%s: could not release a message: %s", self.name, failure)

@@ -25,14 +25,19 @@ def client_error(code: str, status: int, message: str = "", operation: str = "In
 
 
 class FakeLambda:
-    """Answers 202 unless an answer (an exception) was queued with ``answer``."""
+    """Answers 202 unless an answer (an exception) was queued with ``answer``.
 
-    def __init__(self, timeout_s: int = 60, reserved: int | None = None):
+    ``failing`` maps a start-up operation's name (``get_function``...) to the exception it raises.
+    """
+
+    def __init__(self, timeout_s: int = 60, reserved: int | None = None, retry_attempts: int = 0):
         self.invokes: list[dict[str, Any]] = []
         self._answers: deque[BaseException | None] = deque()
         self._lock = threading.Lock()
         self.timeout_s = timeout_s
         self.reserved = reserved
+        self.retry_attempts = retry_attempts
+        self.failing: dict[str, BaseException] = {}
 
     def answer(self, *answers: BaseException | None) -> None:
         self._answers.extend(answers)
@@ -52,20 +57,27 @@ class FakeLambda:
             "ResponseMetadata": {"RequestId": str(uuid.uuid4()), "HTTPStatusCode": 202},
         }
 
+    def _fail_if_asked(self, operation: str) -> None:
+        if operation in self.failing:
+            raise self.failing[operation]
+
     def get_function(self, **kwargs: Any) -> dict[str, Any]:
+        self._fail_if_asked("get_function")
         return {"Configuration": {"FunctionName": kwargs["FunctionName"], "Timeout": self.timeout_s}}
 
     def get_function_concurrency(self, **kwargs: Any) -> dict[str, Any]:
+        self._fail_if_asked("get_function_concurrency")
         return {"ReservedConcurrentExecutions": self.reserved} if self.reserved else {}
 
     def get_function_event_invoke_config(self, **kwargs: Any) -> dict[str, Any]:
-        return {"MaximumRetryAttempts": 0}
+        self._fail_if_asked("get_function_event_invoke_config")
+        return {"MaximumRetryAttempts": self.retry_attempts}
 
 
 class FakeSqs:
     """Per-queue lists of messages; receive hands out what is visible, like SQS without the network."""
 
-    def __init__(self, redeliver_released: bool = False, visibility_scale: float = 0.01) -> None:
+    def __init__(self, *, redeliver_released: bool = False, visibility_scale: float = 0.01) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, deque[dict[str, Any]]] = {}
         # With redelivery, a released message becomes visible again after its visibility timeout (scaled down:
@@ -78,6 +90,7 @@ class FakeSqs:
         self.deleted: list[str] = []
         self.released: list[str] = []
         self.receives = 0
+        self.missing_queues: set[str] = set()  # get_queue_attributes answers NonExistentQueue for these
 
     def send(
         self, queue_url: str, body: str, *, receive_count: int = 1, attributes: dict[str, str] | None = None
@@ -130,6 +143,8 @@ class FakeSqs:
         return {"Successful": [{"Id": entry["Id"]} for entry in kwargs["Entries"]]}
 
     def get_queue_attributes(self, **kwargs: Any) -> dict[str, Any]:
+        if kwargs["QueueUrl"] in self.missing_queues:
+            raise client_error("AWS.SimpleQueueService.NonExistentQueue", 400, operation="GetQueueAttributes")
         return {"Attributes": {"QueueArn": "arn:aws:sqs:us-east-1:000000000000:q"}}
 
 

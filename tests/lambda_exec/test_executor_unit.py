@@ -12,16 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.utils.state import TaskInstanceState
+from botocore.exceptions import NoCredentialsError
 
+from devtools.workloads import make_workload
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.config import LambdaConfigError
-from hybrid_router.lambda_exec.executor import LambdaExecutor
+from hybrid_router.lambda_exec.executor import LambdaExecutor, LambdaHealthError
 from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
 
-from .conftest import SECRET, drive
+from .executor_support import SECRET, drive
 from .fakes import FakeClock, FakeLambda, FakeSqs, client_error, fake_clients
-from .workloads import make_workload
 
 RESULTS = "http://sqs.local/results"
 DLQ = "http://sqs.local/dlq"
@@ -187,7 +188,7 @@ def test_every_result_received_before_a_heartbeat_is_reported_by_that_heartbeat(
     for i in range(len(loads)):
         sqs.send(RESULTS, result(sent_event(lambda_, i), Phase.FINISHED, Outcome.SUCCESS))
     deadline = time.monotonic() + 5
-    while len(executor._inbound) < len(loads):  # all handed over by the reader thread
+    while len(executor._inbox) < len(loads):  # all handed over by the reader thread
         assert time.monotonic() < deadline, "the reader did not deliver the results"
         time.sleep(0.01)
 
@@ -207,7 +208,7 @@ def test_a_success_is_deleted_at_once_and_other_results_after_the_scheduler_took
     success = sqs.send(RESULTS, result(by_task["ok"], Phase.FINISHED, Outcome.SUCCESS))
     failure = sqs.send(RESULTS, result(by_task["bad"], Phase.FINISHED, Outcome.FAILED))
     deadline = time.monotonic() + 5
-    while len(executor._inbound) < 2 or not sqs.deleted:
+    while len(executor._inbox) < 2 or not sqs.deleted:
         assert time.monotonic() < deadline, "the reader did not deliver the results"
         time.sleep(0.01)
     # No heartbeat yet: the SUCCESS (already recorded by the task itself) is gone, the failure waits.
@@ -656,3 +657,103 @@ def test_two_instances_with_different_functions_share_a_queue(started):
     # Each instance reported only its own task, whichever reader saw the message first.
     assert events[w_small.ti.key][0] == TaskInstanceState.FAILED
     assert events[w_big.ti.key][0] == TaskInstanceState.SUCCESS
+
+
+# -- start-up checks ---------------------------------------------------------------------------------------------
+
+
+class RecordingLog:
+    """Stands in for the executor's logger (Airflow's structlog output does not reach caplog)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str):
+        return lambda message, *args, **kwargs: self.lines.append(
+            (level, message % args if args else message)
+        )
+
+    def text(self, level: str) -> str:
+        return "\n".join(line for logged, line in self.lines if logged == level)
+
+
+@pytest.fixture
+def started_logged():
+    """Like ``started``, with the executor's log recorded from before ``start()``."""
+    created = []
+
+    def factory(**kwargs):
+        executor, _, _ = make_executor(**kwargs)
+        executor._log = RecordingLog()
+        created.append(executor)
+        executor.start()
+        return executor, executor._log
+
+    yield factory
+    for executor in created:
+        executor.terminate()
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (
+            client_error("ResourceNotFoundException", 404, "Function not found: airflow-task", "GetFunction"),
+            "ResourceNotFoundException: Function not found: airflow-task",
+        ),
+        # No ``.response`` on this one: the provider's executor crashes reading it as a ClientError.
+        (NoCredentialsError(), "NoCredentialsError: AWS credentials: Unable to locate credentials"),
+    ],
+)
+def test_an_unreachable_function_stops_start_saying_what_to_check(no_thread_leak, failure, reason):
+    lambda_ = FakeLambda()
+    lambda_.failing["get_function"] = failure
+    executor, _, _ = make_executor(lambda_=lambda_)
+    with pytest.raises(LambdaHealthError) as info:
+        executor.start()
+    assert str(info.value).startswith(f"Lambda function 'airflow-task' is not reachable: {reason}. Check ")
+    assert "check_health_on_startup = False" in str(info.value)
+
+
+def test_a_missing_queue_stops_start_naming_the_option(no_thread_leak):
+    sqs = FakeSqs()
+    sqs.missing_queues.add(DLQ)
+    executor, _, _ = make_executor(sqs=sqs)
+    with pytest.raises(
+        LambdaHealthError,
+        match=r"SQS queue 'http://sqs.local/dlq' \(\[lambda_executor\] dead_letter_queue_url\) is not "
+        r"reachable: AWS.SimpleQueueService.NonExistentQueue",
+    ):
+        executor.start()
+
+
+def test_the_health_check_learns_the_functions_timeout(started):
+    executor, _, _ = started(lambda_=FakeLambda(timeout_s=42))
+    assert executor._function_timeout_s == 42
+
+
+def test_lambdas_own_retries_are_warned_about(started_logged):
+    _, quiet = started_logged(lambda_=FakeLambda(retry_attempts=0))
+    assert "MaximumRetryAttempts" not in quiet.text("warning")
+    _, retrying = started_logged(lambda_=FakeLambda(retry_attempts=2))
+    assert "Function airflow-task has MaximumRetryAttempts = 2" in retrying.text("warning")
+    unreadable = FakeLambda()
+    unreadable.failing["get_function_event_invoke_config"] = client_error(
+        "ResourceNotFoundException", 404, operation="GetFunctionEventInvokeConfig"
+    )
+    _, unknown = started_logged(lambda_=unreadable)
+    assert "Lambda retries a failed async run twice by default" in unknown.text("warning")
+
+
+def test_reserved_concurrency_is_asked_of_lambda_with_parallelism_as_the_fallback(started_logged):
+    executor, _ = started_logged(lambda_=FakeLambda(reserved=3))
+    assert executor.free_capacity() == 3
+    denied = FakeLambda()
+    denied.failing["get_function_concurrency"] = client_error(
+        "AccessDeniedException", 403, operation="GetFunctionConcurrency"
+    )
+    executor, log = started_logged(lambda_=denied)
+    assert executor.free_capacity() == 16  # parallelism
+    assert "Could not read the reserved concurrency of airflow-task (AccessDeniedException" in log.text(
+        "warning"
+    )

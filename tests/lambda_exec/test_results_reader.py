@@ -34,7 +34,7 @@ def _read(sqs: CountingSqs, expected: int, gather_s: float, trickle_s: float | N
     delivered: list[str] = []
     done = threading.Event()
 
-    def sort(message: Any) -> Disposition:
+    def classify(message: Any) -> Disposition:
         delivered.append(message.message_id)
         if len(delivered) == expected:
             done.set()
@@ -44,7 +44,7 @@ def _read(sqs: CountingSqs, expected: int, gather_s: float, trickle_s: float | N
         name="test-reader",
         sqs=sqs,
         queue_url=QUEUE,
-        sort=sort,
+        classify=classify,
         is_active=lambda: True,
         wait_seconds=1,
         release_visibility_s=30,
@@ -98,7 +98,7 @@ class VisibilityRecordingSqs(FakeSqs):
 
 
 def _delivering_reader(sqs: FakeSqs, delivered: list[str]) -> QueueReader:
-    def sort(message: Any) -> Disposition:
+    def classify(message: Any) -> Disposition:
         delivered.append(message.receipt_handle)
         return Disposition.DELIVER
 
@@ -106,7 +106,7 @@ def _delivering_reader(sqs: FakeSqs, delivered: list[str]) -> QueueReader:
         name="test-reader",
         sqs=sqs,
         queue_url=QUEUE,
-        sort=sort,
+        classify=classify,
         is_active=lambda: True,
         wait_seconds=0,
         release_visibility_s=30,
