@@ -33,7 +33,8 @@ from typing import Any
 # devtools/ lives in the checkout, not the wheel.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, local_lambda_settings
+from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port
+from devtools.lambda_settings import local_lambda_settings
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "lambda_fallback"

@@ -288,10 +288,20 @@ def service_alone_rate(concurrency: int, events: int) -> dict[str, Any]:
 
 
 def make_workloads(count: int, dag_id: str) -> list[Any]:
-    from devtools.devstack import make_workload
+    from devtools.workloads import make_workload
 
     run_id = f"bench__{uuid.uuid4().hex[:8]}"
-    return [make_workload(f"noop_{i}", dag_id=dag_id, run_id=run_id, token="") for i in range(count)]
+    return [
+        make_workload(
+            f"noop_{i}",
+            dag_id=dag_id,
+            run_id=run_id,
+            token="",
+            # Airflow's own file name for the try, as the scheduler sets it (make_workload's default is none).
+            log_path=f"dag_id={dag_id}/run_id={run_id}/task_id=noop_{i}/attempt=1.log",
+        )
+        for i in range(count)
+    ]
 
 
 # -- one measured run -----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The checkout's own harness: the demo and the local development stack (not installed with the product).
+"""The checkout's own harness: the demo, the local development stack, and the in-memory builders the tests and
+benchmarks share (not installed with the product).
 
 Everything here needs the test extras (moto's server) and a checkout (the examples folder); it runs from the
 repository root (``python -m devtools.demo``), and the tests and benchmarks import it from there.

@@ -206,9 +206,10 @@ def _airflow_bin() -> str:
 
 
 class AirflowStack:
-    """A real Airflow 3 on SQLite: API server, DAG processor and scheduler, all on loopback.
+    """A real Airflow 3: API server, DAG processor and one or more schedulers, all on loopback.
 
-    ``config`` maps section -> option -> value and becomes ``AIRFLOW__SECTION__OPTION`` variables, so the settings
+    The metadata database is a SQLite file in ``home`` unless ``database_url`` names another (PostgreSQL: see
+    ``devtools.postgres``; SQLite allows one scheduler only). ``config`` maps section -> option -> value and becomes ``AIRFLOW__SECTION__OPTION`` variables, so the settings
     reach every Airflow process and every process started with ``stack.env``.
     """
 
@@ -220,8 +221,14 @@ class AirflowStack:
         config: Mapping[str, Mapping[str, Any]] | None = None,
         env: Mapping[str, str] | None = None,
         parallelism: int = 32,
+        database_url: str | None = None,
+        schedulers: int = 1,
     ):
         self.home = Path(home)
+        self.database_url = database_url or f"sqlite:///{self.home / 'airflow.db'}"
+        if schedulers > 1 and self.database_url.startswith("sqlite"):
+            raise StackError("several schedulers need a database that allows them (PostgreSQL), not SQLite")
+        self.schedulers = schedulers
         self.dags_folder = Path(dags_folder)
         self.api_port = free_port()
         self.api_url = f"http://{LOOPBACK}:{self.api_port}"
@@ -238,7 +245,7 @@ class AirflowStack:
                 "execution_api_server_url": f"{self.api_url}/execution/",
                 "fernet_key": "",
             },
-            "database": {"sql_alchemy_conn": f"sqlite:///{self.home / 'airflow.db'}"},
+            "database": {"sql_alchemy_conn": self.database_url},
             "api": {
                 "host": LOOPBACK,
                 "port": self.api_port,
@@ -296,12 +303,21 @@ class AirflowStack:
         if result.returncode != 0:
             raise StackError(f"airflow db migrate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
-    def start_scheduler(self) -> None:
-        self._start("scheduler", ["scheduler"])
+    def start_scheduler(self, name: str | None = None) -> None:
+        """Start the scheduler(s): all ``schedulers`` of them, or the one called ``name`` (restarting it)."""
+        for scheduler in [name] if name else self.scheduler_names:
+            self._start(scheduler, ["scheduler"])
 
-    def kill_scheduler(self, sig: int = signal.SIGKILL, group: bool = False) -> None:
-        """Kill the scheduler as a crash would: by default only its main process, not its workers."""
-        process = self._processes.pop("scheduler", None)
+    @property
+    def scheduler_names(self) -> list[str]:
+        """``scheduler`` alone, or ``scheduler-1``, ``scheduler-2``, ... (also their log files' names)."""
+        if self.schedulers == 1:
+            return ["scheduler"]
+        return [f"scheduler-{number}" for number in range(1, self.schedulers + 1)]
+
+    def kill_scheduler(self, sig: int = signal.SIGKILL, group: bool = False, name: str = "scheduler") -> None:
+        """Kill a scheduler as a crash would: by default only its main process, not its workers."""
+        process = self._processes.pop(name, None)
         if process is not None:
             process.kill(sig, group=group)
             # Sweep what is left of the group later, at stop(), as a new supervisor would.
@@ -336,7 +352,7 @@ class AirflowStack:
 
     def check_alive(self) -> bool:
         """Raise StackError, with the tail of its log, if a component has died."""
-        for name in ("api-server", "dag-processor", "scheduler"):
+        for name in ("api-server", "dag-processor", *self.scheduler_names):
             process = self._processes.get(name)
             if process is not None:
                 process.check_alive()
@@ -414,11 +430,26 @@ class AirflowStack:
         return "\n".join(lines)
 
     def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Read the metadata database directly (SQLite), for assertions the REST API does not expose."""
-        import sqlite3
+        """Read the metadata database directly, for assertions the REST API does not expose.
 
-        with sqlite3.connect(self.home / "airflow.db", timeout=30) as db:
-            return db.execute(query, params).fetchall()
+        ``query`` uses ``?`` placeholders whatever the database.
+        """
+        if self.database_url.startswith("sqlite"):
+            import sqlite3
+
+            with sqlite3.connect(self.database_url.removeprefix("sqlite:///"), timeout=30) as db:
+                return db.execute(query, params).fetchall()
+        import psycopg2
+
+        from devtools.postgres import connect_args
+
+        connection = psycopg2.connect(**connect_args(self.database_url))
+        try:
+            with connection, connection.cursor() as cursor:
+                cursor.execute(query.replace("?", "%s"), params)
+                return cursor.fetchall()
+        finally:
+            connection.close()
 
 
 def _log_line(record: Any) -> str:
@@ -440,78 +471,6 @@ def _conf_value(value: Any) -> str:
     if isinstance(value, bool):
         return "True" if value else "False"
     return str(value)
-
-
-def local_lambda_settings(
-    *,
-    function_name: str,
-    results_queue_url: str,
-    dead_letter_queue_url: str,
-    signing_secret: str,
-    lambda_endpoint_url: str,
-    sqs_endpoint_url: str,
-    local_log_dir: Path | str,
-) -> dict[str, Any]:
-    """``[lambda_executor]`` settings pointing the LambdaExecutor at the local Lambda service and moto's SQS."""
-    return {
-        "function_name": function_name,
-        "results_queue_url": results_queue_url,
-        "dead_letter_queue_url": dead_letter_queue_url,
-        "signing_secret": signing_secret,
-        "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
-        "lambda_endpoint_url": lambda_endpoint_url,
-        "sqs_endpoint_url": sqs_endpoint_url,
-        "aws_conn_id": "",  # credentials come from the environment; moto and the local service accept any
-        "local_log_dir": str(local_log_dir),
-    }
-
-
-def make_workload(
-    task_id: str,
-    *,
-    dag_id: str = "dag",
-    run_id: str = "run",
-    try_number: int = 1,
-    map_index: int = -1,
-    queue: str = "default",
-    priority_weight: int = 1,
-    executor_config: dict[str, Any] | None = None,
-    token: str | None = None,
-    dag_rel_path: str | None = None,
-    log_path: str | None = "",
-) -> Any:
-    """An ``ExecuteTask`` as the scheduler would queue it, built in memory (no metadata database needed).
-
-    ``token`` defaults to ``token-of-<task_id>``, ``dag_rel_path`` to ``<dag_id>.py``, and ``log_path`` to
-    Airflow's default file name for the try (pass ``None`` for no log file).
-    """
-    import uuid
-
-    from airflow.executors.workloads import BundleInfo, ExecuteTask
-    from airflow.executors.workloads.task import TaskInstanceDTO
-
-    ti = TaskInstanceDTO(
-        id=uuid.uuid4(),
-        dag_id=dag_id,
-        task_id=task_id,
-        run_id=run_id,
-        try_number=try_number,
-        map_index=map_index,
-        dag_version_id=uuid.uuid4(),
-        pool_slots=1,
-        priority_weight=priority_weight,
-        queue=queue,
-        executor_config=executor_config,
-    )
-    if log_path == "":
-        log_path = f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/attempt={try_number}.log"
-    return ExecuteTask(
-        ti=ti,
-        dag_rel_path=Path(dag_rel_path or f"{dag_id}.py"),
-        token=f"token-of-{task_id}" if token is None else token,
-        log_path=log_path,
-        bundle_info=BundleInfo(name="dags-folder"),
-    )
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +27,20 @@ settings.register_profile("default", derandomize=True, database=None, deadline=N
 settings.register_profile("explore", max_examples=2000, deadline=None)
 settings.load_profile("default")
 
+from moto_sqs import Moto  # noqa: E402
+
+from devtools.postgres import PostgresServer, PostgresUnavailable  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    """moto's server (SQS, ECS...), one for the session.
+
+    Never reset here: tests that share it use fresh queue names; the ECS tests reset it for their fixed names.
+    """
+    with Moto(log_dir=tmp_path_factory.mktemp("moto-logs")) as server:
+        yield server
+
 
 @pytest.fixture
 def audit_rows(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
@@ -41,3 +57,25 @@ def audit_rows(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(audit.AuditLog, "flush", flush)
     return written
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of the session's own on loopback (see devtools/postgres.py).
+
+    A machine without PostgreSQL's server programs fails these tests with how to get them: never a silent skip.
+    """
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"PostgreSQL is needed for this test: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A new empty database for one test (each test migrates its own Airflow schema)."""
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")

@@ -9,7 +9,7 @@ import sys
 
 from hybrid_router.policies import DEFAULT_POLICY
 
-from .conftest import REPO_ROOT, airflow_env, run_module
+from .cli_runner import REPO_ROOT, airflow_env, run_module
 
 EXAMPLE_POLICY = REPO_ROOT / "examples" / "policy.yaml"
 AIRFLOW = [sys.executable, "-m", "airflow"]

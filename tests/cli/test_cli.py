@@ -15,7 +15,7 @@ from hybrid_router.router.cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 from hybrid_router.router.policy import TaskFacts, load_policy
 from hybrid_router.router.simulate import read_tasks_csv
 
-from .conftest import EXAMPLE_TASKS, REPO_ROOT, run_module
+from .cli_runner import EXAMPLE_TASKS, REPO_ROOT, run_module
 
 EXAMPLE_POLICY = REPO_ROOT / "examples" / "policy.yaml"
 ISSUE_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): (?P<path>\S+): (?P<message>.+)$")

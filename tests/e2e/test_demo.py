@@ -21,8 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from devtools import demo
-from devtools.demo import EXPECTED, FAILURE_DAG, LAMBDA, LOCAL, MAIN_DAG, Observed, check
+from devtools.demo.expected import EXPECTED, FAILURE_DAG, LAMBDA, LOCAL, MAIN_DAG, check, max_concurrent
+from devtools.demo.observed import Observed, observe
+from devtools.demo.run import ROUTER, airflow_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_TIMEOUT_S = 300
@@ -160,12 +161,12 @@ def test_airflow_cfg_snippet_sets_only_declared_options_and_covers_what_the_demo
     text = (REPO / "examples" / "airflow.cfg").read_text()
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_string(text)
-    assert parser.get("core", "executor") == demo.ROUTER
+    assert parser.get("core", "executor") == ROUTER
     declared = _declared_options()
     for section in ("hybrid_router", "lambda_executor"):
         unknown = set(parser.options(section)) - declared[section]
         assert not unknown, f"[{section}] options not declared by the provider: {unknown}"
-    demo_settings = demo.airflow_config(
+    demo_settings = airflow_config(
         policy=Path("policy.yaml"),
         results_queue_url="q",
         dead_letter_queue_url="dlq",
@@ -307,7 +308,7 @@ class _RecordedAirflow:
 
 def test_observe_reads_the_route_of_each_try_from_the_audit_rows():
     airflow = _RecordedAirflow()
-    observed, run_states = demo.observe(airflow, {MAIN_DAG: "manual__2026-01-01T00:00:00+00:00"})
+    observed, run_states = observe(airflow, {MAIN_DAG: "manual__2026-01-01T00:00:00+00:00"})
     assert run_states == {MAIN_DAG: "success"}
     (seen,) = observed
     assert seen.executors == [LAMBDA, LOCAL]  # the row of another try is not part of this one's route
@@ -329,9 +330,9 @@ def _run(start: int, end: int, executors=(LAMBDA,)) -> Observed:
 
 
 def test_max_concurrent_counts_overlapping_runs_only():
-    assert demo.max_concurrent([_run(0, 10), _run(5, 15), _run(9, 12), _run(10, 20)]) == 3
-    assert demo.max_concurrent([_run(0, 5), _run(5, 10)]) == 1  # back to back
-    assert demo.max_concurrent([]) == 0
+    assert max_concurrent([_run(0, 10), _run(5, 15), _run(9, 12), _run(10, 20)]) == 3
+    assert max_concurrent([_run(0, 5), _run(5, 10)]) == 1  # back to back
+    assert max_concurrent([]) == 0
 
 
 def test_check_reports_more_lambda_runs_at_once_than_the_reserved_concurrency():

@@ -53,3 +53,34 @@ def test_moto_server_serves_sqs(tmp_path):
         assert [m["Body"] for m in messages] == ["hi"]
         moto.reset()
         assert sqs.list_queues().get("QueueUrls", []) == []
+
+
+def test_airflow_stack_runs_two_schedulers_on_postgres(tmp_path, postgres_url):
+    """The HA topology the production tests stand on: two schedulers share one PostgreSQL database."""
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "hello.py").write_text(
+        textwrap.dedent(
+            """
+            import pendulum
+            from airflow.sdk import dag, task
+
+            @dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
+            def devstack_ha():
+                @task
+                def work(i):
+                    return i
+
+                work.expand(i=list(range(6)))
+
+            devstack_ha()
+            """
+        )
+    )
+    with AirflowStack(tmp_path / "airflow", dags, database_url=postgres_url, schedulers=2) as stack:
+        run_id = stack.trigger("devstack_ha")
+        assert stack.wait_run("devstack_ha", run_id, timeout=120) == "success"
+        alive = stack.sql(
+            "SELECT count(*) FROM job WHERE job_type = ? AND state = ?", ("SchedulerJob", "running")
+        )
+        assert alive == [(2,)]

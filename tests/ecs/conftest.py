@@ -1,9 +1,8 @@
-"""Fixtures for the ECS child tests: moto's server with an ECS cluster, and the provider's settings for it."""
+"""Fixtures for the ECS child tests: an ECS cluster on the session's moto server, and the provider's settings."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ CLUSTER = "airflow-tasks"
 TASK_FAMILY = "airflow-worker"
 CONTAINER = "airflow-worker"
 CONN_ID = "ecs_moto"
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(log_dir=tmp_path_factory.mktemp("moto-logs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ecs_executor_settings(**overrides: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Support for the ECS child tests: in-memory workloads and a child executor that only records.
+"""Support for the ECS child tests: the account on moto, task instance rows and a recording child executor.
 
 The recording executor stands in for every non-ECS child of a policy, so a test sees exactly which tasks the
 router handed to which child without running anything.
@@ -15,7 +15,6 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 
-from devtools import devstack
 from devtools.devstack import MotoServer
 
 # Import path of RecordingExecutor as a policy's ``class``: this folder is on sys.path while its tests run.
@@ -33,11 +32,6 @@ class EcsAccount:
 
     def client(self) -> Any:
         return self.moto.client("ecs")
-
-
-def make_workload(task_id: str, *, dag_id: str = "ecs_dag", run_id: str = "manual__1", **fields: Any) -> Any:
-    """An ``ExecuteTask`` as the scheduler would queue it, built without a database."""
-    return devstack.make_workload(task_id, dag_id=dag_id, run_id=run_id, **fields)
 
 
 class RecordingExecutor(BaseExecutor):

@@ -18,10 +18,12 @@ import yaml
 from airflow.executors import workloads
 from airflow.providers.amazon.aws.executors.ecs.ecs_executor import AwsEcsExecutor
 from airflow.utils.state import TaskInstanceState
-from ecs_support import RECORDING_EXECUTOR, EcsAccount, RecordingExecutor, TaskInstanceRow, make_workload
+from ecs_support import RECORDING_EXECUTOR, EcsAccount, RecordingExecutor, TaskInstanceRow
 
+from devtools.workloads import make_workload
 from hybrid_router.router import RoutingExecutor
 from hybrid_router.router.children import ChildConfigError
+from hybrid_router.router.external_id import split_child_id
 from hybrid_router.router.policy import TaskFacts, load_policy
 
 EXAMPLE_POLICY = Path(__file__).resolve().parents[2] / "examples" / "policy-ecs.yaml"
@@ -125,7 +127,7 @@ def test_task_routed_to_ecs_runs_with_its_overrides_and_without_router_keys(
     # ECS started it, and the scheduler hears of it under the router's name for the child and the task's ARN.
     state, info = events[workload.ti.key]
     assert state == TaskInstanceState.RUNNING
-    child_name, _, task_arn = info.partition("|")
+    child_name, task_arn = split_child_id(info)
     assert child_name == "ecs"
     (described,) = ecs_account.client().describe_tasks(cluster=ecs_account.cluster, tasks=[task_arn])["tasks"]
     assert described["startedBy"] == "nightly-report"
@@ -161,13 +163,13 @@ def test_tasks_routed_elsewhere_never_reach_run_task(
     assert [w.ti.id for w in local_child.dispatched] == [beside_scheduler.ti.id]
     # Children never see the router's own section of executor_config.
     assert lambda_child.dispatched[0].ti.executor_config == {}
-    assert {key: info.partition("|")[0] for key, (_, info) in events.items()} == {
+    assert {key: split_child_id(info)[0] for key, (_, info) in events.items()} == {
         short.ti.key: "lambda",
         beside_scheduler.ti.key: "local",
         pinned.ti.key: "ecs",
     }
     (task_arn,) = ecs_account.client().list_tasks(cluster=ecs_account.cluster)["taskArns"]
-    assert events[pinned.ti.key][1] == f"ecs|{task_arn}"
+    assert events[pinned.ti.key][1] == f"ecs@1|{task_arn}"
 
 
 def test_ecs_task_that_stops_without_starting_fails_the_try_through_the_router(
@@ -211,7 +213,7 @@ def test_executor_config_that_ecs_rejects_fails_only_that_task(
     ]
     assert recorder.calls[0]["cpuCredits"] == 3
     (task_arn,) = ecs_account.client().list_tasks(cluster=ecs_account.cluster)["taskArns"]
-    assert events[good.ti.key][1] == f"ecs|{task_arn}"
+    assert events[good.ti.key][1] == f"ecs@1|{task_arn}"
     # The failed task is the router's no more; the good one still runs there.
     assert executor.children["ecs"].in_flight == {good.ti.key}
     assert bad.ti.key not in executor.running

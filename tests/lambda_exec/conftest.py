@@ -1,31 +1,13 @@
-"""Fixtures for the LambdaExecutor tests."""
+"""Fixtures for the Lambda path's tests: the LambdaExecutor and the in-Lambda handler."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-SECRET = "unit-test-secret"
-
-
-def drive(
-    executor: Any, until: Callable[[dict[Any, Any]], bool], timeout: float = 10.0, interval: float = 0.02
-):
-    """Heartbeat ``executor`` until ``until(events)`` holds; ``events`` accumulates the event buffer (last wins)."""
-    events: dict[Any, Any] = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        executor.heartbeat()
-        events.update(executor.get_event_buffer())
-        if until(events):
-            return events
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s; events so far: {events}")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -39,3 +21,20 @@ def no_thread_leak() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"threads left behind: {leaked}"
+
+
+@pytest.fixture
+def results_queue(moto_server: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh results queue on moto, and this process's AWS settings pointed at it as a Lambda sandbox's
+    would be (the handler's boto3 reads them from the environment)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_server.url)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    return moto_server.new_queue("results")[0]

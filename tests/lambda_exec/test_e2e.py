@@ -19,14 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from devtools.devstack import (
-    FAKE_AWS_ENV,
-    AirflowStack,
-    MotoServer,
-    free_port,
-    local_lambda_settings,
-    wait_until,
-)
+from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
+from devtools.lambda_settings import local_lambda_settings
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService

@@ -1,7 +1,8 @@
 """The LambdaExecutor driven directly against moto's SQS server and the local Lambda service.
 
 The function runs the project's real handler with a small script in place of Airflow's task runner
-(``handlers.fake_workload``), so timeouts, memory kills and the DLQ are the local service's real ones.
+(``fixture_handlers.real_handler_with_fake_workload`` in tests/lambda_local/), so timeouts, memory kills and the
+DLQ are the local service's real ones.
 """
 
 from __future__ import annotations
@@ -16,27 +17,22 @@ from types import SimpleNamespace
 import pytest
 from airflow.utils.state import TaskInstanceState
 
-from devtools.devstack import FAKE_AWS_ENV, MotoServer
+from devtools.devstack import FAKE_AWS_ENV
+from devtools.workloads import make_workload
 from hybrid_router.lambda_exec.executor import LambdaExecutor
 from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
-from .conftest import SECRET, drive
-from .workloads import make_workload
+from .executor_support import SECRET, drive
 
-HERE = Path(__file__).resolve().parent
+# The local service's fixture handlers: the functions' code_path.
+FIXTURE_HANDLERS = Path(__file__).resolve().parents[1] / "lambda_local"
 FUNCTION_TIMEOUT_S = 5
 FINAL = (TaskInstanceState.SUCCESS, TaskInstanceState.FAILED)
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory) -> Iterator[MotoServer]:
-    with MotoServer(log_dir=tmp_path_factory.mktemp("moto")) as server:
-        yield server
-
-
 @pytest.fixture
-def aws_env(monkeypatch, moto):
+def aws_env(monkeypatch, moto_server):
     for name, value in FAKE_AWS_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
@@ -45,14 +41,14 @@ def aws_env(monkeypatch, moto):
 
 
 @pytest.fixture
-def lambda_stack(aws_env, moto, tmp_path) -> Iterator[SimpleNamespace]:
+def lambda_stack(aws_env, moto_server, tmp_path) -> Iterator[SimpleNamespace]:
     suffix = uuid.uuid4().hex[:8]
-    results = moto.create_queue(f"results-{suffix}")
-    dlq = moto.create_queue(f"dlq-{suffix}")
+    results = moto_server.create_queue(f"results-{suffix}")
+    dlq = moto_server.create_queue(f"dlq-{suffix}")
     function = FunctionConfig(
         name="airflow-task",
-        handler="handlers.fake_workload",
-        code_path=str(HERE),
+        handler="fixture_handlers.real_handler_with_fake_workload",
+        code_path=str(FIXTURE_HANDLERS),
         memory_mb=256,
         timeout_s=FUNCTION_TIMEOUT_S,
         dead_letter_queue_url=dlq,
@@ -60,11 +56,13 @@ def lambda_stack(aws_env, moto, tmp_path) -> Iterator[SimpleNamespace]:
         maximum_event_age_s=300,
         environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET, "HYBRID_ROUTER_DEADLINE_MARGIN_S": "1"},
     )
-    env = {**os.environ, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
+    env = {**os.environ, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto_server.url}
     with LocalLambdaService(
-        functions=[function], env=env, sqs_endpoint_url=moto.url, log_dir=tmp_path / "logs"
+        functions=[function], env=env, sqs_endpoint_url=moto_server.url, log_dir=tmp_path / "logs"
     ) as svc:
-        yield SimpleNamespace(service=svc, results=results, dlq=dlq, moto=moto, log_dir=tmp_path / "logs")
+        yield SimpleNamespace(
+            service=svc, results=results, dlq=dlq, moto=moto_server, log_dir=tmp_path / "logs"
+        )
 
 
 def make_executor(stack: SimpleNamespace, **overrides) -> LambdaExecutor:

@@ -20,14 +20,21 @@ import psutil
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from moto_sqs import Moto
 
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
 
-from .conftest import FAKE_AWS_ENV, SECRET, Moto
-
 CODE_PATH = str(Path(__file__).parent)
+# What the service and its sandboxes are given: fake AWS settings, as a Lambda sandbox has them, and the secret.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+SECRET = "test-signing-secret"
 
 StartService = Callable[..., LocalLambdaService]
 

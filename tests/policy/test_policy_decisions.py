@@ -16,7 +16,7 @@ from hybrid_router.router.policy import (
     load_policy,
 )
 
-from .conftest import load, policy_text
+from .policy_texts import load, policy_text
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from hybrid_router.router.policy import PolicyError, PolicyIssue, load_policy, load_policy_text
 
-from .conftest import BASE_POLICY, errors_of, load, policy_text
+from .policy_texts import BASE_POLICY, errors_of, load, policy_text
 
 
 def test_issue_formats_as_file_line_column_path_message():

@@ -1,38 +1,19 @@
-"""Real servers for the Lambda-path tests: moto's server for SQS, on a free loopback port."""
+"""moto's server as the tests share it: the dev stack's ``MotoServer`` plus the SQS helpers the Lambda tests use.
+
+One server runs for the whole session (the ``moto_server`` fixture in ``tests/conftest.py``).
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
-
-import boto3
-import pytest
 
 from devtools.devstack import MotoServer
 
-FAKE_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-SECRET = "test-signing-secret"
 
-
-class Moto:
-    def __init__(self, url: str):
-        self.url = url
-
-    def client(self, service: str) -> Any:
-        return boto3.client(
-            service,
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+class Moto(MotoServer):
+    """``MotoServer`` with fresh queues and a receive-everything helper."""
 
     def new_queue(self, prefix: str = "q") -> tuple[str, str]:
         """A fresh queue (url, arn): new names instead of purges, which moto limits to one a minute."""
@@ -58,21 +39,3 @@ class Moto:
                 messages.append(message)
                 sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
         return messages
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    with MotoServer(log_dir=tmp_path_factory.mktemp("moto")) as server:
-        yield Moto(server.url)
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, moto_server: Moto) -> dict[str, str]:
-    """This process's AWS settings pointed at moto (what a Lambda sandbox would see)."""
-    env = {**FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto_server.url}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return env

@@ -1,3 +1,5 @@
+"""Policy texts for the policy tests: a valid head to append rules to, and loading or failing to load a text."""
+
 from __future__ import annotations
 
 import textwrap

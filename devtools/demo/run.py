@@ -1,0 +1,266 @@
+"""Running the demo: start moto's SQS, the local Lambda service and Airflow, run the DAGs, stop everything.
+
+``main`` is ``python -m devtools.demo`` (``make demo``); the package docstring says what the demo shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import devtools.demo
+from devtools.demo.expected import (
+    EXPECTED,
+    FAILURE_DAG,
+    FUNCTION_MEMORY_MB,
+    FUNCTION_NAME,
+    FUNCTION_TIMEOUT_S,
+    MAIN_DAG,
+    RESERVED_CONCURRENCY,
+    check,
+)
+from devtools.demo.observed import audit_rows, observe
+from devtools.demo.report import display_path, print_intro, print_report, report_dict
+from devtools.devstack import LOOPBACK, AirflowStack, MotoServer, StackError, free_port, wait_until
+from devtools.lambda_settings import local_lambda_settings
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+from hybrid_router.router.audit import EVENT_FALLBACK
+
+ROUTER = "hybrid_router.router.RoutingExecutor"
+RUN_TIMEOUT_S = 300.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SLOW_TASK = "too_slow"
+# The main DAG's tasks that run on Lambda before the burst (with SLOW_TASK), and how long the router may take to
+# sync a result the Lambda executor has read (its scheduler heartbeat is 1 s).
+LAMBDA_FIRST_TASKS = ("short_task", "pinned_task", "memory_hog")
+ROUTER_SYNC_S = 2.5
+
+
+def airflow_config(
+    *,
+    policy: Path,
+    results_queue_url: str,
+    dead_letter_queue_url: str,
+    signing_secret: str,
+    lambda_endpoint_url: str,
+    sqs_endpoint_url: str,
+    local_log_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """The demo's own settings (on top of AirflowStack's), the ones examples/airflow.cfg explains to users."""
+    return {
+        "hybrid_router": {"policy_file": policy},
+        "lambda_executor": local_lambda_settings(
+            function_name=FUNCTION_NAME,
+            results_queue_url=results_queue_url,
+            dead_letter_queue_url=dead_letter_queue_url,
+            signing_secret=signing_secret,
+            lambda_endpoint_url=lambda_endpoint_url,
+            sqs_endpoint_url=sqs_endpoint_url,
+            local_log_dir=local_log_dir,
+        ),
+    }
+
+
+def _step(message: str, since: float) -> None:
+    print(f"[{time.monotonic() - since:6.1f}s] {message}", flush=True)
+
+
+def _lambda_work_done(
+    stack: AirflowStack, run_id: str, service: LocalLambdaService, sqs: Any, results_queue: str
+) -> bool:
+    """True once the main DAG's tasks before the burst are off Lambda and the router has every result.
+
+    Off Lambda: short_task, pinned_task and memory_hog ended, too_slow timed out (its fallback is recorded). The
+    function then runs nothing, and the results queue is empty, so the Lambda executor has read every result: the
+    router frees a slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
+    """
+    stack.check_alive()  # a dead scheduler or API server fails at once, with the tail of its log
+    ended = {
+        ti["task_id"] for ti in stack.task_instances(MAIN_DAG, run_id) if ti["state"] in ("success", "failed")
+    }
+    if not ended.issuperset(LAMBDA_FIRST_TASKS):
+        return False
+    slow_moved_on = SLOW_TASK in ended or any(
+        task_id == SLOW_TASK and event == EVENT_FALLBACK
+        for task_id, _, _, event, _ in audit_rows(stack, MAIN_DAG, run_id)
+    )
+    function = service.stats()["functions"].get(FUNCTION_NAME, {})
+    if not slow_moved_on or function.get("in_flight") or function.get("queued"):
+        return False
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=results_queue,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return all(int(value) == 0 for value in attributes.values())
+
+
+def _run_dags(
+    stack: AirflowStack, service: LocalLambdaService, sqs: Any, results_queue: str, began: float
+) -> tuple[dict[str, str], str | None]:
+    """Trigger the demo DAGs and wait for their runs; returns the run ids and why waiting stopped early, if it did."""
+    runs: dict[str, str] = {}
+    try:
+        runs[MAIN_DAG] = stack.trigger(MAIN_DAG)
+        _step(f"triggered {MAIN_DAG}", began)
+        # The failing task must find a free Lambda slot without taking one from the tasks the main DAG expects on
+        # Lambda: run it once those are done with Lambda, while too_slow runs on Local.
+        wait_until(
+            lambda: _lambda_work_done(stack, runs[MAIN_DAG], service, sqs, results_queue),
+            RUN_TIMEOUT_S,
+            f"{MAIN_DAG}'s first Lambda runs to end",
+            interval=0.5,
+        )
+        time.sleep(ROUTER_SYNC_S)
+        runs[FAILURE_DAG] = stack.trigger(FAILURE_DAG)
+        _step(f"Lambda idle; triggered {FAILURE_DAG}", began)
+        for dag_id, run_id in runs.items():
+            state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
+            _step(f"{dag_id} finished: {state}", began)
+    except StackError as error:
+        # Report what did happen (and stop everything) rather than only a traceback.
+        _step(f"gave up waiting: {error}", began)
+        return runs, str(error)
+    return runs, None
+
+
+def run_demo(output: Path, examples: Path) -> int:
+    began = time.monotonic()
+    dags = examples / "dags"
+    policy = examples / "policy.yaml"
+    for needed in (dags, policy):
+        if not needed.exists():
+            print(f"error: {needed} not found; run the demo from the project's checkout", file=sys.stderr)
+            return 2
+    output.mkdir(parents=True, exist_ok=True)
+    home = output / "airflow-home"
+    # A fresh Airflow every time: an old database's run history would change the duration estimates.
+    shutil.rmtree(home, ignore_errors=True)
+    report_file = output / "report.json"
+    report_file.unlink(missing_ok=True)
+    print_intro(home, policy)
+
+    secret = secrets.token_hex(32)
+    lambda_port = free_port()
+    lambda_logs = home / "lambda-logs"
+    timings: dict[str, float] = {}
+    with ExitStack() as cleanup:
+        moto = MotoServer(log_dir=home / "process-logs")
+        cleanup.callback(moto.stop)
+        moto.start()
+        results_queue = moto.create_queue(f"{FUNCTION_NAME}-results")
+        dead_letter_queue = moto.create_queue(f"{FUNCTION_NAME}-dlq")
+        _step(f"moto's SQS at {moto.url}: results queue and dead-letter queue created", began)
+
+        stack = AirflowStack(
+            home=home,
+            dags_folder=dags,
+            executor=ROUTER,
+            config=airflow_config(
+                policy=policy.resolve(),
+                results_queue_url=results_queue,
+                dead_letter_queue_url=dead_letter_queue,
+                signing_secret=secret,
+                lambda_endpoint_url=f"http://{LOOPBACK}:{lambda_port}",
+                sqs_endpoint_url=moto.url,
+                local_log_dir=lambda_logs,
+            ),
+        )
+        function = FunctionConfig(
+            name=FUNCTION_NAME,
+            handler="hybrid_router.lambda_exec.handler.handler",
+            memory_mb=FUNCTION_MEMORY_MB,
+            timeout_s=FUNCTION_TIMEOUT_S,
+            reserved_concurrency=RESERVED_CONCURRENCY,
+            dead_letter_queue_url=dead_letter_queue,
+            maximum_retry_attempts=0,  # the router decides where a failed run goes next, not Lambda
+            environment={
+                **stack.env,
+                "HYBRID_ROUTER_SIGNING_SECRET": secret,
+                "AWS_ENDPOINT_URL_SQS": moto.url,
+            },
+        )
+        service = LocalLambdaService(
+            functions=[function],
+            env=stack.env,
+            sqs_endpoint_url=moto.url,
+            port=lambda_port,
+            log_dir=lambda_logs,
+        )
+        cleanup.callback(service.stop)
+        service.start()
+        _step(
+            f"local Lambda service at {service.url}: function {FUNCTION_NAME} ({FUNCTION_MEMORY_MB} MB, "
+            f"{FUNCTION_TIMEOUT_S}s timeout, reserved concurrency {RESERVED_CONCURRENCY})",
+            began,
+        )
+
+        cleanup.callback(stack.stop)
+        stack.start()
+        timings["stack_ready"] = round(time.monotonic() - began, 1)
+        _step(f"Airflow API server at {stack.api_url} (executor {ROUTER}); logs in {stack.log_dir}", began)
+
+        runs, waiting_problem = _run_dags(stack, service, moto.client("sqs"), results_queue, began)
+        timings["runs_done"] = round(time.monotonic() - began, 1)
+        observed, run_states = observe(stack, runs)
+        _step("stopping every process the demo started", began)
+    timings["total"] = round(time.monotonic() - began, 1)
+
+    verdicts, general = check(EXPECTED, observed, run_states)
+    if waiting_problem:
+        general.insert(0, waiting_problem)
+    report = report_dict(verdicts, general, run_states, timings)
+    report_file.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print_report(verdicts, general)
+    print(
+        f"Report written to {display_path(report_file, Path.cwd())}; Airflow's logs are in {display_path(home, Path.cwd())}"
+    )
+    print(
+        f"Total time: {timings['total']:.1f}s (Airflow ready after {timings['stack_ready']:.1f}s, "
+        f"DAG runs done after {timings['runs_done']:.1f}s)"
+    )
+    if not report["ok"]:
+        print(
+            "DEMO FAILED: some outcomes differ from the expected ones (see the check column)", file=sys.stderr
+        )
+        return 1
+    print("Every task went where the policy says and ended as expected.")
+    return 0
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    # Turn SIGTERM into an exception so the finally blocks stop every server the demo started.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.demo", description=devtools.demo.__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("demo-output"), help="folder for the report and the Airflow home"
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=REPO_ROOT / "examples",
+        help="folder with dags/ and policy.yaml (default: the checkout's examples/)",
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return run_demo(args.output.resolve(), args.examples.resolve())
+    except KeyboardInterrupt:
+        print("interrupted; every process the demo started was stopped", file=sys.stderr)
+        return 130
+    except StackError as error:
+        print(f"DEMO FAILED: {error}\nEvery process the demo started was stopped.", file=sys.stderr)
+        return 1
