@@ -1,11 +1,16 @@
-"""The router's child executors: built from the policy's ``executors`` section, and their capacity."""
+"""The router's child executors: built from the policy's ``executors`` section, started, and their capacity.
+
+A child whose ``start()`` fails is unavailable (no room) and is started again with back-off, so one child that
+cannot start (an expired token on a health check) never stops the scheduler.
+"""
 
 from __future__ import annotations
 
 import difflib
 import inspect
 import logging
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +131,55 @@ def _check_section_keys(name: str, section: ProviderSection, options: Mapping[st
         )
 
 
+# A child whose start() failed is tried again after this long, doubling up to the cap, minus up to a fifth
+# (jitter, so that children that failed together are not retried together).
+START_RETRY_FIRST_S = 15.0
+START_RETRY_MAX_S = 300.0
+START_RETRY_JITTER = 0.2
+MASKED = "***"
+
+
+@dataclass
+class StartFailure:
+    """Why a child is unavailable (its start() failed), since when, and when it is tried again."""
+
+    error: str  # the exception's type and its message with the child's option values masked
+    since: float
+    attempts: int
+    next_attempt_at: float
+
+
+def start_retry_delay(attempts: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before the next start attempt after ``attempts`` failed ones: bounded exponential, with jitter."""
+    delay = min(START_RETRY_FIRST_S * 2 ** (attempts - 1), START_RETRY_MAX_S)
+    return delay * (1 - START_RETRY_JITTER * rand())
+
+
+def masked_error(err: BaseException, masked_values: frozenset[str], limit: int = 500) -> str:
+    """``<type>: <message>``, every one of ``masked_values`` in the message replaced, the length capped."""
+    message = str(err)
+    for value in sorted(masked_values, key=len, reverse=True):
+        message = message.replace(value, MASKED)
+    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def option_values(options: Any) -> frozenset[str]:
+    """The values in a child's ``options`` worth masking in what is logged (shorter ones would garble it)."""
+
+    def walk(value: Any) -> Iterator[str]:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                yield from walk(item)
+        elif isinstance(value, list | tuple | set | frozenset):
+            for item in value:
+                yield from walk(item)
+        elif value is not None and len(text := str(value)) >= 4:
+            yield text
+
+    return frozenset(walk(options))
+
+
 @dataclass
 class Child:
     """One child executor and what the router knows about it that the child itself does not track."""
@@ -139,13 +193,66 @@ class Child:
     # Tasks the child may hold beyond ``limit`` in its own queue, so that a worker that is done starts the
     # next one at once, not one scheduler loop later (when the router uses it: ``waiting.prefetch_room``).
     prefetch: int = 0
+    # Masked in a start error before it is logged: the values of the child's policy options.
+    masked_values: frozenset[str] = frozenset()
+    # Set while the child is unavailable: its start() failed, and it has no room until a retry succeeds.
+    start_failure: StartFailure | None = None
 
     @property
     def limit(self) -> int:
         return self.max_concurrency if self.max_concurrency is not None else self.executor.parallelism
 
+    @property
+    def available(self) -> bool:
+        return self.start_failure is None
+
+    def start(self, now: float) -> bool:
+        """Start the executor; never raises. On failure the child is unavailable until ``retry_start`` succeeds.
+
+        Logged when the child becomes unavailable and when it is back, not on every retry; every failure counted.
+        """
+        from hybrid_router.router import metrics
+
+        try:
+            self.executor.start()
+        except Exception as err:
+            failure = self.start_failure
+            attempts = failure.attempts + 1 if failure else 1
+            self.start_failure = StartFailure(
+                error=masked_error(err, self.masked_values),
+                since=failure.since if failure else now,
+                attempts=attempts,
+                next_attempt_at=now + start_retry_delay(attempts),
+            )
+            metrics.count_child_start_failed(self.name)
+            if failure is None:
+                log.error(
+                    "Child executor %s failed to start (%s); it takes no tasks until it starts: they overflow, "
+                    "fall back or wait in the router. Retrying with back-off up to every %.0fs",
+                    self.name,
+                    self.start_failure.error,
+                    START_RETRY_MAX_S,
+                )
+            else:
+                log.debug("Child executor %s failed to start again (%s)", self.name, self.start_failure.error)
+            return False
+        if self.start_failure is not None:
+            log.warning(
+                "Child executor %s started after %d failed attempts over %.0fs; it takes tasks again",
+                self.name,
+                self.start_failure.attempts,
+                now - self.start_failure.since,
+            )
+            self.start_failure = None
+        return True
+
+    def retry_start(self, now: float) -> None:
+        """Try to start an unavailable child again once its back-off has passed."""
+        if self.start_failure is not None and now >= self.start_failure.next_attempt_at:
+            self.start(now)
+
     def free_slots(self) -> int:
-        """How many more tasks this child can start now: the tightest of every bound it has."""
+        """How many more tasks this child can start now: the tightest of every bound it has (0 if unavailable)."""
         return self._room(self.limit)
 
     def prefetch_slots(self) -> int:
@@ -155,6 +262,8 @@ class Child:
         return max(self._room(self.limit + self.prefetch) - self.free_slots(), 0)
 
     def _room(self, bound: int) -> int:
+        if self.start_failure is not None:
+            return 0
         free = min(bound - len(self.in_flight), self.executor.slots_available)
         if isinstance(self.executor, CapacityAware):
             try:
@@ -200,7 +309,12 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             options=spec.options or {},
             team_name=team_name,
         )
-        child = Child(name=name, executor=executor, max_concurrency=spec.max_concurrency)
+        child = Child(
+            name=name,
+            executor=executor,
+            max_concurrency=spec.max_concurrency,
+            masked_values=option_values(spec.options or {}),
+        )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)
         children[name] = child

@@ -10,7 +10,8 @@ instance's ``external_executor_id``, and an audit row in Airflow's ``log`` table
 and per rule. This module carries the decisions out; they are made beside it: which child takes a waiting task
 (``waiting.py``), what follows an infrastructure failure (``fallback.py``), what people are told
 (``audit.py``), who adopts a task after a restart (``adoption.py``), when the policy is reloaded
-(``policy_file.py``).
+(``policy_file.py``), whether a child can take tasks at all (``children.py``), which child's log a try has
+(``child_logs.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from airflow.utils.state import TaskInstanceState
 
 from hybrid_router.router import audit, metrics
 from hybrid_router.router.adoption import offer_to_children
+from hybrid_router.router.child_logs import read_child_log
 from hybrid_router.router.children import Child, build_children, instantiate_child
-from hybrid_router.router.external_id import join_child_id, split_child_id
+from hybrid_router.router.external_id import join_child_id, router_held_id
 from hybrid_router.router.fallback import (
     SAME_TRY,
     FallbacksExhausted,
@@ -76,17 +78,6 @@ def strip_router_keys(workload: workloads.ExecuteTask) -> workloads.ExecuteTask:
     cleaned = {k: v for k, v in config.items() if k != EXECUTOR_CONFIG_SECTION}
     ti = workload.ti.model_copy(update={"executor_config": cleaned})
     return workload.model_copy(update={"ti": ti})
-
-
-class _TaskInstanceWithChildId:
-    """A task instance as its child knows it: the child's own external id, without the router's prefix."""
-
-    def __init__(self, ti: Any, external_executor_id: str | None) -> None:
-        self._ti = ti
-        self.external_executor_id = external_executor_id
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ti, name)
 
 
 class RoutingExecutor(BaseExecutor):
@@ -165,7 +156,8 @@ class RoutingExecutor(BaseExecutor):
         for child in self._children.values():
             child.executor.job_id = self.job_id
             child.executor.callback_sink = self.callback_sink
-            child.executor.start()
+            # Never raises: a child that cannot start is unavailable (no room) and is retried in sync().
+            child.start(self._clock())
         self.supports_callbacks = any(c.executor.supports_callbacks for c in self._children.values())
         self.supports_connection_test = any(
             c.executor.supports_connection_test for c in self._children.values()
@@ -175,7 +167,8 @@ class RoutingExecutor(BaseExecutor):
         log.info(
             "RoutingExecutor started with children %s, fallback mode %s",
             ", ".join(
-                f"{c.name}={type(c.executor).__name__}(limit {c.limit}, prefetch {c.prefetch})"
+                f"{c.name}={type(c.executor).__name__}(limit {c.limit}, prefetch {c.prefetch}"
+                f"{'' if c.available else ', NOT STARTED'})"
                 for c in self._children.values()
             ),
             self.fallback_mode,
@@ -292,6 +285,8 @@ class RoutingExecutor(BaseExecutor):
         self._assignments[key] = Assignment(
             ti_id=workload.ti.id, decision=decision, log_path=workload.log_path
         )
+        # Over the previous try's id, which Airflow keeps: adoption must not hand this try to that run.
+        self.event_buffer[key] = (TaskInstanceState.QUEUED, router_held_id(key.try_number))
 
     def decide(self, workload: workloads.ExecuteTask, session: Session | None = None) -> Decision:
         """The policy's decision for a queued task, from its task instance's facts."""
@@ -432,7 +427,10 @@ class RoutingExecutor(BaseExecutor):
         assignment.tried.append(target)
         # Written now, not when the child reports RUNNING: a task must be adoptable by its child's name even
         # if the scheduler dies before the child says anything.
-        self.event_buffer[key] = (TaskInstanceState.QUEUED, join_child_id(target, None))
+        self.event_buffer[key] = (
+            TaskInstanceState.QUEUED,
+            join_child_id(target, None, try_number=key.try_number),
+        )
         if pending.kind is PendingKind.FALLBACK:
             metrics.count_fallback(pending.failed_on or "unknown", target, pending.failure.reason)
         else:
@@ -453,6 +451,7 @@ class RoutingExecutor(BaseExecutor):
     def sync(self) -> None:
         """Heartbeat every child, forward its events, and hand on the tries that died for infrastructure reasons."""
         for child in self._children.values():
+            child.retry_start(self._clock())
             self._heartbeat_child(child)
         for child in self._children.values():
             self._collect_events(child)
@@ -463,7 +462,9 @@ class RoutingExecutor(BaseExecutor):
             self._heartbeat_child(self._children[name])
         self._keep_waiting_alive()
         for child in self._children.values():
-            metrics.gauge_child(child.name, in_flight=len(child.in_flight), free=child.free_slots())
+            metrics.gauge_child(
+                child.name, in_flight=len(child.in_flight), free=child.free_slots(), available=child.available
+            )
         metrics.gauge_waiting(len(self._waiting))
         self._flush_audit()
 
@@ -478,6 +479,8 @@ class RoutingExecutor(BaseExecutor):
         self._audit.flush()
 
     def _heartbeat_child(self, child: Child) -> None:
+        if not child.available:
+            return
         # The catch-all boundary: one broken child must not stop the others or the scheduler loop.
         try:
             child.executor.heartbeat()
@@ -498,7 +501,7 @@ class RoutingExecutor(BaseExecutor):
                 log.debug("Dropping event %s for %s from %s, which no longer owns it", state, key, child.name)
                 continue
             if state in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
-                self.event_buffer[key] = (state, join_child_id(child.name, info))
+                self.event_buffer[key] = (state, join_child_id(child.name, info, try_number=key.try_number))
                 continue
             if state == TaskInstanceState.FAILED:
                 failure = child.pop_infrastructure_failure(key)
@@ -596,6 +599,8 @@ class RoutingExecutor(BaseExecutor):
         assignment.child = None
         assignment.fallbacks_used += 1
         self.queued_tasks[key] = workload
+        # redispatch_same_try cleared the dead run's id in the database; this overrides any of its events.
+        self.event_buffer[key] = (TaskInstanceState.QUEUED, router_held_id(key.try_number))
         self._waiting[key] = Pending(
             candidates=candidates,
             decision=assignment.decision,
@@ -648,22 +653,12 @@ class RoutingExecutor(BaseExecutor):
         return not_adopted
 
     def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:
-        """What the child that ran the task adds to its log (the Lambda function's own log, say); never raises.
+        """What the child that ran this try adds to its log (the Lambda function's own log, say); never raises.
 
         The API server calls this on a router it built but never started: the child named in the task's
         ``external_executor_id`` is then built from the policy (not started), as Airflow builds executors there.
         """
-        name, child_info = split_child_id(getattr(ti, "external_executor_id", None))
-        if name is None:
-            return [], []
-        try:
-            reader = self._log_reader(name)
-            if reader is None:
-                return [], []
-            return reader.get_task_log(_TaskInstanceWithChildId(ti, child_info), try_number)
-        except Exception as err:
-            log.exception("Reading the log of %s from executor %s failed", ti, name)
-            return [], [audit.log_read_failed(name, err)]
+        return read_child_log(ti, try_number, self._log_reader)
 
     def _log_reader(self, name: str) -> BaseExecutor | None:
         if name in self._children:

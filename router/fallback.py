@@ -4,7 +4,8 @@
 That takes two database steps, both here:
 
 1. A conditional reset of the task instance to QUEUED. The new worker's ``/run`` call is refused (409) unless
-   the task is QUEUED, and ``queued_dttm`` restarts the scheduler's stuck-in-queued clock. The ``WHERE`` makes
+   the task is QUEUED, ``queued_dttm`` restarts the scheduler's stuck-in-queued clock, and the external id of
+   the dead run is cleared. The ``WHERE`` makes
    it a no-op when anything else moved the task meanwhile (a user marked it, another scheduler took it over, a
    newer try exists): then the router does not touch it.
 2. A fresh workload built from the reloaded row, with a new execution-API token: the first workload's token
@@ -165,7 +166,11 @@ class NextTryRoutes:
 
 
 def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> bool:
-    """Move the try back to QUEUED if, and only if, it is still this try and still running or queued."""
+    """Move the try back to QUEUED if, and only if, it is still this try and still running or queued.
+
+    The external id is cleared with it: it names the dead run, and a scheduler restart before the next child
+    takes the try must not hand the try back to that run (``adoption.py``).
+    """
     from airflow._shared.timezones import timezone
     from airflow.models.taskinstance import TaskInstance
     from sqlalchemy import update
@@ -177,7 +182,7 @@ def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> boo
             TaskInstance.try_number == try_number,
             TaskInstance.state.in_(RESETTABLE_STATES),
         )
-        .values(state="queued", queued_dttm=timezone.utcnow())
+        .values(state="queued", queued_dttm=timezone.utcnow(), external_executor_id=None)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1

@@ -45,9 +45,14 @@ def count_fallback_exhausted(executor: str) -> None:
     stats.incr(f"{PREFIX}.fallback_exhausted.{slug(executor)}")
 
 
-def gauge_child(executor: str, *, in_flight: int, free: int) -> None:
+def count_child_start_failed(executor: str) -> None:
+    stats.incr(f"{PREFIX}.child_start_failed.{slug(executor)}")
+
+
+def gauge_child(executor: str, *, in_flight: int, free: int, available: bool = True) -> None:
     stats.gauge(f"{PREFIX}.child.{slug(executor)}.in_flight", in_flight)
     stats.gauge(f"{PREFIX}.child.{slug(executor)}.free_slots", free)
+    stats.gauge(f"{PREFIX}.child.{slug(executor)}.available", int(available))
 
 
 def gauge_waiting(total: int) -> None:

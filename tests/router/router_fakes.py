@@ -1,4 +1,4 @@
-"""Fake child executors and workloads for the router's unit tests: no processes, no database."""
+"""Fake child executors for the router's unit tests: no processes, no database."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ from airflow.executors import workloads
 from airflow.executors.base_executor import BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
-from devtools import devstack
 from hybrid_router.child_protocol import InfrastructureFailure
-
-
-def make_workload(task_id: str, *, log_path: str | None = None, **fields: Any) -> Any:
-    return devstack.make_workload(task_id, log_path=log_path, **fields)
 
 
 class FakeChild(BaseExecutor):
@@ -90,3 +85,27 @@ class QueueingChild(FakeChild):
         for workload in workload_items:
             self.queued_tasks.pop(workload.key)
             self.dispatched.append(workload)
+
+
+class UnstartableChild(FakeChild):
+    """A child whose ``start()`` fails its first ``failures`` calls, like the Lambda executor's health check
+    while its credentials have expired. ``secret`` is in the error's message, as option values can be."""
+
+    def __init__(
+        self, *args: Any, failures: int = 1, secret: str = "s3cr3t-option-value", **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures = failures
+        self.secret = secret
+        self.start_calls = 0
+
+    def start(self) -> None:
+        from botocore.exceptions import ClientError
+
+        self.start_calls += 1
+        if self.start_calls <= self.failures:
+            raise ClientError(
+                {"Error": {"Code": "ExpiredTokenException", "Message": f"token of {self.secret} expired"}},
+                "GetFunction",
+            )
+        super().start()

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.executors.local_executor import LocalExecutor
-from router_fakes import CapacityChild, FakeChild, make_workload
+from router_fakes import CapacityChild, FakeChild
 
+from devtools.workloads import make_workload
 from hybrid_router.router.children import Child, ChildConfigError, build_children, instantiate_child
 
 
@@ -107,3 +108,40 @@ def test_a_failing_free_capacity_counts_as_full():
             raise RuntimeError("boom")
 
     assert Child("x", Broken(parallelism=5)).free_slots() == 0
+
+
+def test_a_child_that_cannot_start_is_unavailable_and_logs_without_its_option_values(caplog, counters):
+    from hybrid_router.router.children import START_RETRY_FIRST_S, START_RETRY_MAX_S
+
+    spec = SimpleNamespace(
+        class_path="router_fakes.UnstartableChild",
+        max_concurrency=2,
+        options={"failures": 2, "secret": "TOPSECRET-hmac-key"},
+    )
+    child = build_children({"lam": spec})["lam"]
+
+    assert child.start(now=100.0) is False  # never raises
+    assert not child.available and child.free_slots() == 0 and child.prefetch_slots() == 0
+    assert child.start_failure.error.startswith("ClientError: An error occurred (ExpiredTokenException)")
+    assert "TOPSECRET" not in caplog.text and "token of *** expired" in caplog.text
+    child.retry_start(now=100.0 + START_RETRY_FIRST_S * 0.79)  # the back-off (jitter takes at most a fifth)
+    assert child.executor.start_calls == 1
+    child.retry_start(now=100.0 + START_RETRY_FIRST_S)
+    assert child.executor.start_calls == 2 and child.start_failure.attempts == 2
+    assert child.start_failure.since == 100.0
+    child.retry_start(now=100.0 + START_RETRY_FIRST_S + START_RETRY_MAX_S)
+    assert child.available and child.free_slots() == 2
+    assert counters == ["hybrid_router.child_start_failed.lam"] * 2
+    assert [r.levelname for r in caplog.records if "lam" in r.getMessage()] == ["ERROR", "WARNING"]
+
+
+def test_start_retries_back_off_exponentially_with_jitter_up_to_a_bound():
+    from hybrid_router.router.children import START_RETRY_FIRST_S, START_RETRY_MAX_S, start_retry_delay
+
+    assert [start_retry_delay(n, rand=lambda: 0.0) for n in (1, 2, 3)] == [
+        START_RETRY_FIRST_S,
+        2 * START_RETRY_FIRST_S,
+        4 * START_RETRY_FIRST_S,
+    ]
+    assert start_retry_delay(50, rand=lambda: 0.0) == START_RETRY_MAX_S
+    assert start_retry_delay(50, rand=lambda: 1.0) == START_RETRY_MAX_S * 0.8

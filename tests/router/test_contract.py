@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 from airflow.utils.state import TaskInstanceState
-from router_fakes import FakeChild, make_workload
+from router_fakes import FakeChild
 
+from devtools.workloads import make_workload
 from hybrid_router.router.children import Child
 from hybrid_router.router.executor import RoutingExecutor
 from hybrid_router.router.policy import load_policy_text

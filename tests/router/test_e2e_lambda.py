@@ -34,8 +34,8 @@ def test_a_lambda_timeout_runs_the_same_try_on_the_local_fallback(tmp_path):
         assert {t: ti["state"] for t, ti in tis.items()} == dict.fromkeys(tis, "success")
         assert {ti["try_number"] for ti in tis.values()} == {1}  # no retry was spent
         ids = scenario.external_ids()
-        assert ids["too_slow_0"] == ids["too_slow_1"] == "local"
-        assert ids["quick_0"].startswith("lambda|lambda:airflow-task:")
+        assert ids["too_slow_0"] == ids["too_slow_1"] == "local@1"
+        assert ids["quick_0"].startswith("lambda@1|lambda:airflow-task:")
         fallbacks = {
             task_id: extra for event, task_id, extra in scenario.audit() if event == "hybrid_router.fallback"
         }

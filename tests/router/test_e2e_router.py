@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from devtools.devstack import AirflowStack, wait_until
+from hybrid_router.router.external_id import split_child_id
 
 pytestmark = pytest.mark.e2e
 
@@ -138,15 +139,15 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
         tis = by_task(stack, "routing", run_id)
         assert {t: ti["state"] for t, ti in tis.items()} == dict.fromkeys(tis, "success")
         ids = external_ids(stack, "routing", run_id)
-        assert ids["plain"] == "local_a"
+        assert ids["plain"] == "local_a@1"  # the child and the try it ran
         assert ids["not_routed"] is None  # Airflow's own LocalExecutor ran it; the router never saw it
-        on_b = [ids[t] for t in on_b_tasks]
+        on_b = [split_child_id(ids[t])[0] for t in on_b_tasks]
         # local_b takes one at a time; the queue-b tasks that found it full ran on local_a instead of waiting.
         assert on_b.count("local_b") >= 1 and on_b.count("local_a") >= 1, on_b
         rows = audit(stack, "routing")
         routed = {task_id: extra for event, task_id, extra in rows if event == "hybrid_router.routed"}
         assert set(routed) == {"plain", *on_b_tasks}
-        assert all(routed[t]["executor"] == ids[t] for t in routed)
+        assert all(routed[t]["executor"] == split_child_id(ids[t])[0] for t in routed)
         overflowed = [t for t, extra in routed.items() if extra["how"] == "overflow"]
         assert overflowed and all(routed[t]["overflow_from"] == "local_b" for t in overflowed)
         assert routed["on_b_0"]["rule"] == "queue b" and routed["plain"]["rule"] == "everything else"
@@ -207,7 +208,7 @@ def test_infrastructure_failure_runs_the_same_try_on_the_fallback(tmp_path):
             (0,)
         ]
         ids = external_ids(stack, "fallback_same", run_id)
-        assert ids == {"slow_dies": "local", "quick": ids["quick"]} and ids["quick"].startswith("flaky")
+        assert ids == {"slow_dies": "local@1", "quick": ids["quick"]} and ids["quick"].startswith("flaky@1")
         events = [
             (event, task_id, extra.get("executor")) for event, task_id, extra in audit(stack, "fallback_same")
         ]
@@ -232,7 +233,7 @@ def test_next_try_mode_fails_the_try_and_runs_the_retry_on_the_fallback(tmp_path
         assert stack.wait_run("fallback_next", run_id, timeout=150) == "success"
         tis = by_task(stack, "fallback_next", run_id)
         assert tis["slow_dies"]["state"] == "success" and tis["slow_dies"]["try_number"] == 2
-        assert external_ids(stack, "fallback_next", run_id)["slow_dies"] == "local"
+        assert external_ids(stack, "fallback_next", run_id)["slow_dies"] == "local@2"
         events = [(event, task_id) for event, task_id, _ in audit(stack, "fallback_next")]
         assert ("hybrid_router.next_try_fallback", "slow_dies") in events
         # The API answers 404 for the log of a try that moved to the history table: read the file.
@@ -279,7 +280,7 @@ def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_ru
         def one_running_per_child() -> bool:
             ids = external_ids(stack, "restart", run_id)
             states = {ti["task_id"]: ti["state"] for ti in stack.task_instances("restart", run_id)}
-            running = {ids[t] for t, s in states.items() if s == "running"}
+            running = {split_child_id(ids[t])[0] for t, s in states.items() if s == "running"}
             return running == {"local_a", "local_b"}
 
         wait_until(one_running_per_child, 90, "a task running on each child")

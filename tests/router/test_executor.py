@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.utils.state import TaskInstanceState
-from router_fakes import CapacityChild, DyingChild, FakeChild, QueueingChild, make_workload
+from router_fakes import CapacityChild, DyingChild, FakeChild, QueueingChild
 
+from devtools.workloads import make_workload
 from hybrid_router.router import executor as executor_module
 from hybrid_router.router.children import Child
 from hybrid_router.router.executor import RoutingExecutor
-from hybrid_router.router.external_id import join_child_id, split_child_id
+from hybrid_router.router.external_id import join_child_id, parse_external_id, router_held_id, split_child_id
 from hybrid_router.router.policy import load_policy
 
 POLICY = """
@@ -98,9 +99,9 @@ def test_routes_each_task_to_its_rules_executor_and_says_so(
     assert [w.ti.task_id for w in fake(router, "local_b").dispatched] == ["other"]
     assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["plain"]
     buffer = events(router)
-    # The child's RUNNING info comes through behind the child's name: adoption reads it back.
-    assert buffer[to_lambda.ti.key] == (TaskInstanceState.RUNNING, "lambda|lambda-run-short")
-    assert buffer[to_b.ti.key] == (TaskInstanceState.RUNNING, "local_b|b-run-other")
+    # The child's RUNNING info comes through behind the child's name and the try: adoption reads it back.
+    assert buffer[to_lambda.ti.key] == (TaskInstanceState.RUNNING, "lambda@1|lambda-run-short")
+    assert buffer[to_b.ti.key] == (TaskInstanceState.RUNNING, "local_b@1|b-run-other")
     assert {row.event for row in audit_rows} == {"hybrid_router.routed"}
     routed = {row.task_id: json.loads(row.extra) for row in audit_rows}
     assert routed["short"]["executor"] == "lambda" and routed["short"]["rule"] == "to lambda"
@@ -222,9 +223,9 @@ def test_infrastructure_failure_hands_the_same_try_to_the_fallback(
     assert [w.token for w in local_b.dispatched] == ["fresh-token"]
     assert router.has_task(workload.ti)
     # The fallback run starts in the same heartbeat; the scheduler learns its executor at once.
-    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "local_b")}
+    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "local_b@1")}
     router.heartbeat()
-    assert events(router) == {workload.ti.key: (TaskInstanceState.RUNNING, "local_b|b-run-short")}
+    assert events(router) == {workload.ti.key: (TaskInstanceState.RUNNING, "local_b@1|b-run-short")}
     # The dead run's late events are dropped: the try belongs to local_b now.
     lambda_child.finish(workload.ti.key, TaskInstanceState.FAILED)
     router.heartbeat()
@@ -338,7 +339,9 @@ def test_adoption_hands_each_task_to_the_child_named_in_its_external_id(make_rou
 
     def ti(task_id, external):
         key = make_workload(task_id).ti.key
-        return SimpleNamespace(id=task_id, key=key, external_executor_id=external)
+        return SimpleNamespace(
+            id=task_id, key=key, state=TaskInstanceState.RUNNING, external_executor_id=external
+        )
 
     on_lambda, on_a, unknown, none = (
         ti("x", "lambda|req-1"),
@@ -359,9 +362,15 @@ def test_adoption_hands_each_task_to_the_child_named_in_its_external_id(make_rou
 
 
 def test_external_id_round_trip():
-    assert split_child_id(join_child_id("lambda", "abc|def")) == ("lambda", "abc|def")
-    assert split_child_id(join_child_id("local", None)) == ("local", None)
+    assert split_child_id(join_child_id("lambda", "abc|d@2", try_number=3)) == ("lambda", "abc|d@2")
+    assert parse_external_id(join_child_id("lambda", "abc|d@2", try_number=3)) == ("lambda", 3, "abc|d@2")
+    assert split_child_id(join_child_id("local", None, try_number=1)) == ("local", None)
+    assert parse_external_id(router_held_id(2)) == (None, 2, None)
     assert split_child_id(None) == (None, None)
+    # Written by the version before the try was recorded: still read, with no try (it may be any try's).
+    assert parse_external_id("lambda|lambda:fn:req:d1") == ("lambda", None, "lambda:fn:req:d1")
+    assert parse_external_id("local") == ("local", None, None)
+    assert parse_external_id("local").is_for_try(5) and not parse_external_id("local@4").is_for_try(5)
 
 
 def test_revoke_task_never_raises(make_router):
@@ -514,7 +523,12 @@ def test_an_adopted_task_that_dies_falls_back_by_its_decision_made_again(make_ro
     workload = make_workload("short", queue="lambda")
     lambda_child = fake(router, "lambda")
     lambda_child.try_adopt_task_instances = lambda tis: []
-    ti = SimpleNamespace(id=workload.ti.id, key=workload.ti.key, external_executor_id="lambda|req")
+    ti = SimpleNamespace(
+        id=workload.ti.id,
+        key=workload.ti.key,
+        state=TaskInstanceState.RUNNING,
+        external_executor_id="lambda|req",
+    )
     assert router.try_adopt_task_instances([ti]) == []
     monkeypatch.setattr(
         RoutingExecutor, "_decide_from_row", lambda self, ti_id: router.decide(workload) if ti_id else None
@@ -719,3 +733,189 @@ def test_prefetch_defaults_to_the_limit_for_local_executor_only(write_policy):
         "local_more": 7,
         "other": 0,
     }
+
+
+# -- one run per try: external ids across tries ------------------------------------------------------------------
+
+
+def adopting_lambda(router: RoutingExecutor) -> list:
+    """Make the router's lambda child adopt whatever it is offered, like the Lambda executor; returns the offers."""
+    offered: list = []
+    fake(router, "lambda").try_adopt_task_instances = lambda tis: (
+        offered.extend(
+            SimpleNamespace(key=ti.key, external_executor_id=ti.external_executor_id) for ti in tis
+        )
+        or []
+    )
+    return offered
+
+
+def test_a_later_try_is_never_adopted_through_the_previous_runs_external_id(make_router):
+    router = make_router()
+    first = make_workload("retried", queue="lambda", try_number=1)
+    router.queue_workload(first, session=None)
+    router.heartbeat()
+    _, stored = events(router)[first.ti.key]  # what the scheduler stores for try 1's run on lambda
+    fake(router, "lambda").finish(first.ti.key, TaskInstanceState.FAILED)
+    router.heartbeat()
+    events(router)
+    # Try 2 is QUEUED, and its row still carries try 1's id (Airflow keeps it across tries): the scheduler died
+    # before it stored the router's own id for try 2. The next scheduler's router is offered that row.
+    restarted = make_router()
+    offered = adopting_lambda(restarted)
+    second = make_workload("retried", queue="lambda", try_number=2)
+    row = SimpleNamespace(
+        id=second.ti.id, key=second.ti.key, state=TaskInstanceState.QUEUED, external_executor_id=stored
+    )
+
+    assert restarted.try_adopt_task_instances([row]) == [row]  # the scheduler resets it; no child watches it
+
+    assert offered == [] and not restarted.has_task(row)
+    assert row.external_executor_id == stored
+    # The try the id was written for is still adopted, and its child sees only its own id.
+    same_try = SimpleNamespace(
+        id=first.ti.id, key=first.ti.key, state=TaskInstanceState.RUNNING, external_executor_id=stored
+    )
+    assert restarted.try_adopt_task_instances([same_try]) == []
+    assert [(o.key, o.external_executor_id) for o in offered] == [(first.ti.key, "lambda-run-retried")]
+
+
+def test_an_id_written_before_tries_were_recorded_is_trusted_only_for_a_running_task(make_router):
+    # The previous version wrote "<child>|<child's id>": any try's. A QUEUED try 2 may carry try 1's.
+    router = make_router()
+    offered = adopting_lambda(router)
+    second_try = make_workload("retried", queue="lambda", try_number=2)
+    queued = SimpleNamespace(
+        id=second_try.ti.id,
+        key=second_try.ti.key,
+        state=TaskInstanceState.QUEUED,
+        external_executor_id="lambda|lambda:airflow-task:req-try1:dispatch-of-try-1",
+    )
+    running = SimpleNamespace(
+        id="r",
+        key=make_workload("running").ti.key,
+        state=TaskInstanceState.RUNNING,
+        external_executor_id="lambda|d2",
+    )
+
+    assert router.try_adopt_task_instances([queued, running]) == [queued]
+
+    assert [(o.key, o.external_executor_id) for o in offered] == [(running.key, "d2")]
+    assert not router.has_task(queued) and router.has_task(running)
+
+
+def test_the_router_writes_its_own_id_when_it_takes_a_try_and_adoption_never_hands_that_to_a_child(
+    make_router,
+):
+    router = make_router()
+    running = [make_workload(f"t{i}") for i in range(2)]  # local_a's two slots
+    waiting = make_workload("waits", try_number=2)  # its rule has no overflow
+    for workload in (*running, waiting):
+        router.queue_workload(workload, session=None)
+    router.heartbeat()
+    assert events(router)[waiting.ti.key] == (TaskInstanceState.QUEUED, "(router)@2")
+
+    restarted = make_router()
+    offered = adopting_lambda(restarted)
+    row = SimpleNamespace(id=waiting.ti.id, key=waiting.ti.key, external_executor_id="(router)@2")
+    assert restarted.try_adopt_task_instances([row]) == [row]
+    assert offered == [] and fake(restarted, "local_a").dispatched == []
+
+
+def test_a_try_waiting_for_its_fallback_no_longer_names_its_dead_run(make_router, monkeypatch):
+    router = make_router()
+    workload = make_workload("short", queue="lambda")
+    monkeypatch.setattr(executor_module, "redispatch_same_try", lambda *a: workload)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    router.queue_workload(workload, session=None)
+    for i in range(3):  # fill both fallback executors, local_b (1) and local_a (2)
+        router.queue_workload(make_workload(f"fill{i}", queue="b"), session=None)
+    router.heartbeat()
+    assert events(router)[workload.ti.key][0] == TaskInstanceState.RUNNING  # on lambda
+
+    fake(router, "lambda").die(workload.ti.key)
+    router.heartbeat()
+
+    # The same try waits in the router; the scheduler stores the router's id over the dead run's (which the
+    # conditional reset also cleared in the database, see test_fallback.py).
+    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "(router)@1")}
+    assert router.has_task(workload.ti)
+
+
+def test_the_task_log_of_a_try_never_comes_from_another_tries_run(write_policy):
+    policy = load_policy(
+        write_policy(
+            f"version: 1\nexecutors:\n  logs: {{class: {__name__}.LogChild}}\n"
+            "defaults: {expected_duration: 1m, memory_mb: 512, run_on: logs}\nrules:\n  - {name: all, run_on: logs}\n"
+        )
+    )
+    router = RoutingExecutor(policy=policy)
+    ti = SimpleNamespace(task_id="t", external_executor_id="logs@1|req-7")
+    assert router.get_task_log(ti, 1) == (["fake log for t id=req-7"], ["try 1"])
+    assert router.get_task_log(ti, 2) == ([], [])  # try 2 has not run yet: try 1's run is not its log
+    assert router.get_task_log(SimpleNamespace(task_id="t", external_executor_id="(router)@2"), 2) == ([], [])
+
+
+# -- a child that cannot start -----------------------------------------------------------------------------------
+
+
+def test_a_child_that_cannot_start_takes_no_tasks_and_is_retried_with_back_off(
+    make_router, clock, counters, caplog
+):
+    from router_fakes import UnstartableChild
+
+    unstartable = UnstartableChild(parallelism=2, label="lambda", failures=3)
+    router = make_router(**{"lambda": unstartable})  # start() returns: the scheduler keeps running
+    from hybrid_router.router.children import START_RETRY_FIRST_S, START_RETRY_MAX_S
+
+    assert fake(router, "local_a").started and fake(router, "local_b").started
+    assert not router.children["lambda"].available and router.children["lambda"].free_slots() == 0
+    first = make_workload("short", queue="lambda")
+    router.queue_workload(first, session=None)
+    router.heartbeat()
+    assert [w.ti.key for w in fake(router, "local_a").dispatched] == [first.ti.key]  # its rule's overflow
+    assert unstartable.heartbeats == 0  # an executor that never started is not driven
+
+    clock.now += START_RETRY_FIRST_S * 0.7  # within the first back-off, whatever the jitter: no attempt
+    router.heartbeat()
+    assert unstartable.start_calls == 1
+    clock.now += START_RETRY_FIRST_S * 0.3
+    router.heartbeat()
+    assert unstartable.start_calls == 2 and not router.children["lambda"].available
+    clock.now += START_RETRY_MAX_S
+    router.heartbeat()
+    assert unstartable.start_calls == 3
+    clock.now += START_RETRY_MAX_S
+    router.heartbeat()
+    assert unstartable.start_calls == 4 and unstartable.started and router.children["lambda"].available
+
+    later = make_workload("later", queue="lambda")
+    router.queue_workload(later, session=None)
+    router.heartbeat()
+    assert [w.ti.key for w in unstartable.dispatched] == [later.ti.key]
+    assert counters.count("hybrid_router.child_start_failed.lambda") == 3
+    # Logged once when it became unavailable and once when it came back (masking: test_children.py).
+    about_lambda = [r for r in caplog.records if r.getMessage().startswith("Child executor lambda")]
+    assert [r.levelname for r in about_lambda] == ["ERROR", "WARNING"]
+    error = about_lambda[0]
+    assert "ClientError" in error.getMessage() and "ExpiredTokenException" in error.getMessage()
+    assert error.exc_info is None  # no traceback: it would carry the unmasked message
+
+
+def test_a_task_whose_only_executor_cannot_start_waits_in_the_router_until_it_starts(make_router, clock):
+    from router_fakes import UnstartableChild
+
+    router = make_router(local_a=UnstartableChild(parallelism=2, label="a", failures=1))
+    from hybrid_router.router.children import START_RETRY_FIRST_S
+
+    workload = make_workload("plain")  # its rule has no overflow
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    router.heartbeat()
+    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "(router)@1")}  # never failed
+    assert router.has_task(workload.ti) and fake(router, "local_a").dispatched == []
+
+    clock.now += START_RETRY_FIRST_S
+    router.heartbeat()
+    assert [w.ti.key for w in fake(router, "local_a").dispatched] == [workload.ti.key]
+    assert events(router) == {workload.ti.key: (TaskInstanceState.QUEUED, "local_a@1")}

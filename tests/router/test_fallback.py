@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 from airflow.models.taskinstance import TaskInstance
-from router_fakes import make_workload
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devtools.workloads import make_workload
 from hybrid_router.router.fallback import NextTryRoute, NextTryRoutes, refresh_queued_dttm, reset_to_queued
 
 
@@ -52,6 +52,28 @@ def test_a_try_that_moved_on_is_left_alone(session, state):
     ti_id = add_ti(session, state)
     assert reset_to_queued(session, ti_id, 1) is False
     assert row(session, ti_id) == (state, None)
+
+
+def external_id(session: Session, ti_id: uuid.UUID, value: str | None = None) -> str | None:
+    table = TaskInstance.__table__
+    if value is not None:
+        session.execute(table.update().where(table.c.id == ti_id).values(external_executor_id=value))
+    return session.execute(select(table.c.external_executor_id).where(table.c.id == ti_id)).scalar_one()
+
+
+def test_the_reset_clears_the_dead_runs_external_id(session):
+    # Otherwise a scheduler restart before the fallback child takes the try hands it back to the dead run.
+    ti_id = add_ti(session, "running")
+    external_id(session, ti_id, "lambda@1|lambda:airflow-task:req-1:d1")
+    assert reset_to_queued(session, ti_id, 1) is True
+    assert external_id(session, ti_id) is None
+
+
+def test_a_try_that_moved_on_keeps_its_external_id(session):
+    ti_id = add_ti(session, "running", try_number=2)
+    external_id(session, ti_id, "local@2|run")
+    assert reset_to_queued(session, ti_id, 1) is False
+    assert external_id(session, ti_id) == "local@2|run"
 
 
 def test_another_try_number_is_left_alone(session):
