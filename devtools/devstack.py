@@ -446,7 +446,7 @@ class AirflowStack:
         connection = psycopg2.connect(**connect_args(self.database_url))
         try:
             with connection, connection.cursor() as cursor:
-                cursor.execute(query.replace("?", "%s"), params)
+                cursor.execute(query.replace("%", "%%").replace("?", "%s"), params)
                 return cursor.fetchall()
         finally:
             connection.close()

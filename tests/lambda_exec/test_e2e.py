@@ -9,6 +9,7 @@ executor list with its own results queue) that the task names with ``executor=``
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 import time
@@ -119,9 +120,12 @@ lambda_restart()
 """
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(tmp_path_factory, request) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("lambda-e2e")
+    database_url = None
+    if request.param == "postgres":
+        database_url = request.getfixturevalue("postgres_server").create_database(f"lambda_e2e_{os.getpid()}")
     dags = root / "dags"
     dags.mkdir()
     marker = root / "restart-marker.txt"
@@ -143,6 +147,7 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
             dags_folder=dags,
             executor="hybrid_router.lambda_exec.LambdaExecutor,short:e2e_short_executor.ShortLambdaExecutor",
             env={"PYTHONPATH": str(modules)},
+            database_url=database_url,
             config={
                 "lambda_executor": local_lambda_settings(
                     function_name="airflow-task",

@@ -43,7 +43,12 @@ def write_dag(folder: Path, markers: Path, body: str) -> None:
 
 
 def make_stack(
-    tmp_path: Path, policy: str, body: str, executor: str = ROUTER, **extra_config
+    tmp_path: Path,
+    policy: str,
+    body: str,
+    executor: str = ROUTER,
+    database_url: str | None = None,
+    **extra_config,
 ) -> tuple[AirflowStack, Path]:
     dags, markers = tmp_path / "dags", tmp_path / "markers"
     write_dag(dags, markers, body)
@@ -51,7 +56,9 @@ def make_stack(
     policy_file.write_text(textwrap.dedent(policy))
     config = {"hybrid_router": {"policy_file": policy_file, "reload_interval": 5}, **extra_config}
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    stack = AirflowStack(tmp_path / "airflow", dags, executor=executor, config=config, env=env)
+    stack = AirflowStack(
+        tmp_path / "airflow", dags, executor=executor, config=config, env=env, database_url=database_url
+    )
     return stack, markers
 
 
@@ -96,7 +103,7 @@ rules:
 """
 
 
-def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
+def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path, database_url):
     # The router as one aliased entry of Airflow's executor list, beside a plain LocalExecutor (the default).
     stack, markers = make_stack(
         tmp_path,
@@ -131,6 +138,7 @@ def test_tasks_run_where_the_policy_says_and_overflow_when_full(tmp_path):
         routing()
         """,
         executor=f"LocalExecutor,router:{ROUTER}",
+        database_url=database_url,
     )
     on_b_tasks = [f"on_b_{i}" for i in range(3)]
     with stack:
@@ -245,7 +253,9 @@ def test_next_try_mode_fails_the_try_and_runs_the_retry_on_the_fallback(tmp_path
         assert runs_of(markers, "slow_dies") == 1
 
 
-def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_runs_none_twice(tmp_path):
+def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_runs_none_twice(
+    tmp_path, database_url
+):
     stack, markers = make_stack(
         tmp_path,
         # One slot per child, no overflow, no prefetch: one task runs on each child, one waits in the router for
@@ -271,6 +281,7 @@ def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_ru
 
         restart()
         """,
+        database_url=database_url,
         scheduler={"scheduler_health_check_threshold": 3, "orphaned_tasks_check_interval": 2},
     )
     names = [f"on_{c}_{i}" for c in "ab" for i in range(2)]
