@@ -1,4 +1,5 @@
 # `make demo` and `make test` do all the set-up on a fresh machine: they create .venv when it is missing.
+# `make demo DEMO_ARGS=--postgres` keeps Airflow's metadata in a PostgreSQL cluster of the demo's own.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m devtools.demo
+	$(PY) -m devtools.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

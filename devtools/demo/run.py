@@ -32,6 +32,7 @@ from devtools.demo.observed import audit_rows, observe
 from devtools.demo.report import display_path, print_intro, print_report, report_dict
 from devtools.devstack import LOOPBACK, AirflowStack, MotoServer, StackError, free_port, wait_until
 from devtools.lambda_settings import local_lambda_settings
+from devtools.postgres import PostgresServer
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.router.audit import EVENT_FALLBACK
 
@@ -132,7 +133,7 @@ def _run_dags(
     return runs, None
 
 
-def run_demo(output: Path, examples: Path) -> int:
+def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
     began = time.monotonic()
     dags = examples / "dags"
     policy = examples / "policy.yaml"
@@ -159,11 +160,18 @@ def run_demo(output: Path, examples: Path) -> int:
         results_queue = moto.create_queue(f"{FUNCTION_NAME}-results")
         dead_letter_queue = moto.create_queue(f"{FUNCTION_NAME}-dlq")
         _step(f"moto's SQS at {moto.url}: results queue and dead-letter queue created", began)
+        database_url = None
+        if postgres:
+            database = PostgresServer()
+            cleanup.callback(database.stop)
+            database_url = database.start().url
+            _step(f"PostgreSQL at {LOOPBACK}:{database.port}: Airflow's metadata database", began)
 
         stack = AirflowStack(
             home=home,
             dags_folder=dags,
             executor=ROUTER,
+            database_url=database_url,
             config=airflow_config(
                 policy=policy.resolve(),
                 results_queue_url=results_queue,
@@ -182,11 +190,8 @@ def run_demo(output: Path, examples: Path) -> int:
             reserved_concurrency=RESERVED_CONCURRENCY,
             dead_letter_queue_url=dead_letter_queue,
             maximum_retry_attempts=0,  # the router decides where a failed run goes next, not Lambda
-            environment={
-                **stack.env,
-                "HYBRID_ROUTER_SIGNING_SECRET": secret,
-                "AWS_ENDPOINT_URL_SQS": moto.url,
-            },
+            # No signing secret: each event carries the key that signs its own results.
+            environment={**stack.env, "AWS_ENDPOINT_URL_SQS": moto.url},
         )
         service = LocalLambdaService(
             functions=[function],
@@ -254,10 +259,16 @@ def main(argv: Iterable[str] | None = None) -> int:
         default=REPO_ROOT / "examples",
         help="folder with dags/ and policy.yaml (default: the checkout's examples/)",
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="keep Airflow's metadata in a PostgreSQL cluster of the demo's own (needs PostgreSQL's server "
+        "programs) instead of SQLite",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        return run_demo(args.output.resolve(), args.examples.resolve())
+        return run_demo(args.output.resolve(), args.examples.resolve(), postgres=args.postgres)
     except KeyboardInterrupt:
         print("interrupted; every process the demo started was stopped", file=sys.stderr)
         return 130
