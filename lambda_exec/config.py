@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hybrid_router.redaction import shown_value
+
 SECTION = "lambda_executor"
 
 # Lambda's hard limit on a function's run time; the watchdog's bound when the function's own timeout is unknown.
@@ -53,11 +55,8 @@ class LambdaExecutorConfig:
     stale_after_sightings: int = 10
 
     def __repr__(self) -> str:
-        # The secret must never reach a log line through a repr.
-        shown = ", ".join(
-            f"{f.name}={'***' if f.name == 'signing_secret' else getattr(self, f.name)!r}"
-            for f in fields(self)
-        )
+        # The secret must never reach a log line through a repr: values of non-secret options only.
+        shown = ", ".join(f"{f.name}={shown_value(f.name, getattr(self, f.name))}" for f in fields(self))
         return f"LambdaExecutorConfig({shown})"
 
     __str__ = __repr__
@@ -87,7 +86,7 @@ class LambdaExecutorConfig:
             try:
                 values[name] = parse(raw)
             except (TypeError, ValueError) as exc:
-                raise LambdaConfigError(f"{source}: {exc} (got {_shown(name, raw)})") from None
+                raise LambdaConfigError(f"{source}: {exc} (got {shown_value(name, raw)})") from None
         for required in ("function_name", "results_queue_url", "signing_secret"):
             if not values.get(required):
                 raise LambdaConfigError(
@@ -135,10 +134,6 @@ def check_option_names(options: Mapping[str, Any]) -> None:
             f"unknown LambdaExecutor option(s) {', '.join(map(repr, unknown))}; "
             f"known options: {', '.join(sorted(_PARSERS))}"
         )
-
-
-def _shown(name: str, raw: Any) -> str:
-    return "***" if name == "signing_secret" else repr(raw)
 
 
 def _text(raw: Any) -> str:

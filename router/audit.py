@@ -241,11 +241,11 @@ def route_error(err: Exception) -> Notice:
     )
 
 
-def refused_by_child(target: str, err: Exception) -> RuntimeError:
+def refused_by_child(target: str, err: Exception | str) -> RuntimeError:
     """The error a task fails with when its child refused the workload outright."""
     return RuntimeError(f"executor '{target}' refused the task: {err}")
 
 
-def log_read_failed(executor: str, err: Exception) -> str:
+def log_read_failed(executor: str, err: Exception | str) -> str:
     """The line the task log view shows when a child could not read its part of the log."""
     return f"hybrid_router: executor '{executor}' could not read its log: {err}"

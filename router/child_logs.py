@@ -11,11 +11,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hybrid_router.redaction import scrub, traceback_text
 from hybrid_router.router import audit
 from hybrid_router.router.external_id import parse_external_id
 
 if TYPE_CHECKING:
-    from airflow.executors.base_executor import BaseExecutor
+    from hybrid_router.router.children import Child
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,29 @@ class TaskInstanceWithChildId:
 
 
 def read_child_log(
-    ti: Any, try_number: int, reader_for: Callable[[str], BaseExecutor | None]
+    ti: Any, try_number: int, reader_for: Callable[[str], Child | None]
 ) -> tuple[list[str], list[str]]:
     """``(sources, lines)`` from the child named for ``try_number`` in ``ti``'s external id; never raises.
 
-    ``reader_for`` gives the executor of a child by name (None when the policy has no such child).
+    ``reader_for`` gives a child by name (None when the policy has no such child). What went wrong is shown
+    in the log view and logged with the child's secret option values scrubbed (a ``ChildConfigError`` from
+    building the child has none to scrub).
     """
     parsed = parse_external_id(getattr(ti, "external_executor_id", None))
     if parsed is None or parsed.child is None or not parsed.is_for_try(try_number):
         return [], []
+    reader = None
     try:
         reader = reader_for(parsed.child)
         if reader is None:
             return [], []
-        return reader.get_task_log(TaskInstanceWithChildId(ti, parsed.child_info), try_number)
+        return reader.executor.get_task_log(TaskInstanceWithChildId(ti, parsed.child_info), try_number)
     except Exception as err:
-        log.exception("Reading the log of %s from executor %s failed", ti, parsed.child)
-        return [], [audit.log_read_failed(parsed.child, err)]
+        secrets = reader.masked_values if reader is not None else ()
+        log.error(
+            "Reading the log of %s from executor %s failed: %s",
+            ti,
+            parsed.child,
+            traceback_text(err, secrets),
+        )
+        return [], [audit.log_read_failed(parsed.child, scrub(str(err), secrets))]

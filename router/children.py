@@ -10,11 +10,12 @@ import difflib
 import inspect
 import logging
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hybrid_router.child_protocol import CapacityAware, InfrastructureFailure, ReportsInfrastructureFailures
+from hybrid_router.redaction import error_text, secret_values, shown_options, traceback_text
 
 if TYPE_CHECKING:
     from airflow.executors.base_executor import BaseExecutor
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class ChildConfigError(ValueError):
-    """An executor entry of the policy cannot be turned into a running executor."""
+    """An executor entry of the policy cannot be turned into a running executor.
+
+    Its message names options but shows only the values of non-secret ones (``hybrid_router.redaction``).
+    """
 
 
 def resolve_executor_class(name: str, class_path: str) -> type[BaseExecutor]:
@@ -87,6 +91,7 @@ def instantiate_child(
 
     from hybrid_router.router.provider_config import provider_section, with_options
 
+    secrets = secret_values(options)
     cls = resolve_executor_class(name, class_path)
     accepted, open_ended = _accepted_kwargs(cls)
     section = provider_section(cls) if options else None
@@ -96,7 +101,7 @@ def instantiate_child(
         # become that child's own values of the section (see provider_config.py).
         _check_section_keys(name, section, options)
         cls = with_options(cls, section.name, options)
-        read_from_section = f" with [{section.name}] options {dict(options)}"
+        read_from_section = f" with [{section.name}] options {shown_options(options)}"
         options = {}
     unknown = sorted(set(options) - accepted)
     if unknown and not open_ended:
@@ -111,10 +116,12 @@ def instantiate_child(
         kwargs["team_name"] = team_name
     try:
         executor = cls(**kwargs)
-    except (TypeError, ValueError) as err:
+    except Exception as err:
+        # Not chained: a traceback would print the cause's own text, option values and all.
         raise ChildConfigError(
-            f"executors.{name}: {cls.__name__}({kwargs}){read_from_section} failed: {err}"
-        ) from err
+            f"executors.{name}: {cls.__name__}({shown_options(kwargs)}){read_from_section} failed: "
+            f"{error_text(err, secrets, limit=None)}"
+        ) from None
     executor.name = ExecutorName(module_path=f"{cls.__module__}.{cls.__qualname__}", alias=name)
     return executor
 
@@ -136,14 +143,13 @@ def _check_section_keys(name: str, section: ProviderSection, options: Mapping[st
 START_RETRY_FIRST_S = 15.0
 START_RETRY_MAX_S = 300.0
 START_RETRY_JITTER = 0.2
-MASKED = "***"
 
 
 @dataclass
 class StartFailure:
     """Why a child is unavailable (its start() failed), since when, and when it is tried again."""
 
-    error: str  # the exception's type and its message with the child's option values masked
+    error: str  # the exception's type and its message, the child's secret option values scrubbed
     since: float
     attempts: int
     next_attempt_at: float
@@ -153,31 +159,6 @@ def start_retry_delay(attempts: int, rand: Callable[[], float] = random.random) 
     """Seconds before the next start attempt after ``attempts`` failed ones: bounded exponential, with jitter."""
     delay = min(START_RETRY_FIRST_S * 2 ** (attempts - 1), START_RETRY_MAX_S)
     return delay * (1 - START_RETRY_JITTER * rand())
-
-
-def masked_error(err: BaseException, masked_values: frozenset[str], limit: int = 500) -> str:
-    """``<type>: <message>``, every one of ``masked_values`` in the message replaced, the length capped."""
-    message = str(err)
-    for value in sorted(masked_values, key=len, reverse=True):
-        message = message.replace(value, MASKED)
-    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def option_values(options: Any) -> frozenset[str]:
-    """The values in a child's ``options`` worth masking in what is logged (shorter ones would garble it)."""
-
-    def walk(value: Any) -> Iterator[str]:
-        if isinstance(value, Mapping):
-            for item in value.values():
-                yield from walk(item)
-        elif isinstance(value, list | tuple | set | frozenset):
-            for item in value:
-                yield from walk(item)
-        elif value is not None and len(text := str(value)) >= 4:
-            yield text
-
-    return frozenset(walk(options))
 
 
 @dataclass
@@ -193,7 +174,7 @@ class Child:
     # Tasks the child may hold beyond ``limit`` in its own queue, so that a worker that is done starts the
     # next one at once, not one scheduler loop later (when the router uses it: ``waiting.prefetch_room``).
     prefetch: int = 0
-    # Masked in a start error before it is logged: the values of the child's policy options.
+    # Scrubbed from the child's exceptions before they are logged or shown: its secret option values.
     masked_values: frozenset[str] = frozenset()
     # Set while the child is unavailable: its start() failed, and it has no room until a retry succeeds.
     start_failure: StartFailure | None = None
@@ -205,6 +186,14 @@ class Child:
     @property
     def available(self) -> bool:
         return self.start_failure is None
+
+    def error_text(self, err: BaseException) -> str:
+        """``<type>: <message>`` of an exception from this child, its secret option values scrubbed."""
+        return error_text(err, self.masked_values)
+
+    def traceback_text(self, err: BaseException) -> str:
+        """The traceback of an exception from this child, for a log line, its secret option values scrubbed."""
+        return traceback_text(err, self.masked_values)
 
     def start(self, now: float) -> bool:
         """Start the executor; never raises. On failure the child is unavailable until ``retry_start`` succeeds.
@@ -219,7 +208,7 @@ class Child:
             failure = self.start_failure
             attempts = failure.attempts + 1 if failure else 1
             self.start_failure = StartFailure(
-                error=masked_error(err, self.masked_values),
+                error=self.error_text(err),
                 since=failure.since if failure else now,
                 attempts=attempts,
                 next_attempt_at=now + start_retry_delay(attempts),
@@ -268,8 +257,12 @@ class Child:
         if isinstance(self.executor, CapacityAware):
             try:
                 free = min(free, int(self.executor.free_capacity()))
-            except Exception:
-                log.exception("free_capacity() of executor %s failed; treating it as full", self.name)
+            except Exception as err:
+                log.error(
+                    "free_capacity() of executor %s failed; treating it as full: %s",
+                    self.name,
+                    self.traceback_text(err),
+                )
                 return 0
         return max(free, 0)
 
@@ -278,8 +271,13 @@ class Child:
             return None
         try:
             failure = self.executor.pop_infrastructure_failure(key)
-        except Exception:
-            log.exception("pop_infrastructure_failure() of executor %s failed for %s", self.name, key)
+        except Exception as err:
+            log.error(
+                "pop_infrastructure_failure() of executor %s failed for %s: %s",
+                self.name,
+                key,
+                self.traceback_text(err),
+            )
             return None
         if failure is not None and not failure.executor:
             failure = InfrastructureFailure(reason=failure.reason, detail=failure.detail, executor=self.name)
@@ -313,7 +311,7 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             name=name,
             executor=executor,
             max_concurrency=spec.max_concurrency,
-            masked_values=option_values(spec.options or {}),
+            masked_values=secret_values(spec.options or {}),
         )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)

@@ -27,10 +27,11 @@ from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.models.taskinstancekey import TaskInstanceKey
 from airflow.utils.state import TaskInstanceState
 
+from hybrid_router.redaction import scrub
 from hybrid_router.router import audit, metrics
 from hybrid_router.router.adoption import offer_to_children
 from hybrid_router.router.child_logs import read_child_log
-from hybrid_router.router.children import Child, build_children, instantiate_child
+from hybrid_router.router.children import Child, build_children
 from hybrid_router.router.external_id import join_child_id, router_held_id
 from hybrid_router.router.fallback import (
     SAME_TRY,
@@ -124,7 +125,7 @@ class RoutingExecutor(BaseExecutor):
         self._audit_enabled = True
         self._policy_file: PolicyFile | None = None  # set when the policy comes from a file (``config``)
         self._started = False
-        self._log_readers: dict[str, BaseExecutor | None] = {}
+        self._log_readers: dict[str, Child | None] = {}
         self._task_queued_timeout_s = 600.0  # [scheduler] task_queued_timeout, read by start()
 
     # -- start / stop ----------------------------------------------------------------------------------------
@@ -193,8 +194,8 @@ class RoutingExecutor(BaseExecutor):
         for child in self._children.values():
             try:
                 action(child)
-            except Exception:
-                log.exception("%s() of child executor %s failed", what, child.name)
+            except Exception as err:
+                log.error("%s() of child executor %s failed: %s", what, child.name, child.traceback_text(err))
 
     # -- policy ----------------------------------------------------------------------------------------------
 
@@ -416,9 +417,9 @@ class RoutingExecutor(BaseExecutor):
         except Exception as err:
             # A child that refuses a workload outright (not a capacity matter) would refuse it again: fail
             # the task with the reason rather than stall the scheduler loop or retry forever.
-            log.exception("Child executor %s refused %s", target, key)
+            log.error("Child executor %s refused %s: %s", target, key, child.traceback_text(err))
             self._assignments.pop(key, None)
-            self._reject(workload, audit.refused_by_child(target, err))
+            self._reject(workload, audit.refused_by_child(target, scrub(str(err), child.masked_values)))
             return
         self._tell(key, workload.log_path, notice)
         child.in_flight.add(key)
@@ -484,8 +485,8 @@ class RoutingExecutor(BaseExecutor):
         # The catch-all boundary: one broken child must not stop the others or the scheduler loop.
         try:
             child.executor.heartbeat()
-        except Exception:
-            log.exception("Heartbeat of child executor %s failed", child.name)
+        except Exception as err:
+            log.error("Heartbeat of child executor %s failed: %s", child.name, child.traceback_text(err))
 
     def _collect_events(self, child: Child) -> None:
         """Forward one child's events; a run that died for infrastructure reasons goes back to wait."""
@@ -660,21 +661,13 @@ class RoutingExecutor(BaseExecutor):
         """
         return read_child_log(ti, try_number, self._log_reader)
 
-    def _log_reader(self, name: str) -> BaseExecutor | None:
+    def _log_reader(self, name: str) -> Child | None:
         if name in self._children:
-            return self._children[name].executor
+            return self._children[name]
         if name not in self._log_readers:
             spec = self._ensure_policy().executors.get(name)
             self._log_readers[name] = (
-                instantiate_child(
-                    name,
-                    spec.class_path,
-                    max_concurrency=spec.max_concurrency,
-                    options=spec.options,
-                    team_name=self.team_name,
-                )
-                if spec is not None
-                else None
+                build_children({name: spec}, team_name=self.team_name)[name] if spec is not None else None
             )
         return self._log_readers[name]
 

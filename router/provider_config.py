@@ -22,6 +22,8 @@ from typing import Any
 
 from airflow.executors.base_executor import ExecutorConf
 
+from hybrid_router.redaction import shown_value
+
 _TRUE = {"t", "true", "1", "yes", "on"}
 _FALSE = {"f", "false", "0", "no", "off"}
 
@@ -117,7 +119,9 @@ class OptionsConf(ExecutorConf):
         text = str(value).strip().lower()
         if text in _TRUE | _FALSE:
             return text in _TRUE
-        raise ValueError(f"option {key!r} of [{section}] must be true or false, not {value!r}")
+        raise ValueError(
+            f"option {key!r} of [{section}] must be true or false, not {shown_value(key, value)}"
+        )
 
     def getint(self, section: str, key: str, *args: Any, **kwargs: Any) -> int:
         found, value = self._option(section, key)
@@ -126,7 +130,9 @@ class OptionsConf(ExecutorConf):
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"option {key!r} of [{section}] must be an integer, not {value!r}") from None
+            raise ValueError(
+                f"option {key!r} of [{section}] must be an integer, not {shown_value(key, value)}"
+            ) from None
 
     def getjson(self, section: str, key: str, *args: Any, **kwargs: Any) -> Any:
         found, value = self._option(section, key)

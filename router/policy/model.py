@@ -61,7 +61,8 @@ class ExecutorSpec:
     # router's default for the class; docs/tuning.md).
     prefetch: int | None = None
     limits: Limits = field(default_factory=Limits)
-    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    # Not in the repr: option values can be secrets (hybrid_router.redaction).
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True, repr=False)
 
 
 @dataclass(frozen=True)

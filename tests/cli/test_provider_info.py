@@ -71,6 +71,18 @@ def test_router_options_and_defaults():
     assert lambda_options["max_payload_bytes"]["default"] == "1048576"
 
 
+def test_airflow_itself_treats_every_secret_option_as_sensitive():
+    # What `airflow config list --show-values --hide-sensitive` hides and conf.mask_secrets() masks in logs.
+    from airflow.configuration import conf
+
+    sensitive = conf.sensitive_config_values
+    assert ("lambda_executor", "signing_secret") in sensitive
+    for section, declared in get_provider_info()["config"].items():
+        for name in declared["options"]:
+            if any(word in name for word in ("secret", "password", "token", "key")):
+                assert (section, name) in sensitive, f"[{section}] {name}: declare it sensitive=True"
+
+
 def test_cli_group_does_not_clash_with_airflow_commands():
     from airflow._shared.module_loading import import_string
     from airflow.cli.cli_config import core_commands

@@ -82,3 +82,17 @@ def test_secret_never_shown():
     with pytest.raises(LambdaConfigError) as info:
         LambdaExecutorConfig.load(FakeConf(REQUIRED), {"signing_secret": 12345})
     assert "12345" not in str(info.value)
+
+
+def test_messages_show_values_only_of_options_known_not_to_be_secret():
+    with pytest.raises(LambdaConfigError) as info:
+        LambdaExecutorConfig.load(FakeConf(REQUIRED), {"poll_wait_seconds": "soon"})
+    assert str(info.value) == "executor option 'poll_wait_seconds': expected an integer (got 'soon')"
+    # An endpoint URL can carry user:password: named, never shown.
+    endpoint = "http://user:TOPSECRET@localhost:9001"
+    with pytest.raises(LambdaConfigError) as info:
+        LambdaExecutorConfig.load(FakeConf(REQUIRED), {"lambda_endpoint_url": [endpoint]})
+    assert str(info.value) == "executor option 'lambda_endpoint_url': expected a string (got ***)"
+    config = LambdaExecutorConfig.load(FakeConf({**REQUIRED, "lambda_endpoint_url": endpoint}))
+    assert "TOPSECRET" not in repr(config) and "s3cret" not in repr(config)
+    assert "function_name='fn'" in repr(config) and "lambda_endpoint_url=***" in repr(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from typing import Any
 
 import pytest
@@ -173,6 +174,39 @@ def test_bad_boolean_and_integer_options_say_which_option():
         conf.getboolean("s", "flag")
     with pytest.raises(ValueError, match="'count' of \\[s\\] must be an integer"):
         conf.getint("s", "count")
+
+
+def test_a_bad_option_value_is_shown_only_for_an_option_known_not_to_be_secret():
+    conf = OptionsConf(_Base(), "s", {"max_run_task_attempts": "many", "api_token": "TOPSECRET-token"})
+    with pytest.raises(ValueError, match="'max_run_task_attempts' of \\[s\\] must be an integer, not 'many'"):
+        conf.getint("s", "max_run_task_attempts")
+    with pytest.raises(ValueError) as err:
+        conf.getboolean("s", "api_token")
+    assert str(err.value) == "option 'api_token' of [s] must be true or false, not ***"
+
+
+def test_a_provider_executor_that_fails_to_build_names_its_section_options_but_no_secret_value(ecs_settings):
+    env_secret = "TOPSECRET-db-password"
+    environment = [{"name": "DB_PASSWORD", "value": env_secret}]
+    with pytest.raises(ChildConfigError) as err:
+        instantiate_child(
+            "ecs_big",
+            ECS_CLASS,
+            max_concurrency=None,
+            options={
+                "launch_type": "FARGATE",
+                "capacity_provider_strategy": [{"capacityProvider": "x"}],
+                "run_task_kwargs": {"overrides": {"containerOverrides": [{"environment": environment}]}},
+            },
+        )
+    message = str(err.value)
+    assert message.startswith("executors.ecs_big: AwsEcsExecutor(")
+    assert (
+        "with [aws_ecs_executor] options {'launch_type': 'FARGATE', 'capacity_provider_strategy': ***, "
+        "'run_task_kwargs': ***} failed:" in message
+    )
+    assert "mutually exclusive" in message
+    assert env_secret not in "".join(traceback.format_exception(err.value))
 
 
 class ReadsConfInInit(BaseExecutor):
