@@ -10,14 +10,19 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
+import time
 import urllib.parse
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from hybrid_router.lambda_exec.local import errors
-from hybrid_router.lambda_exec.local.model import LambdaBackend, function_from_api
+from hybrid_router.lambda_exec.local.config import ConfigError, FunctionConfig
+from hybrid_router.lambda_exec.local.faults import LostAnswer
+from hybrid_router.lambda_exec.local.model import LambdaBackend
 from hybrid_router.lambda_exec.local.sandbox import Ending
 from hybrid_router.lambda_exec.local.urls import URL_TABLE
 
@@ -58,6 +63,34 @@ class Response:
         return cls(
             status, json.dumps(data).encode("utf-8"), {"Content-Type": "application/json", **(headers or {})}
         )
+
+
+def function_from_api(body: Mapping[str, Any]) -> FunctionConfig:
+    """A FunctionConfig from a ``CreateFunction`` request body (zip or image package)."""
+    handler = body.get("Handler")
+    if not handler:
+        command = (body.get("ImageConfig") or {}).get("Command") or []
+        handler = command[0] if command else None
+    dlq = (body.get("DeadLetterConfig") or {}).get("TargetArn") or None
+    values: dict[str, Any] = {
+        "name": body.get("FunctionName"),
+        "environment": (body.get("Environment") or {}).get("Variables") or {},
+        "dead_letter_queue_url": dlq,
+    }
+    if handler:
+        values["handler"] = handler
+    if "MemorySize" in body:
+        values["memory_mb"] = body["MemorySize"]
+    if "Timeout" in body:
+        values["timeout_s"] = body["Timeout"]
+    try:
+        return FunctionConfig(**values)
+    except ConfigError as exc:
+        raise errors.InvalidParameterValueException(str(exc)) from None
+
+
+class DropConnection(Exception):
+    """Answer nothing and close the connection (an injected lost answer)."""
 
 
 class LambdaApi:
@@ -113,7 +146,13 @@ class LambdaApi:
         qualifier = req.query.get("Qualifier")
         kind = req.headers.get("x-amz-invocation-type", "RequestResponse")
         if kind == "Event":
+            time.sleep(self.backend.faults.invoke_delay_s())
             request_id = self.backend.invoke_async(name, req.body, qualifier)
+            lost = self.backend.faults.lost_answer()
+            if lost is LostAnswer.RESET:
+                raise DropConnection(request_id)
+            if lost is LostAnswer.SERVER_ERROR:
+                raise errors.ServiceException("Internal error (the event was accepted)")
             return Response(202, headers={"x-amzn-RequestId": request_id})
         if kind == "DryRun":
             self.backend.dry_run(name, qualifier)
@@ -141,7 +180,9 @@ class LambdaApi:
 
     def set_faults(self, req: Request) -> Response:
         body = req.json()
-        return Response.json(self.backend.set_delivery_faults(duplicate_next=body.get("duplicate_next", 0)))
+        if not isinstance(body, dict):
+            raise errors.InvalidParameterValueException("expected a JSON object")
+        return Response.json(self.backend.set_delivery_faults(**body))
 
     # -- dispatch -----------------------------------------------------------------------------------------
 
@@ -151,6 +192,8 @@ class LambdaApi:
             return getattr(self, handler_name)(req)
         except errors.LambdaApiError as exc:
             return Response(exc.status, exc.body(), {"Content-Type": "application/json", **exc.headers()})
+        except DropConnection:
+            raise
         except Exception:
             log.exception("Internal error on %s %s", req.method, req.path)
             exc = errors.ServiceException("The local Lambda service hit an internal error; see its log")
@@ -188,7 +231,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
         )
-        resp = self.server.api.handle(req)
+        try:
+            resp = self.server.api.handle(req)
+        except DropConnection:
+            # The caller sees its connection reset with no answer, whatever happened behind it.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self.send_response(resp.status)
         headers = {"x-amzn-RequestId": str(uuid.uuid4()), **resp.headers}
         for name, value in headers.items():

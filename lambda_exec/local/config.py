@@ -12,7 +12,7 @@ The YAML file (``--config``) looks like::
         memory_mb: 1024
         timeout_s: 60
         reserved_concurrency: 4
-        environment: {HYBRID_ROUTER_SIGNING_SECRET: "..."}
+        environment: {AIRFLOW__CORE__EXECUTION_API_SERVER_URL: "http://127.0.0.1:8080/execution/"}
         dead_letter_queue_url: http://127.0.0.1:5000/123456789012/airflow-dlq
         maximum_retry_attempts: 0
         maximum_event_age_s: 300
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from hybrid_router.lambda_exec.local.faults import FaultConfigError, FaultSettings
 
 DEFAULT_HANDLER = "hybrid_router.lambda_exec.handler.handler"
 DEFAULT_RETRY_DELAYS_S = (1.0, 2.0)
@@ -93,8 +95,15 @@ class ServiceConfig:
     account_id: str = "123456789012"
     # A warm sandbox nobody used for this long is stopped, as Lambda reclaims idle execution environments.
     idle_sandbox_ttl_s: float = 300.0
+    # AWS's latency and at-least-once delivery, on demand (faults.py); none by default.
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
     def __post_init__(self) -> None:
+        if isinstance(self.faults, Mapping):
+            try:
+                object.__setattr__(self, "faults", FaultSettings.from_dict(self.faults))
+            except FaultConfigError as exc:
+                raise ConfigError(str(exc), "faults") from None
         if not _is_int(self.account_concurrency) or self.account_concurrency < 1:
             raise ConfigError(
                 f"account_concurrency: expected a positive integer, got {self.account_concurrency!r}",
@@ -129,6 +138,7 @@ class ServiceConfig:
             "region": self.region,
             "account_id": self.account_id,
             "idle_sandbox_ttl_s": self.idle_sandbox_ttl_s,
+            "faults": self.faults.to_dict(),
         }
 
 

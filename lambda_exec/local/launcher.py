@@ -37,6 +37,7 @@ from hybrid_router.lambda_exec.local.config import (
     FunctionConfig,
     ServiceConfig,
 )
+from hybrid_router.lambda_exec.local.faults import FaultSettings
 from hybrid_router.lambda_exec.local.sandbox import log_stream_path
 
 __all__ = ["FunctionConfig", "LocalLambdaError", "LocalLambdaService", "log_stream_path"]
@@ -57,6 +58,7 @@ class LocalLambdaService:
         account_concurrency: int = DEFAULT_ACCOUNT_CONCURRENCY,
         retry_delays_s: Sequence[float] = DEFAULT_RETRY_DELAYS_S,
         idle_sandbox_ttl_s: float = 300.0,
+        faults: FaultSettings | None = None,
         startup_timeout_s: float = 30.0,
         log_level: str = "INFO",
     ):
@@ -72,6 +74,7 @@ class LocalLambdaService:
             account_concurrency=account_concurrency,
             retry_delays_s=tuple(float(d) for d in retry_delays_s),
             idle_sandbox_ttl_s=idle_sandbox_ttl_s,
+            faults=faults or FaultSettings(),
         )
         self.env = dict(os.environ if env is None else env)
         self.port = port
@@ -177,9 +180,15 @@ class LocalLambdaService:
 
     # -- local-only endpoints -----------------------------------------------------------------------------
 
-    def set_delivery_faults(self, duplicate_next: int = 0) -> dict[str, Any]:
-        """Deliver each of the next ``duplicate_next`` async events twice (same request id)."""
-        return self._call("POST", "/_local/faults", {"duplicate_next": duplicate_next})
+    def set_delivery_faults(
+        self, duplicate_next: int = 0, settings: FaultSettings | None = None
+    ) -> dict[str, Any]:
+        """Deliver each of the next ``duplicate_next`` async events twice (same request id); ``settings``
+        replaces the service's latency and fault settings (see faults.py). Returns the injected counts."""
+        body: dict[str, Any] = {"duplicate_next": duplicate_next}
+        if settings is not None:
+            body.update(settings.to_dict())
+        return self._call("POST", "/_local/faults", body)
 
     def stats(self) -> dict[str, Any]:
         """Counters per function (invocations, cold_starts, warm_starts, throttles, retries, dlq_sends, ...)."""

@@ -39,6 +39,7 @@ from hybrid_router.lambda_exec.local.config import (
     ServiceConfig,
 )
 from hybrid_router.lambda_exec.local.dlq import DeadLetterQueues
+from hybrid_router.lambda_exec.local.faults import Duplicate, FaultConfigError, Faults, FaultSettings
 from hybrid_router.lambda_exec.local.sandbox import (
     Ending,
     InvocationResult,
@@ -81,6 +82,7 @@ class AsyncEvent:
     received_at: float  # monotonic
     attempts: int = 0  # runs so far
     ran: bool = False  # reached a sandbox at least once
+    redeliver_after_run: bool = False  # at-least-once delivery: runs again once this run has ended
     unreserved: bool = False  # its current run holds a slot of the unreserved pool
     last_error: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +125,7 @@ class LambdaBackend:
         self._functions: dict[str, FunctionState] = {}
         self._unreserved_in_flight = 0
         self._duplicate_next = 0
+        self.faults = Faults(config.faults)
         self._seq = 0
         self._stopped = False
         self._dlq = DeadLetterQueues(
@@ -371,12 +374,19 @@ class LambdaBackend:
         now = self._clock()
         with self._cond:
             self._check_rate(state)
-            state.pending.append(AsyncEvent(request_id, text, now))
+            event = AsyncEvent(request_id, text, now)
+            state.pending.append(event)
             state.counters["async_accepted"] += 1
+            duplicate = self.faults.duplicate()
             if self._duplicate_next > 0:
-                # At-least-once delivery: the same event (same request id) runs a second time.
                 self._duplicate_next -= 1
+                duplicate = Duplicate.NOW
+            # At-least-once delivery: the same event (same request id) runs a second time.
+            if duplicate is Duplicate.NOW:
                 state.pending.append(AsyncEvent(request_id, text, now))
+            elif duplicate is Duplicate.AFTER_END:
+                event.redeliver_after_run = True
+            if duplicate is not None:
                 state.counters["duplicates_delivered"] += 1
             self._cond.notify_all()
         return request_id
@@ -540,6 +550,11 @@ class LambdaBackend:
             )
         finally:
             self._release(state, event.unreserved)
+            if event.redeliver_after_run:
+                event.redeliver_after_run = False
+                with self._cond:
+                    state.pending.append(AsyncEvent(event.request_id, event.payload, self._clock()))
+                    self._cond.notify_all()
         if not result.failed:
             return
         event.last_error = result.error
@@ -613,12 +628,18 @@ class LambdaBackend:
 
     # -- test hooks and statistics ------------------------------------------------------------------------
 
-    def set_delivery_faults(self, duplicate_next: int = 0) -> dict[str, Any]:
+    def set_delivery_faults(self, duplicate_next: int = 0, **settings: Any) -> dict[str, Any]:
+        """``duplicate_next``: deliver the next N events twice at once; other keys: ``FaultSettings``."""
         if not isinstance(duplicate_next, int) or isinstance(duplicate_next, bool) or duplicate_next < 0:
             raise errors.InvalidParameterValueException("duplicate_next: expected a non-negative integer")
+        if settings:
+            try:
+                self.faults.configure(FaultSettings.from_dict(settings))
+            except FaultConfigError as exc:
+                raise errors.InvalidParameterValueException(str(exc)) from None
         with self._cond:
             self._duplicate_next = duplicate_next
-        return {"duplicate_next": duplicate_next}
+        return {"duplicate_next": duplicate_next, **self.faults.stats()}
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -635,7 +656,12 @@ class LambdaBackend:
                 )
                 functions[name] = entry
                 totals.update({k: v for k, v in entry.items() if isinstance(v, int)})
-            return {"functions": functions, "totals": dict(totals), "log_dir": str(self.log_dir.resolve())}
+            return {
+                "functions": functions,
+                "totals": dict(totals),
+                "log_dir": str(self.log_dir.resolve()),
+                "faults": self.faults.stats(),
+            }
 
 
 def parse_function_name(value: str) -> tuple[str, str | None]:
@@ -651,30 +677,6 @@ def parse_function_name(value: str) -> tuple[str, str | None]:
     if len(parts) == 2:
         return parts[0], parts[1]
     return value, None
-
-
-def function_from_api(body: Mapping[str, Any]) -> FunctionConfig:
-    """A FunctionConfig from a ``CreateFunction`` request body (zip or image package)."""
-    handler = body.get("Handler")
-    if not handler:
-        command = (body.get("ImageConfig") or {}).get("Command") or []
-        handler = command[0] if command else None
-    dlq = (body.get("DeadLetterConfig") or {}).get("TargetArn") or None
-    values: dict[str, Any] = {
-        "name": body.get("FunctionName"),
-        "environment": (body.get("Environment") or {}).get("Variables") or {},
-        "dead_letter_queue_url": dlq,
-    }
-    if handler:
-        values["handler"] = handler
-    if "MemorySize" in body:
-        values["memory_mb"] = body["MemorySize"]
-    if "Timeout" in body:
-        values["timeout_s"] = body["Timeout"]
-    try:
-        return FunctionConfig(**values)
-    except ConfigError as exc:
-        raise errors.InvalidParameterValueException(str(exc)) from None
 
 
 def _expiry_error(state: FunctionState, event: AsyncEvent) -> dict[str, Any]:

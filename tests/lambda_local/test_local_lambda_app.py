@@ -9,9 +9,12 @@ from botocore.parsers import RestJSONParser
 
 from hybrid_router.lambda_exec.local import errors
 from hybrid_router.lambda_exec.local.app import LambdaApi, Request, Response
+from hybrid_router.lambda_exec.local.faults import Faults
 
 
 class BrokenBackend:
+    faults = Faults()  # none injected
+
     def get_function(self, name: str, qualifier: str | None) -> dict[str, Any]:
         raise RuntimeError("a bug in the service")
 
