@@ -59,9 +59,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, timeout: float = 2) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -293,6 +293,14 @@ class AirflowStack:
             lambda: self.check_alive() and _http_ok(f"{self.api_url}/api/v2/monitor/health"),
             90,
             "the API server",
+        )
+        # The execution API (Cadwyn) builds its versioned routes on its first request, in the API server's event
+        # loop: 3.5 s on an idle 2-core machine, 9 s loaded, during which no request is served. A long-running
+        # API server has paid that long ago; the first task of a test must not pay it inside its own timeouts.
+        wait_until(
+            lambda: self.check_alive() and _http_ok(f"{self.api_url}/execution/health", timeout=30),
+            90,
+            "the execution API",
         )
         return self
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,8 +15,11 @@ from typing import IO, Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
 
-# Between SIGTERM and SIGKILL at most: Airflow's task runner needs a moment to report its state on SIGTERM.
+# Between SIGTERM and SIGKILL at most: the time the operator's on_kill gets to clean up.
 TERMINATE_GRACE_S = 1.0
+# How long the workload's own process may take to stop on SIGSTOP (it stops before it runs any more of its
+# code: microseconds, unless the machine is starved); killed outright after that.
+FREEZE_TIMEOUT_S = 0.5
 # How often the deadline is checked while the workload runs (or while Airflow's task runner is imported).
 POLL_INTERVAL_S = 0.05
 # When the workload's process tree is scanned for process groups: soon after start, then every so often.
@@ -39,29 +41,30 @@ class WorkloadProcess(Protocol):
 def run_until_deadline(
     child: WorkloadProcess, *, deadline_near: Callable[[], bool], margin_s: float
 ) -> tuple[int, bool]:
-    """Wait for ``child``'s tree to end, or stop all of it once ``deadline_near()``.
+    """Wait for ``child``'s tree to end, or stop all of it once ``deadline_near()`` (the deadline, or another
+    reason the handler has to stop the run).
 
-    Returns the child's return code and whether the deadline stopped it.
+    Returns the child's return code and whether it was stopped.
     """
     tree = WorkloadTree(child)
-    timed_out = False
+    stopped = False
     while tree.running():
         if deadline_near():
-            timed_out = True
-            # Half the margin for the task to react to SIGTERM; the other half to report the timeout.
+            stopped = True
+            # Half the margin for the task's on_kill; the other half to report the timeout.
             tree.stop(grace_s=min(TERMINATE_GRACE_S, margin_s / 2))
             break
         time.sleep(POLL_INTERVAL_S)
-    return tree.finish(), timed_out
+    return tree.finish(), stopped
 
 
 class WorkloadTree:
     """The workload's process and everything it starts, including processes in other process groups.
 
-    Airflow's supervisor puts the task runner in a process group of its own, so killing the supervisor's
-    group alone would leave the task running (and able to report a state after we reported a timeout).
-    The groups of all descendants are collected from /proc while the workload runs and all are killed.
-    ``child`` leads its own session.
+    ``child`` (Airflow's supervisor) leads its own session and puts the task process in a process group of its
+    own, and a BashOperator's command has a session of its own: killing the supervisor's group alone would leave
+    them running. The groups of all descendants are collected from /proc while the workload runs and all are
+    killed.
     """
 
     def __init__(self, child: WorkloadProcess):
@@ -81,25 +84,53 @@ class WorkloadTree:
             self._scan()
         return True
 
-    def _scan(self) -> list[int]:
-        pids = []
-        for pid, pgid in _descendants(self.child.pid):
-            pids.append(pid)
-            self.groups.add(pgid)
-        return pids
+    def _scan(self) -> list[tuple[int, int, int]]:
+        """(pid, parent pid, process group) of every process below ``child``; their groups are remembered."""
+        found = _descendants(self.child.pid)
+        self.groups.update(pgid for _, _, pgid in found)
+        return found
 
     def stop(self, grace_s: float) -> None:
-        """SIGTERM the workload's group (the supervisor forwards it to the task: on_kill), then kill all."""
-        self._scan()
+        """Stop the workload so that nothing reports a state for it any more, with the task's on_kill run.
+
+        ``child`` is Airflow's supervisor: the only process of the tree that talks to the execution API (its
+        task process reaches the API only through it, over a socket pair). So:
+
+        1. freeze the supervisor (SIGSTOP): from then on nothing reports a state for this try, the task stays
+           RUNNING, and the executor's timeout report lets the router reset it and run it on the fallback;
+        2. SIGTERM the supervisor's children, the task processes: Airflow's task runner calls the operator's
+           on_kill. Its log lines and its FAILED go into sockets that nobody reads any more;
+        3. once they are gone, or after ``grace_s``, SIGKILL every process group of the tree, the supervisor's
+           included.
+        """
+        # Fence the reporter: no reset can take back a FAILED that callbacks and downstream tasks already saw.
+        # Frozen, not killed: a dead supervisor closes the task's sockets, and on_kill fails at its first log
+        # line (BrokenPipeError; BashOperator's logs before it signals its command).
+        leader = self.child.pid
         try:
-            os.killpg(self.child.pid, signal.SIGTERM)
+            os.kill(leader, signal.SIGSTOP)
         except ProcessLookupError:
             pass
-        try:
-            self.child.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
+        if not _wait_for(lambda: _state(leader) in _STOPPED_OR_GONE, FREEZE_TIMEOUT_S):
+            try:
+                os.kill(leader, signal.SIGKILL)  # fenced all the same; on_kill may then fail as it logs
+            except ProcessLookupError:
+                pass
+        tasks = [pid for pid, parent, _ in self._scan() if parent == leader]
+        for pid in tasks:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        # A task process that reports after on_kill waits for the frozen supervisor's answer until killed.
+        _wait_for(lambda: all(_state(pid) in _GONE for pid in tasks), grace_s)
         self._kill_all()
+        try:
+            # Stopped before it led a group of its own (setsid), it is in none of the groups just killed; our
+            # child, unreaped, its pid cannot have been reused.
+            os.kill(leader, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def finish(self) -> int:
         """Wait for the workload, then sweep what it left behind; returns its return code."""
@@ -111,7 +142,7 @@ class WorkloadTree:
         return return_code
 
     def _kill_all(self) -> None:
-        pids = self._scan() if self.child.poll() is None else []
+        pids = [pid for pid, _, _ in self._scan()] if self.child.poll() is None else []
         own_group = os.getpgrp()
         for group in self.groups - {own_group}:
             try:
@@ -138,8 +169,32 @@ def _stream_output(stream: IO[bytes]) -> None:
         stream.close()
 
 
-def _descendants(root: int) -> list[tuple[int, int]]:
-    """(pid, process group) of every process below ``root``, read from /proc (Linux, as Lambda is)."""
+# Process states in /proc/<pid>/stat: zombie or dead (a stopped supervisor cannot reap its task process), and
+# stopped; "" when the process does not exist.
+_GONE = frozenset({"Z", "X", ""})
+_STOPPED_OR_GONE = _GONE | {"T"}
+
+
+def _state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc, or "" if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL_S / 5)
+    return True
+
+
+def _descendants(root: int) -> list[tuple[int, int, int]]:
+    """(pid, parent, process group) of every process below ``root``, from /proc (Linux, as Lambda is)."""
     children: dict[int, list[tuple[int, int]]] = {}
     try:
         entries = os.listdir("/proc")
@@ -154,10 +209,11 @@ def _descendants(root: int) -> list[tuple[int, int]]:
         except (OSError, IndexError):
             continue
         children.setdefault(int(fields[1]), []).append((int(entry), int(fields[2])))
-    found: list[tuple[int, int]] = []
+    found: list[tuple[int, int, int]] = []
     todo = [root]
     while todo:
-        for pid, pgid in children.get(todo.pop(), []):
-            found.append((pid, pgid))
+        parent = todo.pop()
+        for pid, pgid in children.get(parent, []):
+            found.append((pid, parent, pgid))
             todo.append(pid)
     return found

@@ -45,10 +45,11 @@ def airflow_workload_command(workload_path: str) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class WorkloadRun:
-    """How the workload's child process ended. ``return_code`` is None when no child was started."""
+    """How the workload's child process ended. ``return_code`` is None when no child was started; ``stopped``
+    when the handler stopped it (its deadline, or a STARTED it could not send)."""
 
     return_code: int | None
-    timed_out: bool
+    stopped: bool
     duration_s: float
     margin_s: float
     started: bool = True
@@ -63,7 +64,8 @@ def run_workload(
     task_runner: TaskRunnerLoader | None,
     command: Callable[[str], list[str]] = airflow_workload_command,
 ) -> WorkloadRun:
-    """Run the workload in its own process group; stop its whole tree once ``deadline_near()``.
+    """Run the workload in its own process group; stop its whole tree once ``deadline_near()`` (the deadline,
+    or another reason the handler has to stop the run).
 
     With ``fork`` and a ``task_runner`` it runs in a child forked from this process; otherwise, or if
     Airflow's task runner cannot be imported, ``command`` starts it as a new process.
@@ -73,10 +75,10 @@ def run_workload(
     if fork and task_runner is not None:
         runner = task_runner.get(deadline_near)
         if runner is None and not task_runner.settled:
-            # The deadline came while Airflow was still being imported: nothing ran, nothing to stop.
+            # Stopped while Airflow was still being imported: nothing ran, nothing to stop.
             return WorkloadRun(
                 return_code=None,
-                timed_out=True,
+                stopped=True,
                 duration_s=time.monotonic() - begin,
                 margin_s=margin_s,
                 started=False,
@@ -88,10 +90,10 @@ def run_workload(
         else:
             workdir = tempfile.mkdtemp(prefix="hybrid-router-")
             child = _start_process(command, workload, workdir)
-        return_code, timed_out = run_until_deadline(child, deadline_near=deadline_near, margin_s=margin_s)
+        return_code, stopped = run_until_deadline(child, deadline_near=deadline_near, margin_s=margin_s)
         return WorkloadRun(
             return_code=return_code,
-            timed_out=timed_out,
+            stopped=stopped,
             duration_s=time.monotonic() - begin,
             margin_s=margin_s,
         )
@@ -233,14 +235,15 @@ class TaskRunnerLoader:
         return self._done.is_set()
 
     def get(self, deadline_near: Callable[[], bool]) -> Any:
-        """The runner, or None if it cannot be had (import failed) or ``deadline_near()`` came first."""
+        """The runner, or None if it cannot be had (import failed) or ``deadline_near()`` came first (the
+        deadline, or another reason to stop the run)."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._load, name="airflow-import", daemon=True)
                 self._thread.start()
         while not self._done.wait(POLL_INTERVAL_S):
             if deadline_near():
-                log.warning("The deadline came while Airflow's task runner was still being imported")
+                log.warning("The run was stopped while Airflow's task runner was still being imported")
                 return None
         return self.runner
 

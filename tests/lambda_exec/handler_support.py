@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from hybrid_router.lambda_exec import protocol
-from hybrid_router.lambda_exec.handler import SECRET_ENV, Sandbox, handle
+from hybrid_router.lambda_exec.handler import Sandbox, handle
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
 
 if TYPE_CHECKING:
     from moto_sqs import Moto
 
+# The executor's secret: it seals the events; the function never holds it.
 SECRET = "handler-test-secret"
 FAKE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0aSJ9.c2lnbmF0dXJl"
 
@@ -33,7 +34,7 @@ record = spec.get("record")
 if record:
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     with open(record, "w") as out:
-        json.dump({"pid": os.getpid(), "grandchild": grandchild.pid, "argv": sys.argv}, out)
+        json.dump({"pid": os.getpid(), "grandchild": grandchild.pid, "argv": sys.argv, "environ": dict(os.environ)}, out)
 print("workload output line", spec.get("token", ""), flush=True)
 time.sleep(spec.get("sleep", 0))
 sys.exit(spec.get("exit", 0))
@@ -53,8 +54,8 @@ class FakeCommand:
 
 
 def make_sandbox(settings: Mapping[str, str] | None = None, **fields: Any) -> Sandbox:
-    """A sandbox of the test's own: the signing secret and ``settings`` are its whole environment."""
-    return Sandbox(environ={SECRET_ENV: SECRET, **(settings or {})}, **fields)
+    """A sandbox of the test's own: ``settings`` are its whole environment (the function needs no secret)."""
+    return Sandbox(environ=dict(settings or {}), **fields)
 
 
 class FakeContext:
@@ -128,3 +129,62 @@ def run_past_the_deadline(
     pids = json.loads(record.read_text())
     assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
     return finished
+
+
+# Airflow's supervisor and task process, reduced to what a deadline stop meets: the supervisor forks the task
+# into a process group of its own, forwards SIGTERM to it, relays its log lines and reports the final state the
+# task sends it (here: appends it to the `reported` file, standing in for the execution API). The task's SIGTERM
+# handler is Airflow's task runner calling on_kill, which, like BashOperator's, logs before it acts; then the
+# task sends FAILED and waits for the supervisor's answer, as Airflow's task runner does.
+SUPERVISED_WORKLOAD = r"""
+import json, os, signal, socket, sys, time
+
+def supervise(spec):
+    ours, theirs = socket.socketpair()
+    task = os.fork()
+    if task == 0:
+        os.setpgid(0, 0)
+        ours.close()
+
+        def on_kill(signum, frame):
+            theirs.sendall(b"log: Sending SIGTERM signal to process group\n")
+            with open(spec["on_kill"], "w") as out:
+                out.write("on_kill ran")
+            theirs.sendall(b"state: failed\n")
+            theirs.recv(1)
+            os._exit(1)
+
+        signal.signal(signal.SIGTERM, on_kill)
+        with open(spec["record"], "w") as out:
+            json.dump({"pid": os.getppid(), "task": os.getpid()}, out)
+        while True:
+            time.sleep(0.05)
+    theirs.close()
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(task, signum))
+    received = b""
+    while b"state: " not in received:
+        chunk = ours.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    state = received.split(b"state: ", 1)[1].split()[0].decode() if b"state: " in received else "failed"
+    with open(spec["reported"], "a") as out:
+        out.write(state + "\n")
+    os.waitpid(task, 0)
+    return 1
+"""
+
+
+class SupervisedRunner:
+    """Runs ``SUPERVISED_WORKLOAD`` in the handler's forked child, as Airflow's task runner would run there."""
+
+    def run(self, workload_json: str) -> int:
+        namespace: dict[str, Any] = {}
+        exec(SUPERVISED_WORKLOAD, namespace)
+        return namespace["supervise"](json.loads(workload_json))
+
+
+def supervised_command(path: str) -> list[str]:
+    """A sandbox's ``workload_command`` running ``SUPERVISED_WORKLOAD`` as a new process."""
+    main = "\nsys.exit(supervise(json.load(open(sys.argv[1]))))\n"
+    return [sys.executable, "-c", SUPERVISED_WORKLOAD + main, path]

@@ -25,10 +25,12 @@ from .handler_support import (
     FAKE_TOKEN,
     FakeCommand,
     FakeContext,
+    SupervisedRunner,
     make_event,
     make_sandbox,
     run_past_the_deadline,
     sealed,
+    supervised_command,
     until_finished,
     wait_gone,
 )
@@ -120,6 +122,33 @@ def test_forked_workload_is_stopped_with_its_tree_at_the_deadline(
     event = make_event(results_queue, {"record": str(record), "sleep": 60})
 
     run_past_the_deadline(sandbox, event, record, moto_server, results_queue)
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_a_deadline_stop_runs_on_kill_and_leaves_the_state_unreported(
+    results_queue: str, moto_server: Moto, tmp_path: Path, fork: bool
+) -> None:
+    """At the deadline the supervisor reports nothing (the router can reset the try), and on_kill still runs."""
+    if fork:
+        loader = TaskRunnerLoader(factory=SupervisedRunner)
+        loader.get(lambda: False)
+        sandbox = make_sandbox({MARGIN_ENV: "1.5"}, task_runner=loader)
+    else:
+        sandbox = make_sandbox({MARGIN_ENV: "1.5", FORK_ENV: "false"}, workload_command=supervised_command)
+    files = {name: tmp_path / name for name in ("record", "on_kill", "reported")}
+    event = make_event(results_queue, {name: str(path) for name, path in files.items()})
+
+    answer = handle(sealed(event), FakeContext(3.0), sandbox)
+
+    assert answer["status"] == "timeout"
+    finished = until_finished(moto_server, results_queue)[-1]
+    assert finished.outcome is Outcome.TIMEOUT
+    # on_kill ran to its end: its log line to the supervisor did not fail, though nobody read it.
+    assert files["on_kill"].read_text() == "on_kill ran"
+    # The supervisor reported no state: the task stays RUNNING for the router's conditional reset.
+    assert not files["reported"].exists()
+    pids = json.loads(files["record"].read_text())
+    assert wait_gone(pids["pid"]) and wait_gone(pids["task"])
 
 
 def test_deadline_during_the_first_import_reports_timeout_and_starts_nothing(

@@ -1,15 +1,23 @@
 """The router with a real Lambda child (local Lambda service, moto's SQS): a Lambda timeout falls back to Local.
 
-The scenario is the fallback-latency benchmark's (``benchmarks/fallback_latency.py``), run small.
+The first scenario is the fallback-latency benchmark's (``benchmarks/fallback_latency.py``), run small; the
+second stops a BashOperator at the deadline of a short function and checks its on_kill ran and the same try
+then ran on the fallback.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
+from devtools.lambda_settings import local_lambda_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +35,9 @@ def load_benchmark():
 def test_a_lambda_timeout_runs_the_same_try_on_the_local_fallback(tmp_path):
     benchmark = load_benchmark()
     # Room for all four at once on Lambda, so none overflows to local before its Lambda run, and a timeout long
-    # enough for four cold sandboxes to start Airflow's task runner on a loaded 2-core machine.
+    # enough for four cold sandboxes to start Airflow's task runner on a loaded 2-core machine (4-9 s) and run a
+    # quick task (1-2 s). The stack has built its execution API before the run starts (AirflowStack.start):
+    # built by the tasks' first /run calls, it took another 3.5-9 s, and the quick tasks hit the deadline.
     with benchmark.run_scenario(tmp_path, slow=2, quick=2, function_timeout_s=15, concurrency=4) as scenario:
         assert scenario.state == "success", scenario.stack.log_dir
         tis = scenario.task_instances()
@@ -51,3 +61,169 @@ def test_a_lambda_timeout_runs_the_same_try_on_the_local_fallback(tmp_path):
         assert min(latencies.values()) > 0, latencies
         # Generous for a loaded 2-core machine; the benchmark reports the real figures.
         assert max(latencies.values()) < 10, latencies
+
+
+ON_KILL_SECRET = "on-kill-e2e-secret"
+# A short function: a warm sandbox starts the BashOperator's command within about a second even on a loaded
+# 2-core machine, and the handler stops it 2 s before the deadline, i.e. 3 s into the run. The 2 s margin gives
+# on_kill a 1 s grace (half the margin, at most 1 s).
+ON_KILL_FUNCTION_TIMEOUT_S = 5
+ON_KILL_MARGIN_S = 2
+
+ON_KILL_DAGS = """
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import dag, task
+
+MARKS = {marks!r}
+# In Lambda the command outlives the function; BashOperator's on_kill sends SIGTERM to its process group, which
+# the trap records (a SIGKILL, the handler's last resort, cannot be trapped). On the fallback it just succeeds.
+COMMAND = (
+    'if [ -n "$AWS_LAMBDA_FUNCTION_NAME" ]; then '
+    + "trap 'echo on_kill try={{{{ ti.try_number }}}} >> " + MARKS + "/on_kill' TERM; "
+    + "echo start >> " + MARKS + "/started; "
+    + "echo start && sleep 30; "
+    + 'else echo "ran on the fallback"; fi'
+)
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
+def lambda_warm_up():
+    @task
+    def warm_up():
+        return "warm"
+
+    warm_up()
+
+
+# A retry (1 s later) would show as try 2: the fallback must run try 1 again instead.
+@dag(
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1),
+    catchup=False,
+    default_args={{"retries": 1, "retry_delay": timedelta(seconds=1)}},
+)
+def lambda_on_kill():
+    BashOperator(task_id="bash_on_kill", bash_command=COMMAND)
+
+
+lambda_warm_up()
+lambda_on_kill()
+"""
+
+ON_KILL_POLICY = """
+version: 1
+executors:
+  lambda:
+    class: hybrid_router.lambda_exec.LambdaExecutor
+    max_concurrency: 1
+    limits: {max_duration: 15m, max_memory_mb: 10240}
+  local: {class: LocalExecutor, max_concurrency: 2}
+defaults: {expected_duration: 1m, memory_mb: 512, run_on: local}
+settings: {fallback_mode: same_try, max_fallbacks: 1}
+rules:
+  - name: lambda first
+    run_on: lambda
+    fallback: [local]
+"""
+
+
+@pytest.fixture
+def on_kill_stack(tmp_path: Path) -> Iterator[tuple[AirflowStack, Path, Path]]:
+    """Airflow with the router; one Lambda function (one sandbox: reserved concurrency 1) and Local as fallback."""
+    from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+
+    dags, marks, lambda_logs = tmp_path / "dags", tmp_path / "marks", tmp_path / "lambda-logs"
+    dags.mkdir()
+    marks.mkdir()
+    (dags / "lambda_on_kill.py").write_text(textwrap.dedent(ON_KILL_DAGS.format(marks=str(marks))))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(textwrap.dedent(ON_KILL_POLICY))
+    lambda_port = free_port()
+    with MotoServer(log_dir=tmp_path) as moto:
+        results, dlq = moto.create_queue("results"), moto.create_queue("dlq")
+        stack = AirflowStack(
+            home=tmp_path / "airflow",
+            dags_folder=dags,
+            executor="hybrid_router.router.RoutingExecutor",
+            config={
+                "hybrid_router": {"policy_file": policy},
+                "lambda_executor": local_lambda_settings(
+                    function_name="airflow-task",
+                    results_queue_url=results,
+                    dead_letter_queue_url=dlq,
+                    signing_secret=ON_KILL_SECRET,
+                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
+                    sqs_endpoint_url=moto.url,
+                    local_log_dir=lambda_logs,
+                ),
+            },
+        )
+        function = FunctionConfig(
+            name="airflow-task",
+            memory_mb=512,
+            timeout_s=ON_KILL_FUNCTION_TIMEOUT_S,
+            reserved_concurrency=1,
+            dead_letter_queue_url=dlq,
+            maximum_retry_attempts=0,
+            environment={
+                "HYBRID_ROUTER_SIGNING_SECRET": ON_KILL_SECRET,
+                "HYBRID_ROUTER_DEADLINE_MARGIN_S": str(ON_KILL_MARGIN_S),
+            },
+        )
+        service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
+        with LocalLambdaService(
+            functions=[function],
+            env=service_env,
+            sqs_endpoint_url=moto.url,
+            port=lambda_port,
+            log_dir=lambda_logs,
+        ):
+            with stack:
+                yield stack, marks, lambda_logs
+
+
+def airflow_imported_in_the_sandbox(lambda_logs: Path) -> bool:
+    return any(
+        "Imported Airflow's task runner" in log.read_text(errors="replace")
+        for log in lambda_logs.glob("airflow-task/*.log")
+    )
+
+
+def test_a_task_stopped_at_the_deadline_runs_on_kill_and_then_the_same_try_on_the_fallback(on_kill_stack):
+    stack, marks, lambda_logs = on_kill_stack
+    # The sandbox's first run imports Airflow's task runner, which takes longer than this function's timeout
+    # on a loaded machine: that run falls back (or not), and the import goes on in the sandbox. The task under
+    # test must meet a warm sandbox, or the deadline would come before its command started.
+    warm_up = stack.trigger("lambda_warm_up")
+    assert stack.wait_run("lambda_warm_up", warm_up, timeout=180) == "success", stack.log_dir
+    wait_until(lambda: airflow_imported_in_the_sandbox(lambda_logs), 120, "Airflow imported in the sandbox")
+
+    run_id = stack.trigger("lambda_on_kill")
+    assert stack.wait_run("lambda_on_kill", run_id, timeout=180) == "success", stack.log_dir
+
+    (ti,) = stack.task_instances("lambda_on_kill", run_id)
+    assert (ti["state"], ti["try_number"]) == ("success", 1)  # the same try, no retry spent
+    history = stack.sql("SELECT try_number, state FROM task_instance_history WHERE dag_id = 'lambda_on_kill'")
+    assert history == []
+    # The command started in Lambda, and BashOperator's on_kill signalled it when the handler stopped the run.
+    assert (marks / "started").read_text().split() == ["start"]
+    assert (marks / "on_kill").read_text().split() == ["on_kill", "try=1"]
+    # The stopped run reported no state: the router reset the try and ran it on the fallback.
+    external_ids = dict(
+        stack.sql("SELECT task_id, external_executor_id FROM task_instance WHERE dag_id = 'lambda_on_kill'")
+    )
+    assert external_ids == {"bash_on_kill": "local@1"}
+    fallbacks = [
+        json.loads(extra)
+        for event, extra in stack.sql(
+            "SELECT event, extra FROM log WHERE dag_id = 'lambda_on_kill' AND event = 'hybrid_router.fallback'"
+        )
+    ]
+    assert [(f["reason"], f["failed_on"], f["executor"]) for f in fallbacks] == [
+        ("timeout", "lambda", "local")
+    ]
+    log = stack.task_log("lambda_on_kill", run_id, "bash_on_kill")
+    assert "ran on the fallback" in log

@@ -1,0 +1,132 @@
+"""The handler's STARTED report: held back for a grace, sent with retries, and the run stopped if it cannot be.
+
+The executor takes "no STARTED" as "not running": an accepted event whose run never reported is declared dead
+at its ``not_after`` plus a grace, and its try goes to another executor. So a run that cannot report STARTED must
+not go on: it keeps trying (with back-off, on top of botocore's own retries) until ``confirm_by``, then the
+handler stops it as it does at the deadline and reports ``Outcome.UNREPORTED``.
+
+Standard library only: the handler imports this module on every cold start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.protocol import Phase
+
+log = logging.getLogger(__name__)
+# Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
+log.setLevel(logging.INFO)
+
+# How long after the grace a run may go on while its STARTED cannot be sent (each try already holds botocore's
+# own retries). Never past the event's not_after: the executor may give the try to another executor soon after.
+CONFIRM_WINDOW_S = 30.0
+FIRST_RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 5.0
+
+
+class Reporter(Protocol):
+    """What the notice needs of ``handler.ResultReporter``: a send that raises when it fails."""
+
+    def send(self, phase: Phase, *, started_at: float) -> Any: ...
+
+
+class StartedNotice:
+    """Reports STARTED once the run has lasted ``grace_s``, so that a short run sends FINISHED alone.
+
+    Each result is one SQS message the executor must receive and delete; FINISHED carries ``started_at``, so
+    for a run shorter than the grace STARTED says nothing the executor cannot learn from FINISHED (and a run
+    that ended within the grace had nothing left to stop). A longer run reports STARTED ``grace_s`` late; a
+    failed send is tried again with back-off until ``confirm_by`` (wall-clock; by default ``CONFIRM_WINDOW_S``
+    after the grace, never after ``not_after``). After that, or once a send is refused for good (a missing
+    queue, a denied permission), ``unconfirmed()`` is true and the handler stops the run.
+
+    With ``grace_s == 0`` STARTED is sent at once, with the same retries, before the workload starts; if it
+    cannot be sent, ``arm`` raises and nothing runs.
+    """
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        started_at: float,
+        grace_s: float,
+        *,
+        not_after: float | None = None,
+        confirm_window_s: float | None = None,
+    ):
+        self._reporter = reporter
+        self._started_at = started_at
+        self._grace_s = grace_s
+        self._due_at = started_at + grace_s
+        confirm_by = self._due_at + (CONFIRM_WINDOW_S if confirm_window_s is None else confirm_window_s)
+        self.confirm_by = confirm_by if not_after is None else min(confirm_by, not_after)
+        self._cancelled = threading.Event()
+        self._gave_up = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sent = False
+
+    def arm(self) -> None:
+        if self._grace_s <= 0:
+            error = self._send_until_confirmed()
+            if error is not None:
+                raise error
+            return
+        self._thread = threading.Thread(target=self._send_after_grace, name="started-notice", daemon=True)
+        self._thread.start()
+
+    def unconfirmed(self) -> bool:
+        """True once the run must be stopped: STARTED is due and could not be sent in time, or ever."""
+        if self.sent or time.time() < self._due_at:
+            return False
+        return self._gave_up.is_set() or time.time() >= self.confirm_by
+
+    def settle(self) -> None:
+        """The run is over: STARTED is no longer sent, or, if it is being sent, has been sent on return."""
+        self._cancelled.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _send_after_grace(self) -> None:
+        if not self._cancelled.wait(self._grace_s):
+            self._send_until_confirmed()
+
+    def _send_until_confirmed(self) -> Exception | None:
+        """Send STARTED, trying again until ``confirm_by``; the last error if it could not be sent."""
+        delay = FIRST_RETRY_DELAY_S
+        while True:
+            try:
+                self._reporter.send(Phase.STARTED, started_at=self._started_at)  # logs its own failures
+            except Exception as exc:
+                error = exc
+            else:
+                self.sent = True
+                return None
+            wait = min(delay, self.confirm_by - time.time())
+            if not _worth_retrying(error) or wait <= 0:
+                break
+            if self._cancelled.wait(wait):
+                return None  # the run ended meanwhile: FINISHED says all there is to say
+            delay = min(delay * 2, MAX_RETRY_DELAY_S)
+        log.error(
+            "Could not send STARTED %.1fs after the invocation began (%s): the task is stopped or not started, "
+            "as no executor would know that it runs",
+            time.time() - self._started_at,
+            protocol.scrub(str(error), 300),
+        )
+        self._gave_up.set()
+        return error
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """False for an answer that will not change (a missing queue, a denied permission): no use trying again."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return True  # no answer at all: a connection or a read that failed
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = str(response.get("Error", {}).get("Code", ""))
+    refused = isinstance(status, int) and 400 <= status < 500 and status != 429
+    return not refused or "Throttl" in code
