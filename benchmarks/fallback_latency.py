@@ -180,7 +180,6 @@ def run_scenario(
             reserved_concurrency=concurrency,
             dead_letter_queue_url=dlq,
             maximum_retry_attempts=0,
-            environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
         )
         service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
         with LocalLambdaService(

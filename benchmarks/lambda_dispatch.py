@@ -164,9 +164,9 @@ class InstantLambda:
             task_key = json.loads(payload)["task_key"]
             self._outbox.put((url, json.dumps({"task_key": task_key, "return_code": 0})))
             return
-        event = protocol.open_event(payload, SECRET.encode())
+        event = protocol.read_event(payload)
         outbox = self._outbox
-        secret = SECRET.encode()
+        key = event.result_signing_key()
 
         class Reporter:
             """The handler's ``ResultReporter``, writing to the outbox instead of SQS."""
@@ -180,7 +180,7 @@ class InstantLambda:
                     started_at=started_at,
                     **fields,
                 )
-                outbox.put((url, protocol.seal_result(result, secret)))
+                outbox.put((url, protocol.seal_result(result, key)))
 
         # The real handler's message pattern for a run of no length: its STARTED grace decides.
         reporter = Reporter()
@@ -463,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
                 name="bench-hybrid",
                 handler="lambda_noop_handlers.hybrid_noop",
                 dead_letter_queue_url=queues["ours-dlq"],
-                environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
                 **common,
             ),
             FunctionConfig(

@@ -17,9 +17,9 @@ def hybrid_noop(event: Any, context: Any) -> dict[str, Any]:
     from hybrid_router.lambda_exec import handler, protocol
     from hybrid_router.lambda_exec.protocol import Outcome, Phase
 
-    sandbox = handler.this_sandbox()  # the secret, the settings and the SQS client, kept between invocations
-    invoke = protocol.open_event(event, sandbox.secret)
-    reporter = handler.ResultReporter(invoke, context, sandbox.secret, sandbox.sqs_client)
+    sandbox = handler.this_sandbox()  # the settings and the SQS client, kept between invocations
+    invoke = protocol.read_event(event)
+    reporter = handler.ResultReporter(invoke, context, invoke.result_signing_key(), sandbox.sqs_client)
     started = time.time()
     notice = handler.StartedNotice(reporter, started, sandbox.settings.started_grace_s)
     notice.arm()

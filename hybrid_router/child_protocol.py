@@ -17,7 +17,9 @@ class InfrastructureFailure:
     """A run that died for reasons outside the task's own code.
 
     ``reason`` is one of the infrastructure values of ``hybrid_router.lambda_exec.protocol.Outcome``
-    (``timeout``, ``out_of_memory``, ``runtime_crash``, ``dead_lettered``, ``throttled``, ``event_expired``).
+    (``timeout``, ``out_of_memory``, ``runtime_crash``, ``dead_lettered``, ``throttled``, ``event_expired``,
+    ``unreported``), or
+    ``credentials`` / ``invoke_rejected`` for an invoke Lambda refused (the run never started).
     A child reports one only once the failed run can no longer act on the task (it is fenced): the router may
     then hand the same try to another executor.
     """

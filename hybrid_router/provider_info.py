@@ -119,9 +119,11 @@ LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {
         "http://127.0.0.1:9002",
     ),
     "signing_secret": _option(
-        "Shared secret for the HMAC signature on invoke events and result messages. Messages with a wrong "
-        "signature change no task's state. Set it through AIRFLOW__LAMBDA_EXECUTOR__SIGNING_SECRET, its "
-        "_CMD or _SECRET variant, or a secrets backend; the function needs the same value.\n",
+        "The executor's secret for the HMAC signatures on invoke events and result messages: each event "
+        "carries a key derived from it that signs that dispatch's results only, so the function never holds "
+        "it. Messages with a wrong signature change no task's state; surrounding whitespace is not part of "
+        "the secret. Set it through AIRFLOW__LAMBDA_EXECUTOR__SIGNING_SECRET, its _CMD or _SECRET variant, "
+        "or a secrets backend.\n",
         "string",
         None,
         "",
@@ -153,7 +155,10 @@ LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {
         "1",
     ),
     "throttle_backoff_max": _option(
-        "Upper bound in seconds of the jittered back-off after Lambda throttles invocations.\n",
+        "Upper bound in seconds of the jittered back-off while Lambda throttles invocations or refuses the "
+        "credentials (expired, missing or invalid, or no permission to invoke). Past it, a task Lambda never "
+        "accepted is an infrastructure failure (throttled or credentials): the router runs the same try "
+        "elsewhere.\n",
         "float",
         "60",
     ),

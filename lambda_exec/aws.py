@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lambda answers these for a request that can never succeed as sent; the task fails at once.
+# Refused before Lambda looked at the request (missing, expired or invalid credentials, no permission): the event
+# was certainly not accepted, and refreshed credentials (or a propagated IAM change) may succeed.
 _CREDENTIAL_ERRORS = frozenset(
     {
         "ExpiredToken",
@@ -126,9 +127,13 @@ def _region(config: LambdaExecutorConfig) -> dict[str, str]:
 
 
 class AwsErrorKind(str, Enum):
-    THROTTLED = "throttled"  # 429: try again later, report no free capacity meanwhile
-    RETRYABLE = "retryable"  # 5xx or a network failure: try again later
-    REJECTED = "rejected"  # any other 4xx, missing credentials: retrying the same request cannot help
+    """What a failed call tells: whether AWS certainly refused it, and whether trying again can help."""
+
+    THROTTLED = "throttled"  # 429: certainly refused; try again later, report no free capacity meanwhile
+    CREDENTIALS = "credentials"  # certainly refused for the credentials; they may refresh: as THROTTLED
+    RETRYABLE = "retryable"  # 5xx or a network failure: try again later; the request may have been accepted
+    REJECTED = "rejected"  # any other 4xx: certainly refused, and sending it again is not expected to help
+    UNEXPECTED = "unexpected"  # not an AWS answer (a bug?): the request may have been sent; not retried
 
 
 @dataclass(frozen=True)
@@ -157,16 +162,20 @@ def classify_error(exc: BaseException) -> AwsError:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        CredentialRetrievalError,
         NoCredentialsError,
         PartialCredentialsError,
+        SSOError,
+        TokenRetrievalError,
     )
     from botocore.exceptions import (
         ConnectionError as BotoConnectionError,
     )
 
-    # First: NoCredentialsError is no ClientError and has no ``.response`` to read.
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return AwsError(AwsErrorKind.REJECTED, type(exc).__name__, f"AWS credentials: {exc}")
+    # First: these are no ClientError (no ``.response`` to read), and boto raises them before sending anything.
+    no_credentials = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, SSOError)
+    if isinstance(exc, (*no_credentials, TokenRetrievalError)):
+        return AwsError(AwsErrorKind.CREDENTIALS, type(exc).__name__, f"AWS credentials: {exc}")
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {}) or {}
         code = str(error.get("Code", "Unknown"))
@@ -177,11 +186,11 @@ def classify_error(exc: BaseException) -> AwsError:
         if status >= 500 or code in _RETRYABLE_ERRORS:
             return AwsError(AwsErrorKind.RETRYABLE, code, message)
         if code in _CREDENTIAL_ERRORS:
-            return AwsError(AwsErrorKind.REJECTED, code, f"AWS credentials or permissions: {message}")
+            return AwsError(AwsErrorKind.CREDENTIALS, code, f"AWS credentials or permissions: {message}")
         return AwsError(AwsErrorKind.REJECTED, code, message)
     if isinstance(exc, (BotoConnectionError, BotoCoreError, OSError)):
         return AwsError(AwsErrorKind.RETRYABLE, type(exc).__name__, str(exc))
-    return AwsError(AwsErrorKind.REJECTED, type(exc).__name__, str(exc))
+    return AwsError(AwsErrorKind.UNEXPECTED, type(exc).__name__, str(exc))
 
 
 def _call(operation: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:

@@ -59,6 +59,16 @@ PRESEALED_MAX_AGE_S = 1.0
 WATCHDOG_GRACE_S = 15.0
 # Infrastructure failures nobody popped (no router) are dropped after this long.
 INFRA_FAILURE_TTL_S = 3600.0
+# Reasons of the infrastructure failures of an invoke Lambda certainly refused (beside ``Outcome.THROTTLED``):
+# the try never started, so another executor may run it. Not run outcomes: the handler never reports them.
+REASON_CREDENTIALS = "credentials"
+REASON_INVOKE_REJECTED = "invoke_rejected"
+# An invoke answer that is tried again after a back-off: its metric, and the word for it in the log.
+_RETRIED_ANSWERS = {
+    AwsErrorKind.THROTTLED: ("throttled", "throttled"),
+    AwsErrorKind.CREDENTIALS: ("invoke_credentials_refused", "refused for its credentials"),
+    AwsErrorKind.RETRYABLE: ("invoke_error", "failed"),
+}
 
 
 class LambdaHealthError(RuntimeError):
@@ -96,11 +106,13 @@ class LambdaExecutor(BaseExecutor):
         self._clock = clock
         self._config: LambdaExecutorConfig | None = None
         self._clients: AwsClients | None = clients
+        self._own_clients = clients is None
         self._pool: ThreadPoolExecutor | None = None
         self._dispatches = DispatchBook(clock)
         self._inbox = Inbox(self._dispatches, clock=clock, stats_incr=self._stats_incr)
         self._infra_failures: dict[TaskInstanceKey, tuple[InfrastructureFailure, float]] = {}
-        self._throttled_until = 0.0
+        # No invokes and no free capacity until then: Lambda throttles this executor or refuses its credentials.
+        self._paused_until = 0.0
         self._concurrency_limit: int | None = None
         self._function_timeout_s = LAMBDA_MAX_TIMEOUT_S
         self._run_logs = RunLogReader(lambda: self.config)
@@ -145,7 +157,11 @@ class LambdaExecutor(BaseExecutor):
                 "No dead_letter_queue_url: runs that Lambda kills (out of memory, crash) are only noticed by the "
                 "watchdog after the function's timeout. Configure the function's DLQ and this option."
             )
-        if self._clients is None:
+        if self._own_clients:
+            # Every start resolves the credentials again: a client keeps those it found when it was made (none
+            # after a start that failed for want of them, and the router retries start()).
+            for client in self._clients.all if self._clients else ():
+                client.close()
             self._clients = make_clients(config)
         if config.check_health_on_startup:
             self.check_health()
@@ -337,8 +353,8 @@ class LambdaExecutor(BaseExecutor):
     # -- child-executor interface (hybrid_router.child_protocol) -----------------------------------------------
 
     def free_capacity(self) -> int:
-        """How many more tasks this executor can start now: 0 while Lambda is throttling it."""
-        if self._clock() < self._throttled_until:
+        """How many more tasks this executor can start now: 0 while Lambda throttles it or refuses its credentials."""
+        if self._clock() < self._paused_until:
             return 0
         limit = min(self._concurrency_limit or self.parallelism, self.parallelism)
         return max(0, limit - len(self._dispatches) - len(self.queued_tasks))
@@ -378,7 +394,7 @@ class LambdaExecutor(BaseExecutor):
     # -- invoking ----------------------------------------------------------------------------------------------
 
     def _submit_due(self, now: float) -> None:
-        if now < self._throttled_until or self._pool is None or self._clients is None:
+        if now < self._paused_until or self._pool is None or self._clients is None:
             return
         limit = self._concurrency_limit or self.parallelism
         in_flight = sum(1 for d in self._dispatches.values() if d.state in IN_FLIGHT)
@@ -435,20 +451,33 @@ class LambdaExecutor(BaseExecutor):
 
     def _invoke_refused(self, dispatch: Dispatch, error: AwsError, now: float) -> None:
         key = dispatch.key
-        if error.kind is AwsErrorKind.REJECTED:
-            reason = f"Lambda refused the invocation: {error.code}: {protocol.scrub(error.message, 500)}"
-            self.log.error("Task %s failed: %s", key, reason)
+        answer = f"{error.code}: {protocol.scrub(error.message, 300)}"
+        rejected = error.kind is AwsErrorKind.REJECTED
+        if rejected and not dispatch.maybe_accepted:
+            # A 4xx: Lambda did not take the event and would refuse it again; nothing ran.
             self._stats_incr("invoke_rejected")
-            self.log_task_event(event="lambda invoke rejected", extra=reason, ti_key=key)
+            self._infrastructure_failure(
+                dispatch, REASON_INVOKE_REJECTED, f"Lambda refused the invocation: {answer}"
+            )
+            return
+        if rejected or error.kind is AwsErrorKind.UNEXPECTED:
+            # Not retried. An exception that is no AWS answer may follow a sent request, and an earlier 5xx or lost
+            # answer may hide an accepted event: the same try must not run elsewhere, so it fails.
+            reason = f"the invocation failed: {answer}"
+            self.log.error("Task %s failed: %s", key, reason)
+            self._stats_incr("invoke_rejected" if rejected else "invoke_error")
+            self.log_task_event(event="lambda invoke failed", extra=reason, ti_key=key)
             self._finish(dispatch, TaskInstanceState.FAILED, reason)
             return
-        throttled = error.kind is AwsErrorKind.THROTTLED
-        self._stats_incr("throttled" if throttled else "invoke_error")
+        metric, verb = _RETRIED_ANSWERS[error.kind]
+        self._stats_incr(metric)
         if dispatch.first_refused_at is None:
             dispatch.first_refused_at = now
-        # A 429 means Lambda did not take the event; a 5xx or a lost answer may hide an accepted one.
-        dispatch.maybe_accepted |= not throttled
-        dispatch.last_refusal = f"{error.code}: {protocol.scrub(error.message, 300)}"
+        # A 429 or a credentials refusal means Lambda did not take the event; a 5xx or a lost answer may hide an
+        # accepted one.
+        refused = error.kind is not AwsErrorKind.RETRYABLE
+        dispatch.maybe_accepted |= not refused
+        dispatch.last_refusal = answer
         waited = now - dispatch.first_refused_at
         if waited >= self.config.throttle_backoff_max:
             detail = f"Lambda refused the invocation for {waited:.0f}s; last answer {dispatch.last_refusal}"
@@ -459,21 +488,19 @@ class LambdaExecutor(BaseExecutor):
                 self.log_task_event(event="lambda invoke failed", extra=detail, ti_key=key)
                 self._finish(dispatch, TaskInstanceState.FAILED, detail)
             else:
-                # Only 429s: the task never started, so another executor can run the same try.
-                self._infrastructure_failure(dispatch, Outcome.THROTTLED, detail)
+                # Only certain refusals: the task never started, so another executor can run the same try.
+                credentials = error.kind is AwsErrorKind.CREDENTIALS
+                self._infrastructure_failure(
+                    dispatch, REASON_CREDENTIALS if credentials else Outcome.THROTTLED, detail
+                )
             return
         delay = backoff_delay(dispatch.attempts, self.config.throttle_backoff_max)
         dispatch.state = DispatchState.PENDING
         dispatch.next_attempt_at = now + delay
-        if throttled:
-            self._throttled_until = max(self._throttled_until, now + delay)
-        self.log.info(
-            "Invoke of %s %s (%s); retrying in %.1fs",
-            key,
-            "throttled" if throttled else "failed",
-            dispatch.last_refusal,
-            delay,
-        )
+        if refused:
+            self._paused_until = max(self._paused_until, now + delay)
+        log = self.log.warning if error.kind is AwsErrorKind.CREDENTIALS else self.log.info
+        log("Invoke of %s %s (%s); retrying in %.1fs", key, verb, dispatch.last_refusal, delay)
 
     # -- results -----------------------------------------------------------------------------------------------
 
@@ -520,17 +547,18 @@ class LambdaExecutor(BaseExecutor):
             lambda_external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
         )
 
-    def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome, detail: str) -> None:
+    def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome | str, detail: str) -> None:
         key = dispatch.key
+        reason = outcome.value if isinstance(outcome, Outcome) else outcome
         detail = protocol.scrub(detail, 500)
         failure = InfrastructureFailure(
-            reason=outcome.value, detail=detail, executor=f"lambda:{self.config.function_name}"
+            reason=reason, detail=detail, executor=f"lambda:{self.config.function_name}"
         )
         self._infra_failures[key] = (failure, self._clock())
-        info = f"lambda infrastructure failure: {outcome.value}: {detail}"
+        info = f"lambda infrastructure failure: {reason}: {detail}"
         self.log.warning("Task %s: %s (request %s)", key, info, dispatch.request_id or "?")
-        self._stats_incr(f"infra_failure.{outcome.value}")
-        self.log_task_event(event=f"lambda {outcome.value}", extra=info, ti_key=key)
+        self._stats_incr(f"infra_failure.{reason}")
+        self.log_task_event(event=f"lambda {reason}", extra=info, ti_key=key)
         self._finish(dispatch, TaskInstanceState.FAILED, info)
 
     def _finish(self, dispatch: Dispatch, state: TaskInstanceState, info: str | None) -> None:

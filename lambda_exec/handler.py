@@ -6,25 +6,31 @@ imported on first use, when a result must be sent; Airflow's task runner when a 
 
 What one invocation does:
 
-1. open the signed event; a malformed or forged event is logged (scrubbed) and nothing runs;
+1. read the event; a malformed one, or one of another protocol version, is logged (scrubbed) and nothing runs.
+   The function holds no key to check the event's signature: IAM decides who may invoke it, and a forged event
+   can run only a workload whose execution-API token its sender already holds;
 2. an event delivered after its ``not_after`` (late or duplicated delivery) reports ``EVENT_EXPIRED`` and does
    not run, so a task that moved to another executor is never taken back by an old event;
 3. run the workload as Airflow's LocalExecutor workers do: in a child forked from this process, in its own
    process group, its output streamed to the function's log (``task_runner``);
 4. watch the invocation's own deadline: shortly before Lambda would kill the sandbox, stop the child's whole
-   process tree and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ
+   process tree (its supervisor frozen first, so the task stays resettable; the operator's on_kill still
+   runs) and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ
    (``process_tree``);
 5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED``, the return code and the start time.
 
 ``STARTED`` is reported only once the run has lasted ``HYBRID_ROUTER_STARTED_GRACE_S`` (see
-``StartedNotice``): most short tasks then cost one SQS message instead of two, and the executor takes a
-FINISHED with no STARTED before it as both.
+``started_notice``): most short tasks then cost one SQS message instead of two, and the executor takes a
+FINISHED with no STARTED before it as both. A run whose STARTED cannot be sent (retried for a while) is
+stopped as at the deadline and reports ``UNREPORTED``: no run goes on that no executor knows of.
 
 A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
 the event reaches the DLQ: the executor then learns about the run from there.
 
+Results are signed with the key the event carries for its own dispatch; it can sign no other dispatch's.
+
 Environment:
-- ``HYBRID_ROUTER_SIGNING_SECRET`` (required): the HMAC secret shared with the executor.
+- ``HYBRID_ROUTER_SIGNING_SECRET`` is no longer used; if set it is ignored and withheld from tasks.
 - ``HYBRID_ROUTER_DEADLINE_MARGIN_S`` (optional): seconds before the hard deadline at which the workload is
   stopped; default ``min(5, 10% of the time remaining when the invocation starts)``.
 - ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new
@@ -42,12 +48,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage
+from hybrid_router.lambda_exec.started_notice import StartedNotice
 from hybrid_router.lambda_exec.task_runner import (
     TaskRunnerLoader,
     WorkloadRun,
@@ -59,6 +66,7 @@ log = logging.getLogger(__name__)
 # Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
 log.setLevel(logging.INFO)
 
+# The executor's secret, which older releases set on the function: never read, and removed from the environment.
 SECRET_ENV = "HYBRID_ROUTER_SIGNING_SECRET"
 MARGIN_ENV = "HYBRID_ROUTER_DEADLINE_MARGIN_S"
 FORK_ENV = "HYBRID_ROUTER_FORK_WORKLOADS"
@@ -94,15 +102,14 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
 def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, Any]:
     """One invocation in ``sandbox``: what ``handler`` does with this process's own sandbox."""
     started_at = time.time()
-    secret = sandbox.secret
     try:
-        invoke = protocol.open_event(event, secret)
+        invoke = protocol.read_event(event)
     except protocol.MessageError as exc:
-        # The event may hold a token: log only the (token-free) reason, never the event.
+        # The event may hold a token and a key: log only the (token-free) reason, never the event.
         log.error("Rejected an invocation event: %s", protocol.scrub(str(exc)))
         return {"status": "rejected", "reason": protocol.scrub(str(exc))}
 
-    reporter = ResultReporter(invoke, context, secret, sandbox.sqs_client)
+    reporter = ResultReporter(invoke, context, invoke.result_signing_key(), sandbox.sqs_client)
     if time.time() > invoke.not_after:
         log.warning(
             "Event %s for %s arrived after its deadline; not running it",
@@ -120,17 +127,23 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     # Settings are checked before anything runs: a misconfigured function fails the invocation, not the task.
     settings = sandbox.settings
     margin_s = settings.margin_for(context.get_remaining_time_in_millis() / 1000.0)
-    notice = StartedNotice(reporter, started_at, settings.started_grace_s)
+    notice = StartedNotice(reporter, started_at, settings.started_grace_s, not_after=invoke.not_after)
     notice.arm()
     log.info("Running %s (dispatch %s)", _task_label(invoke), invoke.dispatch_id)
 
-    def deadline_near() -> bool:
-        return context.get_remaining_time_in_millis() / 1000.0 <= margin_s
+    stopped_for: list[Outcome] = []  # why the handler stopped the run, once it has
+
+    def must_stop() -> bool:
+        if not stopped_for and context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
+            stopped_for.append(Outcome.TIMEOUT)
+        elif not stopped_for and notice.unconfirmed():
+            stopped_for.append(Outcome.UNREPORTED)
+        return bool(stopped_for)
 
     try:
         run = run_workload(
             invoke.workload,
-            deadline_near=deadline_near,
+            deadline_near=must_stop,
             margin_s=margin_s,
             fork=settings.fork,
             task_runner=sandbox.task_runner,
@@ -139,7 +152,7 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     finally:
         # FINISHED never overtakes a STARTED that is being sent; a run that ended within the grace sends none.
         notice.settle()
-    outcome, detail = _outcome_of(run)
+    outcome, detail = _outcome_of(run, stopped_for[0] if stopped_for else Outcome.TIMEOUT)
     log.info("Finished %s: %s %s", _task_label(invoke), outcome.value, detail)
     reporter.send(
         Phase.FINISHED, outcome=outcome, started_at=started_at, return_code=run.return_code, detail=detail
@@ -147,18 +160,16 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     return {"status": outcome.value, "return_code": run.return_code}
 
 
-def _outcome_of(run: WorkloadRun) -> tuple[Outcome, str]:
-    if run.timed_out:
-        stopped = (
-            f"stopped by the handler {run.margin_s:.1f}s before the Lambda deadline "
-            f"after {run.duration_s:.1f}s"
-        )
+def _outcome_of(run: WorkloadRun, stopped_for: Outcome) -> tuple[Outcome, str]:
+    if run.stopped:
+        if stopped_for is Outcome.UNREPORTED:
+            when = "as its STARTED could not be sent"
+        else:
+            when = f"{run.margin_s:.1f}s before the Lambda deadline"
+        stopped = f"stopped by the handler {when} after {run.duration_s:.1f}s"
         if not run.started:
-            return (
-                Outcome.TIMEOUT,
-                f"{stopped}, still importing Airflow's task runner: the task did not start",
-            )
-        return Outcome.TIMEOUT, f"{stopped} (return code {run.return_code})"
+            return stopped_for, f"{stopped}, still importing Airflow's task runner: the task did not start"
+        return stopped_for, f"{stopped} (return code {run.return_code})"
     if run.return_code == 0:
         return Outcome.SUCCESS, ""
     return Outcome.FAILED, f"workload exited with return code {run.return_code}"
@@ -192,11 +203,12 @@ class Sandbox:
             # A read-only HOME is the deployment's problem, not a reason to fail every invocation.
             with contextlib.suppress(OSError):
                 os.makedirs(home, exist_ok=True)
-
-    @functools.cached_property
-    def secret(self) -> bytes:
-        """The HMAC secret shared with the executor; checked before the event is opened."""
-        return _signing_secret(self.environ)
+        if SECRET_ENV in self.environ:
+            # Tasks inherit this environment; the function needs no secret. Removing it is not protection (the
+            # sandbox's initial environment stays readable): the deployment must not set it.
+            log.warning("%s is set on the function but not used: remove it from its settings", SECRET_ENV)
+            if isinstance(self.environ, MutableMapping):
+                del self.environ[SECRET_ENV]
 
     @functools.cached_property
     def settings(self) -> RunSettings:
@@ -248,13 +260,6 @@ class RunSettings:
         return self.deadline_margin_s
 
 
-def _signing_secret(environ: Mapping[str, str]) -> bytes:
-    secret = environ.get(SECRET_ENV, "")
-    if not secret:
-        raise HandlerConfigError(f"{SECRET_ENV} is not set on the function: the handler cannot check events")
-    return secret.encode("utf-8")
-
-
 def _configured_margin_s(environ: Mapping[str, str]) -> float | None:
     """``HYBRID_ROUTER_DEADLINE_MARGIN_S``, or None when it is not set."""
     raw = environ.get(MARGIN_ENV, "").strip()
@@ -299,60 +304,15 @@ def started_grace_s(environ: Mapping[str, str] | None = None) -> float:
     return value
 
 
-class StartedNotice:
-    """Reports STARTED once the run has lasted ``grace_s``, so that a short run sends FINISHED alone.
-
-    Each result is one SQS message the executor must receive and delete; FINISHED carries ``started_at``, so
-    for a run shorter than the grace STARTED says nothing the executor cannot learn from FINISHED. A longer
-    run still reports STARTED (the task becomes RUNNING with its request id while it runs), ``grace_s`` late.
-    With ``grace_s == 0`` STARTED is sent at once, before the workload starts, and a failed send raises
-    (nothing runs). After the grace a failed send is logged: FINISHED is still tried, and if it fails too the
-    invocation fails (and the event reaches the DLQ) as before.
-    """
-
-    def __init__(self, reporter: ResultReporter, started_at: float, grace_s: float):
-        self._reporter = reporter
-        self._started_at = started_at
-        self._grace_s = grace_s
-        self._cancelled = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.sent = False
-
-    def arm(self) -> None:
-        if self._grace_s <= 0:
-            self._send()
-            return
-        self._thread = threading.Thread(target=self._send_after_grace, name="started-notice", daemon=True)
-        self._thread.start()
-
-    def settle(self) -> None:
-        """The run is over: STARTED is no longer sent, or, if it is being sent, has been sent on return."""
-        self._cancelled.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _send_after_grace(self) -> None:
-        if self._cancelled.wait(self._grace_s):
-            return
-        try:
-            self._send()
-        except Exception:  # logged by the reporter; FINISHED decides whether the invocation fails
-            pass
-
-    def _send(self) -> None:
-        self._reporter.send(Phase.STARTED, started_at=self._started_at)
-        self.sent = True
-
-
 class ResultReporter:
-    """Signs result messages for one event and sends them to its results queue."""
+    """Signs result messages for one event with its dispatch's result key and sends them to its results queue."""
 
     def __init__(
-        self, invoke: InvokeEvent, context: LambdaContext, secret: bytes, sqs_client: Callable[[], Any]
+        self, invoke: InvokeEvent, context: LambdaContext, key: bytes, sqs_client: Callable[[], Any]
     ):
         self.invoke = invoke
         self.context = context
-        self.secret = secret
+        self._key = key  # never logged
         self._sqs_client = sqs_client
 
     def send(
@@ -377,7 +337,7 @@ class ResultReporter:
             function_name=getattr(self.context, "function_name", ""),
             log_stream=getattr(self.context, "log_stream_name", ""),
         )
-        body = protocol.seal_result(message, self.secret)
+        body = protocol.seal_result(message, self._key)
         try:
             self._sqs_client().send_message(QueueUrl=self.invoke.results_queue_url, MessageBody=body)
         except Exception as exc:

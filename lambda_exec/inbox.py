@@ -89,6 +89,7 @@ class Inbox:
             is_active=self._dispatches.has_work_in_flight,
             wait_seconds=config.poll_wait_seconds,
             release_visibility_s=config.unowned_visibility_timeout,
+            max_sightings=config.stale_after_sightings,
         )
 
     def wake(self) -> None:

@@ -4,10 +4,17 @@ Standard library only: the handler imports this module on every cold start.
 
 Every message travels in a signed envelope::
 
-    {"v": 1, "payload": "<JSON text>", "sig": "<hex HMAC-SHA256 of the payload text>"}
+    {"v": 2, "payload": "<JSON text>", "sig": "<hex HMAC-SHA256 of the payload text>"}
 
 The payload is kept as text so that the signature covers exactly the bytes that were signed, whatever JSON
 library re-serialises the envelope on the way (SQS, Lambda's DLQ).
+
+Keys. Only the executor holds the signing secret. It signs events with a key derived from it (so that it can
+trust a dead letter, whose body is the event) and derives one result key per dispatch, sent in that dispatch's
+event: the function signs that dispatch's results with it and can sign no other's. The executor checks a result
+with the key it derives from its secret and the result's own ``dispatch_id``. The function cannot check an
+event's signature: events are authenticated by IAM (only principals allowed ``lambda:InvokeFunction`` can send
+one), and the handler checks their structure, version and ``not_after`` (``read_event``).
 """
 
 from __future__ import annotations
@@ -15,17 +22,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# 2: results signed with a per-dispatch key that the event carries; the function holds no secret.
+PROTOCOL_VERSION = 2
 EVENT_KIND = "hybrid_router.invoke"
 RESULT_KIND = "hybrid_router.result"
 # A results message older than this is stale (replayed or stuck) and ignored.
 DEFAULT_MAX_MESSAGE_AGE_S = 6 * 3600 + 600
+# Labels of the keys derived from the secret: an event key and one result key per dispatch id.
+_EVENT_KEY_LABEL = b"hybrid_router/event-key/v2"
+_RESULT_KEY_LABEL = b"hybrid_router/result-key/v2\x00"
+_HEX_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class MessageError(ValueError):
@@ -43,6 +56,8 @@ class Outcome(str, Enum):
     DEAD_LETTERED = "dead_lettered"
     THROTTLED = "throttled"
     EVENT_EXPIRED = "event_expired"
+    # The handler stopped the run because it could not report STARTED: a run no executor knew of.
+    UNREPORTED = "unreported"
 
     @property
     def is_infrastructure(self) -> bool:
@@ -104,9 +119,14 @@ class InvokeEvent:
     # must not run a task that may have moved to another executor.
     not_after: float
     kind: str = EVENT_KIND
+    # The hex key that signs this dispatch's results, and no other's; ``seal_event`` sets it from the secret.
+    result_key: str = field(default="", repr=False)
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
+
+    def result_signing_key(self) -> bytes:
+        return bytes.fromhex(self.result_key)
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> InvokeEvent:
@@ -120,6 +140,7 @@ class InvokeEvent:
                 results_queue_url=_str(data, "results_queue_url"),
                 issued_at=_num(data, "issued_at"),
                 not_after=_num(data, "not_after"),
+                result_key=_hex_key(data, "result_key"),
             )
         except TypeError as exc:  # pragma: no cover - defensive
             raise MessageError(str(exc)) from None
@@ -167,9 +188,7 @@ class ResultMessage:
         return_code = data.get("return_code")
         if return_code is not None and (not isinstance(return_code, int) or isinstance(return_code, bool)):
             raise MessageError("return_code: expected an integer")
-        started_at = data.get("started_at")
-        if started_at is not None and not isinstance(started_at, (int, float)):
-            raise MessageError("started_at: expected a number")
+        started_at = None if data.get("started_at") is None else _num(data, "started_at")
         return cls(
             phase=phase,
             dispatch_id=_str(data, "dispatch_id"),
@@ -203,70 +222,154 @@ def _opt_str(data: dict[str, Any], name: str) -> str:
 
 def _num(data: dict[str, Any], name: str) -> float:
     value = data.get(name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise MessageError(f"{name}: expected a number")
-    return float(value)
-
-
-def _signature(payload: str, secret: bytes) -> str:
-    return hmac.new(secret, payload.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def seal(payload: dict[str, Any], secret: bytes) -> str:
-    """Serialise and sign a payload into an envelope (the text sent to Lambda or SQS)."""
-    if not secret:
-        raise ValueError("a signing secret is required")
-    text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
-    return json.dumps({"v": PROTOCOL_VERSION, "payload": text, "sig": _signature(text, secret)})
-
-
-def open_envelope(body: str | bytes | dict[str, Any], secret: bytes) -> dict[str, Any]:
-    """Check an envelope's signature and return its payload; raise MessageError otherwise."""
-    if isinstance(body, (str, bytes)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
-            envelope = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise MessageError("body is not JSON") from None
-    else:
-        envelope = body
+            number = float(value)
+        except OverflowError:  # an integer beyond a float's range
+            number = math.inf
+        # NaN or infinity would pass every comparison with a clock (never stale, never late).
+        if math.isfinite(number):
+            return number
+    raise MessageError(f"{name}: expected a finite number")
+
+
+def _hex_key(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not _HEX_SHA256_RE.fullmatch(value):
+        raise MessageError(f"{name}: expected 64 hexadecimal digits")
+    return value
+
+
+# -- keys --------------------------------------------------------------------------------------------------------
+
+
+def normalise_secret(secret: str | bytes) -> bytes:
+    """The signing secret as the executor's configuration, a secrets backend or a file gives it: surrounding
+    whitespace (a trailing newline) is not part of it. Every key is derived from this; raises ValueError if empty.
+    """
+    if isinstance(secret, bytes):
+        try:
+            secret = secret.decode("utf-8")
+        except UnicodeDecodeError:  # not text: only ASCII whitespace can be told apart
+            normalised = secret.strip()
+    if isinstance(secret, str):
+        normalised = secret.strip().encode("utf-8")
+    if not normalised:
+        raise ValueError("a signing secret is required")
+    return normalised
+
+
+def _derive(secret: str | bytes, label: bytes) -> bytes:
+    return hmac.new(normalise_secret(secret), label, hashlib.sha256).digest()
+
+
+def event_key(secret: str | bytes) -> bytes:
+    """The key that signs events: only the executor holds it (and checks dead letters with it)."""
+    return _derive(secret, _EVENT_KEY_LABEL)
+
+
+def result_key(secret: str | bytes, dispatch_id: str) -> bytes:
+    """The key that signs the results of ``dispatch_id``, and of no other dispatch."""
+    return _derive(secret, _RESULT_KEY_LABEL + dispatch_id.encode("utf-8", "surrogatepass"))
+
+
+# -- envelopes ---------------------------------------------------------------------------------------------------
+
+
+def _signature(text: str, key: bytes) -> str:
+    return hmac.new(key, _utf8(text, "payload"), hashlib.sha256).hexdigest()
+
+
+def _utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON can carry one, UTF-8 cannot
+        raise MessageError(f"{name}: not valid Unicode") from None
+
+
+def _json(text: str | bytes, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise MessageError(f"{name} is not JSON") from None
+
+
+def seal(payload: dict[str, Any], key: bytes) -> str:
+    """Serialise a payload and sign it with ``key`` into an envelope (the text sent to Lambda or SQS)."""
+    if not key:
+        raise ValueError("a signing key is required")
+    text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    return json.dumps({"v": PROTOCOL_VERSION, "payload": text, "sig": _signature(text, key)})
+
+
+def _read_envelope(body: str | bytes | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """The envelope's payload text, its signature (not checked) and the parsed payload."""
+    envelope = _json(body, "body") if isinstance(body, (str, bytes)) else body
     if not isinstance(envelope, dict):
         raise MessageError("envelope: expected an object")
-    if envelope.get("v") != PROTOCOL_VERSION:
-        raise MessageError(f"envelope: unsupported version {envelope.get('v')!r}")
+    version = envelope.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        shown = repr(version) if isinstance(version, (int, float, str, type(None))) else "of another type"
+        raise MessageError(f"envelope: unsupported version {shown[:20]} (expected {PROTOCOL_VERSION})")
     text, sig = envelope.get("payload"), envelope.get("sig")
     if not isinstance(text, str) or not isinstance(sig, str):
         raise MessageError("envelope: unsigned")
-    if not hmac.compare_digest(_signature(text, secret), sig):
-        raise MessageError("envelope: bad signature")
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        raise MessageError("payload is not JSON") from None
+    if not _HEX_SHA256_RE.fullmatch(sig):
+        raise MessageError("envelope: the signature is not a hex HMAC-SHA256")
+    _utf8(text, "payload")
+    payload = _json(text, "payload")
     if not isinstance(payload, dict):
         raise MessageError("payload: expected an object")
+    return text, sig, payload
+
+
+def _check(text: str, sig: str, key: bytes) -> None:
+    if not hmac.compare_digest(_signature(text, key), sig):
+        raise MessageError("envelope: bad signature")
+
+
+def open_envelope(body: str | bytes | dict[str, Any], key: bytes) -> dict[str, Any]:
+    """Check an envelope's signature against ``key`` and return its payload; raise MessageError otherwise."""
+    text, sig, payload = _read_envelope(body)
+    _check(text, sig, key)
     return payload
 
 
-def seal_event(event: InvokeEvent, secret: bytes) -> str:
-    return seal(event.to_payload(), secret)
+def seal_event(event: InvokeEvent, secret: str | bytes) -> str:
+    """The executor's signed event, carrying the result key of its dispatch (derived from ``secret``)."""
+    payload = event.to_payload()
+    payload["result_key"] = result_key(secret, event.dispatch_id).hex()
+    return seal(payload, event_key(secret))
 
 
-def open_event(body: str | bytes | dict[str, Any], secret: bytes) -> InvokeEvent:
-    return InvokeEvent.from_payload(open_envelope(body, secret))
+def open_event(body: str | bytes | dict[str, Any], secret: str | bytes) -> InvokeEvent:
+    """An event whose signature the executor checks with its secret (a dead letter's body)."""
+    return InvokeEvent.from_payload(open_envelope(body, event_key(secret)))
 
 
-def seal_result(result: ResultMessage, secret: bytes) -> str:
-    return seal(result.to_payload(), secret)
+def read_event(body: str | bytes | dict[str, Any]) -> InvokeEvent:
+    """An event as the function reads it: structure and version checked, the signature not (the function holds
+    no key to check it with; IAM decides who may invoke it). The caller checks ``not_after``."""
+    return InvokeEvent.from_payload(_read_envelope(body)[2])
+
+
+def seal_result(result: ResultMessage, key: bytes) -> str:
+    """A result signed with its dispatch's result key (``InvokeEvent.result_signing_key``)."""
+    return seal(result.to_payload(), key)
 
 
 def open_result(
     body: str | bytes,
-    secret: bytes,
+    secret: str | bytes,
     *,
     now: float | None = None,
     max_age_s: float = DEFAULT_MAX_MESSAGE_AGE_S,
 ) -> ResultMessage:
-    result = ResultMessage.from_payload(open_envelope(body, secret))
+    """A result checked with the key the executor derives from ``secret`` for the dispatch the result names:
+    a key held by one dispatch's run signs nothing another dispatch accepts."""
+    text, sig, payload = _read_envelope(body)
+    _check(text, sig, result_key(secret, _str(payload, "dispatch_id")))
+    result = ResultMessage.from_payload(payload)
     now = time.time() if now is None else now
     if now - result.sent_at > max_age_s:
         raise MessageError("result: stale message")

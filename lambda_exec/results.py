@@ -12,6 +12,10 @@ each message it asks its ``classify`` callback what to do:
 - ``RELEASE``: for a dispatch another executor (or a future adopter) owns; hidden for a while with a longer
   visibility timeout so no reader re-reads it in a hot loop.
 
+A malformed message is a ``MessageError`` that ``classify`` answers with ``DELETE``. Should ``classify`` raise
+anything else (a bug), the message is released, its traceback logged once, and it is deleted once it has been
+received ``max_sightings`` times: no message circulates forever.
+
 When the reader stops, the delivered messages not acknowledged yet are made visible again at once (visibility
 timeout 0): the executor that adopts their tasks reads them without waiting out ``OWNED_VISIBILITY_TIMEOUT_S``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
 from queue import Empty, SimpleQueue
@@ -41,6 +46,8 @@ ERROR_PAUSE_S = 1.0
 # delete batch) carries one or two messages, doubling the SQS calls per task. The executor applies messages only
 # at its heartbeat (every second or so), so this adds no visible latency.
 GATHER_S = 0.1
+# How many ids of messages that ``classify`` failed on a reader remembers, to log each traceback once.
+FAILED_IDS_KEPT = 1000
 
 
 class Disposition(str, Enum):
@@ -63,6 +70,7 @@ class QueueReader:
         is_active: Callable[[], bool],
         wait_seconds: int,
         release_visibility_s: int,
+        max_sightings: int,
         gather_s: float = GATHER_S,
     ):
         self.name = name
@@ -72,7 +80,9 @@ class QueueReader:
         self._is_active = is_active
         self._wait_seconds = wait_seconds
         self._release_visibility_s = release_visibility_s
+        self._max_sightings = max_sightings
         self._gather_s = gather_s
+        self._failed_ids: OrderedDict[str, None] = OrderedDict()  # reader thread only
         self._acks: SimpleQueue[str] = SimpleQueue()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -154,8 +164,7 @@ class QueueReader:
             try:
                 disposition = self._classify(message)
             except Exception:
-                log.exception("%s: could not handle message %s; leaving it", self.name, message.message_id)
-                disposition = Disposition.RELEASE
+                disposition = self._unhandled(message)
             if disposition is Disposition.DELIVER:
                 self._unacked.add(message.receipt_handle)
             elif disposition in (Disposition.DELETE, Disposition.DELIVER_AND_DELETE):
@@ -166,6 +175,24 @@ class QueueReader:
         self._delete(to_delete + self._drain_acks())
         self._release(to_release)
         return len(messages)
+
+    def _unhandled(self, message: QueueMessage) -> Disposition:
+        """``classify`` raised on this message: leave it for a while, but not forever."""
+        if message.message_id not in self._failed_ids:
+            log.exception("%s: could not handle message %s; leaving it", self.name, message.message_id)
+            self._failed_ids[message.message_id] = None
+            if len(self._failed_ids) > FAILED_IDS_KEPT:
+                self._failed_ids.popitem(last=False)
+        if message.receive_count >= self._max_sightings:
+            log.warning(
+                "%s: deleting message %s: it could not be handled in %d receives",
+                self.name,
+                message.message_id,
+                message.receive_count,
+            )
+            self._failed_ids.pop(message.message_id, None)
+            return Disposition.DELETE
+        return Disposition.RELEASE
 
     def _drain_acks(self) -> list[str]:
         handles = []

@@ -73,6 +73,11 @@ class FakeLambda:
         self._fail_if_asked("get_function_event_invoke_config")
         return {"MaximumRetryAttempts": self.retry_attempts}
 
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
 
 class FakeSqs:
     """Per-queue lists of messages; receive hands out what is visible, like SQS without the network."""
@@ -146,6 +151,11 @@ class FakeSqs:
         if kwargs["QueueUrl"] in self.missing_queues:
             raise client_error("AWS.SimpleQueueService.NonExistentQueue", 400, operation="GetQueueAttributes")
         return {"Attributes": {"QueueArn": "arn:aws:sqs:us-east-1:000000000000:q"}}
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def fake_clients(lambda_: FakeLambda | None = None, sqs: FakeSqs | None = None) -> AwsClients:

@@ -9,6 +9,12 @@ from __future__ import annotations
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import (
+    CredentialRetrievalError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    UnauthorizedSSOTokenError,
+)
 from botocore.stub import Stubber
 
 from hybrid_router.lambda_exec import aws
@@ -152,6 +158,7 @@ def test_log_messages_mentioning_a_request():
         ("ResourceNotReadyException", 502, AwsErrorKind.RETRYABLE),
         ("ResourceNotFoundException", 404, AwsErrorKind.REJECTED),
         ("RequestTooLargeException", 413, AwsErrorKind.REJECTED),
+        ("ResourceConflictException", 409, AwsErrorKind.REJECTED),
     ],
 )
 def test_invoke_errors_are_returned_classified(lambda_stub, code, status, kind):
@@ -162,18 +169,45 @@ def test_invoke_errors_are_returned_classified(lambda_stub, code, status, kind):
     assert aws.invoke_async(lambda_client, "fn", "", "{}") == AwsError(kind, code, "why")
 
 
-def test_a_credentials_refusal_says_so(lambda_stub):
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("ExpiredTokenException", 403),
+        ("ExpiredToken", 400),
+        ("UnrecognizedClientException", 403),
+        ("InvalidSignatureException", 403),
+        ("AccessDeniedException", 403),
+    ],
+)
+def test_a_credentials_refusal_says_so(lambda_stub, code, status):
+    # Refused before Lambda looked at the event: certainly not accepted, and credentials may refresh.
     lambda_client, stubber = lambda_stub
     stubber.add_client_error(
-        "invoke",
-        service_error_code="AccessDeniedException",
-        service_message="not allowed",
-        http_status_code=403,
+        "invoke", service_error_code=code, service_message="not allowed", http_status_code=status
     )
     error = aws.invoke_async(lambda_client, "fn", "", "{}")
-    assert error == AwsError(
-        AwsErrorKind.REJECTED, "AccessDeniedException", "AWS credentials or permissions: not allowed"
-    )
+    assert error == AwsError(AwsErrorKind.CREDENTIALS, code, "AWS credentials or permissions: not allowed")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        NoCredentialsError(),
+        PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+        CredentialRetrievalError(provider="container-role", error_msg="connection refused"),
+        UnauthorizedSSOTokenError(),
+    ],
+)
+def test_credentials_boto_cannot_find_are_a_credentials_refusal(exc):
+    error = aws.classify_error(exc)
+    assert (error.kind, error.code) == (AwsErrorKind.CREDENTIALS, type(exc).__name__)
+    assert error.message.startswith("AWS credentials: ")
+
+
+def test_an_exception_aws_did_not_answer_is_unexpected_not_a_refusal():
+    # It may have been raised after the request went out: nothing proves the event was not accepted.
+    error = aws.classify_error(RuntimeError("a bug"))
+    assert error == AwsError(AwsErrorKind.UNEXPECTED, "RuntimeError", "a bug")
 
 
 def test_calls_the_executor_cannot_go_on_without_raise_aws_call_error(lambda_stub):
@@ -235,10 +269,10 @@ def no_credentials(monkeypatch, tmp_path):
     )
 
 
-def test_no_credentials_is_a_rejection_not_a_crash(no_credentials):
+def test_no_credentials_is_a_credentials_refusal_not_a_crash(no_credentials):
     # NoCredentialsError has no ``.response``: reading it as a ClientError would crash the caller.
     error = aws.invoke_async(no_credentials, "fn", "", "{}")
-    assert (error.kind, error.code) == (AwsErrorKind.REJECTED, "NoCredentialsError")
+    assert (error.kind, error.code) == (AwsErrorKind.CREDENTIALS, "NoCredentialsError")
     assert error.message.startswith("AWS credentials: ")
     with pytest.raises(AwsCallError) as info:
         aws.describe_function(no_credentials, "fn")

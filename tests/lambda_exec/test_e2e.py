@@ -169,7 +169,6 @@ def stack(tmp_path_factory, request) -> Iterator[SimpleNamespace]:
             reserved_concurrency=3,  # two cores: more parallel task runners only queue for the CPU
             dead_letter_queue_url=dlq,
             maximum_retry_attempts=0,
-            environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET},
         )
         short_function = function.replace(
             name=SHORT_FUNCTION, timeout_s=SHORT_TIMEOUT_S, reserved_concurrency=1

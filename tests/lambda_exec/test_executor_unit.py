@@ -15,6 +15,7 @@ from airflow.utils.state import TaskInstanceState
 from botocore.exceptions import NoCredentialsError
 
 from devtools.workloads import make_workload
+from hybrid_router.lambda_exec import executor as executor_module
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.config import LambdaConfigError
 from hybrid_router.lambda_exec.executor import LambdaExecutor, LambdaHealthError
@@ -89,7 +90,7 @@ def result(
         function_name="airflow-task",
         detail=detail,
     )
-    return protocol.seal_result(message, secret.encode())
+    return protocol.seal_result(message, protocol.result_key(secret, event.dispatch_id))
 
 
 def invoke_and_accept(executor, lambda_, workload):
@@ -167,7 +168,7 @@ def test_finished_without_started_reports_running_then_the_final_state(started, 
         request_id="req-7",
         function_name="airflow-task",
     )
-    sqs.send(RESULTS, protocol.seal_result(message, SECRET.encode()))
+    sqs.send(RESULTS, protocol.seal_result(message, protocol.result_key(SECRET, event.dispatch_id)))
     drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.SUCCESS)
 
     assert [(state, info) for _, state, info in changes] == [
@@ -259,6 +260,19 @@ def test_handler_timeout_is_an_infrastructure_failure_popped_once(started):
     assert failure.reason == "timeout" and "deadline" in failure.detail
     assert failure.executor == "lambda:airflow-task"
     assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
+def test_a_run_stopped_for_an_unsendable_started_is_an_infrastructure_failure(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("unreported")
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    # FINISHED alone: the handler never got STARTED out, so it stopped the task.
+    sqs.send(
+        RESULTS, result(event, Phase.FINISHED, Outcome.UNREPORTED, detail="its STARTED could not be sent")
+    )
+    drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
+    failure = executor.pop_infrastructure_failure(workload.ti.key)
+    assert failure.reason == "unreported" and "STARTED" in failure.detail
 
 
 @pytest.mark.parametrize(
@@ -430,7 +444,7 @@ def test_server_errors_beyond_the_bound_fail_the_try_without_fallback(started):
     assert executor.pop_infrastructure_failure(workload.ti.key) is None
 
 
-def test_client_error_fails_with_reason_and_server_error_is_retried(started):
+def test_a_client_error_is_a_never_started_failure_and_a_server_error_is_retried(started):
     clock = FakeClock()
     lambda_ = FakeLambda()
     lambda_.answer(client_error("ServiceException", 500))
@@ -453,7 +467,135 @@ def test_client_error_fails_with_reason_and_server_error_is_retried(started):
     state, info = executor.get_event_buffer()[rejected.ti.key]
     assert state == TaskInstanceState.FAILED
     assert "ResourceNotFoundException: Function not found" in info
-    assert executor.pop_infrastructure_failure(rejected.ti.key) is None
+    # A 4xx proves Lambda took no event: nothing ran, so the router may run the same try elsewhere at once.
+    failure = executor.pop_infrastructure_failure(rejected.ti.key)
+    assert failure.reason == "invoke_rejected"
+    assert (
+        failure.detail
+        == "Lambda refused the invocation: ResourceNotFoundException: Function not found: airflow-task"
+    )
+    assert executor.free_capacity() > 0  # a refusal of one request is not a pause
+
+
+def test_an_exception_that_is_no_aws_answer_fails_the_try_without_fallback(started):
+    # Raised after the request may have gone out: nothing proves the event was not accepted.
+    lambda_ = FakeLambda()
+    lambda_.answer(RuntimeError("response parser bug"))
+    executor, _, _ = started(lambda_=lambda_)
+    workload = make_workload("unexpected")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    state, info = executor.get_event_buffer()[workload.ti.key]
+    assert state == TaskInstanceState.FAILED and "RuntimeError: response parser bug" in info
+    assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
+def test_a_client_error_after_an_answer_that_may_hide_an_accepted_event_fails_the_try(started):
+    # The first event may be in Lambda's queue: running the same try elsewhere could run it twice.
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(client_error("ServiceException", 500), client_error("ResourceConflictException", 409))
+    executor, _, _ = started(lambda_=lambda_, clock=clock)
+    workload = make_workload("ambiguous")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    clock.advance(25)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 2)
+    state, info = executor.get_event_buffer()[workload.ti.key]
+    assert state == TaskInstanceState.FAILED and "ResourceConflictException" in info
+    assert executor.pop_infrastructure_failure(workload.ti.key) is None
+
+
+EXPIRED_TOKEN = client_error(
+    "ExpiredTokenException", 403, "The security token included in the request is expired"
+)
+
+
+def test_credentials_refused_on_invoke_pause_the_executor_until_they_come_back(started_logged):
+    # Expired credentials refresh (or a lost credential source comes back): the try must neither fail nor start
+    # elsewhere meanwhile, and new tasks overflow elsewhere because the executor has no room.
+    clock = FakeClock()
+    lambda_, sqs = FakeLambda(), FakeSqs()
+    lambda_.answer(EXPIRED_TOKEN, NoCredentialsError())
+    executor, log = started_logged(lambda_=lambda_, sqs=sqs, clock=clock, throttle_backoff_max=60)
+    workload = make_workload("creds")
+    key = workload.ti.key
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    assert executor.get_event_buffer() == {}  # no FAILED: no retry is spent
+    assert executor.free_capacity() == 0
+    later = make_workload("later")
+    executor.queue_workload(later, session=None)
+    for _ in range(3):
+        executor.heartbeat()
+    time.sleep(0.05)
+    assert len(lambda_.invokes) == 1  # paused: nothing else is invoked with the same credentials
+
+    clock.advance(21)  # past any back-off of a first attempt (cap 20 s + jitter)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 3)  # both tasks: the first is refused again (NoCredentialsError)
+    events = executor.get_event_buffer()
+    assert [state for state, _ in events.values()] == [TaskInstanceState.QUEUED]  # the later task only
+    assert executor.free_capacity() == 0
+
+    clock.advance(25)  # the credentials are back: Lambda takes the event and the task runs
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 4)
+    assert executor.get_event_buffer()[key][0] == TaskInstanceState.QUEUED
+    assert sent_event(lambda_).task.task_id == "creds"
+    sqs.send(RESULTS, result(sent_event(lambda_), Phase.FINISHED, Outcome.SUCCESS, now=clock.now))
+    drive(executor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.SUCCESS)
+    assert executor.pop_infrastructure_failure(key) is None
+    assert executor.free_capacity() == 15  # parallelism 16, "later" still held
+    refusals = log.text("warning").splitlines()
+    assert len(refusals) == 2 and all("refused for its credentials" in line for line in refusals)
+    assert "(ExpiredTokenException: AWS credentials or permissions: The security token" in refusals[0]
+    assert "(NoCredentialsError: AWS credentials: Unable to locate credentials)" in refusals[1]
+    everything = "\n".join(line for _, line in log.lines)
+    assert SECRET not in everything and json.loads(sent_event(lambda_).workload)["token"] not in everything
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        EXPIRED_TOKEN,
+        NoCredentialsError(),
+        client_error(
+            "UnrecognizedClientException", 403, "The security token included in the request is invalid"
+        ),
+        client_error("InvalidSignatureException", 403, "Signature expired"),
+        client_error("AccessDeniedException", 403, "not authorized to perform: lambda:InvokeFunction"),
+    ],
+    ids=["expired", "none", "unrecognized", "signature", "access-denied"],
+)
+def test_credentials_refused_beyond_the_bound_is_a_never_started_infrastructure_failure(started, refusal):
+    clock = FakeClock()
+    lambda_ = FakeLambda()
+    lambda_.answer(*[refusal] * 10)
+    executor, _, _ = started(lambda_=lambda_, clock=clock, throttle_backoff_max=30)
+    workload = make_workload("never")
+    executor.queue_workload(workload, session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 1)
+    clock.advance(21)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 2)
+    assert executor.get_event_buffer() == {}  # within the bound: still waiting, no FAILED
+    clock.advance(21)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 3)
+    state, info = executor.get_event_buffer()[workload.ti.key]
+    assert state == TaskInstanceState.FAILED
+    assert info.startswith(
+        "lambda infrastructure failure: credentials: Lambda refused the invocation for 42s"
+    )
+    failure = executor.pop_infrastructure_failure(workload.ti.key)
+    assert failure.reason == "credentials" and failure.executor == "lambda:airflow-task"
+    assert workload.ti.key not in executor.running
 
 
 def test_a_failed_invoke_answer_does_not_restart_a_run_that_started(started):
@@ -713,6 +855,29 @@ def test_an_unreachable_function_stops_start_saying_what_to_check(no_thread_leak
         executor.start()
     assert str(info.value).startswith(f"Lambda function 'airflow-task' is not reachable: {reason}. Check ")
     assert "check_health_on_startup = False" in str(info.value)
+
+
+def test_a_start_retried_after_missing_credentials_resolves_them_again(no_thread_leak, monkeypatch):
+    # A boto client keeps the credentials it found when it was made (none here), and the router retries start().
+    without = fake_clients(FakeLambda())
+    without.lambda_.failing["get_function"] = NoCredentialsError()
+    made = [without, fake_clients(FakeLambda())]
+    monkeypatch.setattr(executor_module, "make_clients", lambda config: made.pop(0))
+    executor = LambdaExecutor(
+        parallelism=16,
+        function_name="airflow-task",
+        results_queue_url=RESULTS,
+        signing_secret=SECRET,
+        aws_conn_id="",
+        poll_wait_seconds=0,
+    )
+    with pytest.raises(LambdaHealthError, match="NoCredentialsError"):
+        executor.start()
+    executor.start()
+    try:
+        assert made == [] and without.lambda_.closed and without.sqs.closed
+    finally:
+        executor.terminate()
 
 
 def test_a_missing_queue_stops_start_naming_the_option(no_thread_leak):

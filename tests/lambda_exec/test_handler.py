@@ -129,7 +129,7 @@ def test_expired_event_reports_and_does_not_run(
     assert finished.outcome is Outcome.EVENT_EXPIRED
 
 
-@pytest.mark.parametrize("tamper", ["forged", "garbage", "wrong_kind"])
+@pytest.mark.parametrize("tamper", ["old_version", "no_result_key", "garbage", "wrong_kind"])
 def test_bad_event_runs_nothing_and_never_logs_the_token(
     results_queue: str,
     moto_server: Moto,
@@ -138,8 +138,13 @@ def test_bad_event_runs_nothing_and_never_logs_the_token(
     tamper: str,
 ) -> None:
     event = make_event(results_queue, {"token": FAKE_TOKEN})
-    if tamper == "forged":
-        body: Any = json.loads(protocol.seal_event(event, b"another-secret"))
+    body: Any = json.loads(protocol.seal_event(event, SECRET))
+    if tamper == "old_version":  # signed by an executor of the previous protocol: no result key
+        body["v"] = 1
+    elif tamper == "no_result_key":
+        payload = json.loads(body["payload"])
+        del payload["result_key"]
+        body["payload"] = json.dumps(payload)
     elif tamper == "garbage":
         body = "not json " + FAKE_TOKEN
     else:
@@ -241,11 +246,46 @@ def test_fork_setting_is_checked_before_anything_runs(
     assert moto_server.receive_all(results_queue, 1, timeout=1) == []  # not even STARTED
 
 
-def test_missing_secret_is_a_configuration_error() -> None:
-    sandbox = Sandbox(environ={})
-    for _ in range(2):  # not kept: every invocation of a sandbox without the secret fails
-        with pytest.raises(HandlerConfigError, match=SECRET_ENV):
-            handle({}, FakeContext(60), sandbox)
+def test_a_secret_left_on_the_function_is_ignored_and_kept_from_the_task(
+    results_queue: str,
+    moto_server: Moto,
+    fake_command: FakeCommand,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Older releases set the executor's secret on the function, where a trailing newline made every event
+    # "rejected" and every task could read it. The function needs none now: the event carries its key.
+    monkeypatch.setenv(SECRET_ENV, SECRET + "\n")
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"exit": 0, "record": str(record)})
+
+    with caplog.at_level(logging.DEBUG):
+        sandbox = Sandbox(workload_command=fake_command)  # this process's own environment, as on Lambda
+        answer = handle(sealed(event), FakeContext(60), sandbox)
+
+    assert answer == {"status": "success", "return_code": 0}
+    finished = until_finished(moto_server, results_queue)[-1]  # opened with the executor's secret
+    assert finished.dispatch_id == event.dispatch_id and finished.outcome is Outcome.SUCCESS
+    assert SECRET_ENV not in json.loads(record.read_text())["environ"]  # what the task process saw
+    assert SECRET_ENV not in os.environ
+    assert SECRET_ENV in caplog.text and SECRET not in caplog.text
+
+
+def test_an_event_signed_with_another_secret_runs_but_its_results_change_nothing(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+) -> None:
+    # The function holds no key to check an event with: IAM decides who may invoke it. A forged event carries a
+    # result key the executor never derived, so its results are refused like any forged result.
+    event = make_event(results_queue, {"exit": 0})
+
+    body = json.loads(protocol.seal_event(event, "another-secret"))
+    answer = handle(body, FakeContext(60), make_sandbox(workload_command=fake_command))
+
+    assert answer["status"] == "success"
+    (message,) = moto_server.receive_all(results_queue, 1, timeout=10)
+    with pytest.raises(protocol.MessageError, match="bad signature"):
+        protocol.open_result(message["Body"], SECRET)
 
 
 def test_deadline_margin() -> None:
@@ -301,5 +341,6 @@ def test_handler_modules_import_only_the_standard_library_and_the_wire_module() 
         "hybrid_router.lambda_exec.handler",
         "hybrid_router.lambda_exec.process_tree",
         "hybrid_router.lambda_exec.protocol",
+        "hybrid_router.lambda_exec.started_notice",
         "hybrid_router.lambda_exec.task_runner",
     ]

@@ -48,6 +48,7 @@ def _read(sqs: CountingSqs, expected: int, gather_s: float, trickle_s: float | N
         is_active=lambda: True,
         wait_seconds=1,
         release_visibility_s=30,
+        max_sightings=10,
         gather_s=gather_s,
     )
     if trickle_s is None:
@@ -110,6 +111,7 @@ def _delivering_reader(sqs: FakeSqs, delivered: list[str]) -> QueueReader:
         is_active=lambda: True,
         wait_seconds=0,
         release_visibility_s=30,
+        max_sightings=10,
     )
 
 
@@ -142,3 +144,39 @@ def test_stop_makes_unacknowledged_deliveries_visible_again_at_once(flush):
     else:
         assert sqs.deleted == []
         assert sqs.visibility == {handle: 0 for handle in delivered}
+
+
+def test_a_message_classify_fails_on_is_logged_once_and_deleted_after_bounded_sightings(caplog):
+    # A malformed message is a MessageError, deleted by classify; should classify ever raise anything else,
+    # the message must not circulate (and log a traceback) forever.
+    sqs = FakeSqs(redeliver_released=True, visibility_scale=0.001)
+    seen: list[int] = []
+
+    def classify(message: Any) -> Disposition:
+        seen.append(message.receive_count)
+        raise TypeError("a bug in one message's handling")
+
+    reader = QueueReader(
+        name="test-reader",
+        sqs=sqs,
+        queue_url=QUEUE,
+        classify=classify,
+        is_active=lambda: True,
+        wait_seconds=0,
+        release_visibility_s=30,
+        max_sightings=4,
+        gather_s=0,
+    )
+    poison = sqs.send(QUEUE, "body")
+    with caplog.at_level("INFO", logger="hybrid_router.lambda_exec.results"):
+        reader.start()
+        try:
+            _wait_for(lambda: sqs.deleted)
+            time.sleep(0.1)
+        finally:
+            reader.stop(timeout=5)
+    assert sqs.deleted == [f"rh-{poison}"]
+    assert seen == [1, 2, 3, 4]
+    assert sqs.released == [f"rh-{poison}"] * 3
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and poison in tracebacks[0].getMessage()

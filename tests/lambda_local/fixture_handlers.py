@@ -14,10 +14,12 @@ from typing import Any
 # Stands in for Airflow's ``execute_workload --json-path FILE``; what it does is chosen by the workload. For an
 # Airflow workload, by its task id: ``fail*`` exits 1 (the task's own failure), ``sleep*`` sleeps far past any
 # function timeout, ``hog*`` touches memory until the service kills it, any other exits 0 at once. A bare
-# ``{"exit": N}`` (the service's tests) exits N.
+# ``{"exit": N}`` (the service's tests) exits N; ``{"forge": {...}}`` is a hostile task (``_FORGING_TASK``).
 _FAKE_WORKLOAD = """
-import json, sys, time
+import json, os, sys, time
 workload = json.load(open(sys.argv[1]))
+if "forge" in workload:
+    exec(FORGING_TASK)
 if "ti" not in workload:
     print("fake task ran", flush=True)
     sys.exit(workload["exit"])
@@ -32,6 +34,38 @@ if task_id.startswith("hog"):
     while True:
         chunks.append(b"x" * (16 * 1024 * 1024))
         time.sleep(0.01)
+sys.exit(0)
+"""
+
+# A task that signs a successful FINISHED for ANOTHER dispatch with every key within its reach: each value of its
+# environment and of its parent's initial one (where a secret set on the function would stay readable), each key
+# the protocol would derive from those for that dispatch, and its own dispatch's result key, which the spec gives
+# it as if read from the sandbox's memory. It writes the bodies it made, and one for its own dispatch.
+_FORGING_TASK = """
+from dataclasses import replace
+from hybrid_router.lambda_exec import protocol
+spec = workload["forge"]
+values = set(os.environ.values())
+try:
+    with open(f"/proc/{os.getppid()}/environ", "rb") as parent:
+        values.update(v.partition(b"=")[2].decode("utf-8", "replace") for v in parent.read().split(b"\\0"))
+except OSError:
+    pass
+found = [value.strip().encode() for value in values if value.strip()] + [bytes.fromhex(spec["own_key"])]
+derive = getattr(protocol, "result_key", None)
+keys = found + ([derive(key, spec["dispatch_id"]) for key in found] if derive else [])
+now = time.time()
+message = protocol.ResultMessage(
+    phase=protocol.Phase.FINISHED, dispatch_id=spec["dispatch_id"], task=protocol.TaskRef(**spec["task"]),
+    sent_at=now, started_at=now, outcome=protocol.Outcome.SUCCESS, return_code=0,
+)
+own = replace(message, dispatch_id=spec["own_dispatch_id"])
+with open(spec["out"], "w") as out:
+    json.dump({
+        "forged": [protocol.seal_result(message, key) for key in keys],
+        "own": protocol.seal_result(own, bytes.fromhex(spec["own_key"])),
+        "environ": dict(os.environ),
+    }, out)
 sys.exit(0)
 """
 
@@ -85,7 +119,8 @@ def real_handler_with_fake_workload(event: Any, context: Any) -> Any:
 def _fake_workload_sandbox() -> Any:
     from hybrid_router.lambda_exec.handler import Sandbox
 
-    return Sandbox(workload_command=lambda path: [sys.executable, "-c", _FAKE_WORKLOAD, path])
+    script = f"FORGING_TASK = {_FORGING_TASK!r}\n{_FAKE_WORKLOAD}"
+    return Sandbox(workload_command=lambda path: [sys.executable, "-c", script, path])
 
 
 def sleep_with_child(event: Any, context: Any) -> None:

@@ -56,7 +56,9 @@ def test_template_disables_lambda_retries_and_wires_the_dlq() -> None:
     assert function["PackageType"] == "Image"
     assert function["DeadLetterConfig"]["TargetArn"] == {"GetAtt": "DeadLetterQueue.Arn"}
     assert "ReservedConcurrentExecutions" in function
-    assert "HYBRID_ROUTER_SIGNING_SECRET" in function["Environment"]["Variables"]
+    # The function holds no key that signs other dispatches' results: each event carries its own.
+    assert "HYBRID_ROUTER_SIGNING_SECRET" not in function["Environment"]["Variables"]
+    assert not any("secretsmanager" in str(value) for value in function["Environment"]["Variables"].values())
     queues = [r for r in resources.values() if r["Type"] == "AWS::SQS::Queue"]
     assert len(queues) == 2 and not any(q["Properties"].get("FifoQueue") for q in queues)
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,15 +21,17 @@ import boto3
 import psutil
 import pytest
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionClosedError
 from moto_sqs import Moto
 
 from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.local.faults import FaultConfigError, Faults, FaultSettings, Latency
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
 
 CODE_PATH = str(Path(__file__).parent)
-# What the service and its sandboxes are given: fake AWS settings, as a Lambda sandbox has them, and the secret.
+# What the service and its sandboxes are given: fake AWS settings, as a Lambda sandbox has them. SECRET is the
+# executor's: it seals the events and checks the results; the functions never hold it.
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -123,7 +127,7 @@ def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
         "airflow-task",
         "real_handler_with_fake_workload",
         # STARTED before the run, whatever its length: both results travel through the service.
-        environment={"HYBRID_ROUTER_SIGNING_SECRET": SECRET, "HYBRID_ROUTER_STARTED_GRACE_S": "0"},
+        environment={"HYBRID_ROUTER_STARTED_GRACE_S": "0"},
     )
     service = start_service(fn)
     now = time.time()
@@ -162,6 +166,46 @@ def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
     assert f"END RequestId: {request_id}" in stream
     assert f"REPORT RequestId: {request_id}\tDuration: " in stream
     assert "Max Memory Used: " in stream
+
+
+def test_a_task_cannot_sign_a_result_the_executor_accepts_for_another_dispatch(
+    start_service: StartService, moto_server: Moto, tmp_path: Path
+) -> None:
+    # Dispatch ids are no secret (they are in external_executor_id), and a task runs in the handler's sandbox.
+    results_url, _ = moto_server.new_queue("results")
+    # FINISHED alone, however long the task takes.
+    fn = fixture_fn(
+        "airflow-task", "real_handler_with_fake_workload", environment={"HYBRID_ROUTER_STARTED_GRACE_S": "60"}
+    )
+    service = start_service(fn)
+    own_id, other_id = uuid.uuid4().hex, uuid.uuid4().hex
+    out = tmp_path / "forged.json"
+    forge = {
+        "dispatch_id": other_id,
+        "task": {"dag_id": "dag", "task_id": "victim", "run_id": "run", "try_number": 1},
+        "own_dispatch_id": own_id,
+        "own_key": protocol.result_key(SECRET, own_id).hex(),  # the worst case: read from the sandbox
+        "out": str(out),
+    }
+    now = time.time()
+    event = InvokeEvent(
+        own_id, TaskRef("dag", "hostile", "run", 1), json.dumps({"forge": forge}), results_url, now, now + 300
+    )
+
+    lambda_client(service).invoke(
+        FunctionName="airflow-task", InvocationType="Event", Payload=protocol.seal_event(event, SECRET)
+    )
+
+    (message,) = moto_server.receive_all(results_url, 1, timeout=20)
+    # The executor's check: the run's own result is accepted, every forgery for the other dispatch is refused.
+    assert protocol.open_result(message["Body"], SECRET).outcome is Outcome.SUCCESS
+    made = json.loads(out.read_text())
+    assert protocol.open_result(made["own"], SECRET).dispatch_id == own_id  # the task could sign, for itself
+    assert len(made["forged"]) > 2
+    for body in made["forged"]:
+        with pytest.raises(protocol.MessageError, match="bad signature"):
+            protocol.open_result(body, SECRET)
+    assert not any(SECRET in value for value in made["environ"].values())
 
 
 def test_sync_invoke_context_environment_and_warm_reuse(start_service: StartService) -> None:
@@ -396,7 +440,7 @@ def test_duplicate_delivery_hook_runs_the_next_event_twice(
     record = tmp_path / "runs.jsonl"
     payload = json.dumps({"record_file": str(record)})
 
-    assert service.set_delivery_faults(duplicate_next=1) == {"duplicate_next": 1}
+    assert service.set_delivery_faults(duplicate_next=1)["duplicate_next"] == 1
     first = client.invoke(FunctionName="dup", InvocationType="Event", Payload=payload)
     second = client.invoke(FunctionName="dup", InvocationType="Event", Payload=payload)
 
@@ -501,7 +545,8 @@ def test_management_api_round_trips(start_service: StartService, moto_server: Mo
         FunctionName="made-by-api",
         Runtime="python3.12",
         Role="arn:aws:iam::123456789012:role/any",
-        Handler="hybrid_router.lambda_exec.handler.handler",  # no signing secret set: every run fails
+        Handler="hybrid_router.lambda_exec.handler.handler",
+        Environment={"Variables": {"HYBRID_ROUTER_FORK_WORKLOADS": "sometimes"}},  # every run fails
         Code={"ZipFile": b"PK\x05\x06" + b"\x00" * 18},
         Timeout=5,
         MemorySize=512,
@@ -554,10 +599,13 @@ def test_management_api_round_trips(start_service: StartService, moto_server: Mo
 
     # The failed run goes to the DLQ that was given as an ARN: the service resolves it on the SQS endpoint.
     arn = "arn:aws:lambda:us-east-1:123456789012:function:made-by-api"
-    client.invoke(FunctionName=arn, InvocationType="Event", Payload=b'{"k": "v"}')
+    now = time.time()
+    event = InvokeEvent("d1", TaskRef("dag", "task", "run", 1), "{}", dlq_url, now, now + 300)
+    payload = protocol.seal_event(event, SECRET)
+    client.invoke(FunctionName=arn, InvocationType="Event", Payload=payload)
     (message,) = moto_server.receive_all(dlq_url, 1, timeout=15)
-    assert message["Body"] == '{"k": "v"}'
-    assert "HYBRID_ROUTER_SIGNING_SECRET" in message["MessageAttributes"]["ErrorMessage"]["StringValue"]
+    assert protocol.open_event(message["Body"], SECRET).dispatch_id == "d1"
+    assert "HYBRID_ROUTER_FORK_WORKLOADS" in message["MessageAttributes"]["ErrorMessage"]["StringValue"]
 
     client.delete_function(FunctionName="made-by-api")
     with pytest.raises(ClientError) as excinfo:
@@ -590,6 +638,7 @@ def test_stop_leaves_no_sandbox_or_child_behind(start_service: StartService, tmp
 ORPHAN_PARENT = """
 import json, sys, time
 import boto3
+from hybrid_router.lambda_exec.local.faults import FaultConfigError, Faults, FaultSettings, Latency
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
 code_path, log_dir, pid_file = sys.argv[1:4]
@@ -635,3 +684,84 @@ def test_service_and_sandboxes_stop_when_the_starting_process_dies(tmp_path: Pat
             parent.stdout.close()
         if service_pid is not None and not gone(service_pid):
             os.killpg(service_pid, signal.SIGKILL)
+
+
+# -- AWS-like latency and delivery faults (faults.py) ------------------------------------------------------
+
+
+def test_each_async_invoke_waits_for_its_drawn_latency(start_service: StartService, tmp_path: Path) -> None:
+    settings = FaultSettings(invoke_latency=Latency.from_median_ms(25), seed=7)
+    service = start_service(fixture_fn("slow-api", "noop"), faults=settings)
+    client = lambda_client(service)
+    # The same seed draws the same delays: each answer comes no sooner than its own.
+    reference = Faults(settings)
+    expected = [reference.invoke_delay_s() for _ in range(12)]
+    for delay in expected:
+        began = time.monotonic()
+        client.invoke(FunctionName="slow-api", InvocationType="Event", Payload=b"{}")
+        assert time.monotonic() - began >= delay
+    assert service.stats()["faults"]["settings"]["invoke_latency_ms"] == {"median_ms": 25.0, "p99_ms": 75.0}
+
+
+@pytest.mark.parametrize("after_end", [False, True], ids=["at-once", "after-the-first-run"])
+def test_duplicate_delivery_runs_an_accepted_event_twice(
+    start_service: StartService, tmp_path: Path, after_end: bool
+) -> None:
+    service = start_service(fixture_fn("dup2", "record"))
+    service.set_delivery_faults(
+        settings=FaultSettings(duplicate_rate=1.0, duplicate_after_end_share=1.0 if after_end else 0.0)
+    )
+    record = tmp_path / "runs.jsonl"
+    answer = lambda_client(service).invoke(
+        FunctionName="dup2",
+        InvocationType="Event",
+        Payload=json.dumps({"record_file": str(record), "sleep": 0.5}),
+    )
+    runs = wait_for(lambda: len(read_lines(record)) >= 2 and read_lines(record), what="2 runs")
+    assert {run["request_id"] for run in runs} == {request_id_of(answer)}
+    first, second = sorted(runs, key=lambda run: run["start"])
+    # At once: both copies run side by side; after the first run: the copy starts once the first has ended.
+    assert (second["start"] >= first["end"]) is after_end
+    faults = service.stats()["faults"]
+    assert faults["duplicates_delivered"] == 1
+    assert faults["duplicates_after_end"] == (1 if after_end else 0)
+
+
+@pytest.mark.parametrize("mode", ["5xx", "reset"])
+def test_a_lost_answer_hides_an_accepted_event_from_its_caller(
+    start_service: StartService, tmp_path: Path, mode: str
+) -> None:
+    service = start_service(fixture_fn("lossy", "record"))
+    service.set_delivery_faults(settings=FaultSettings(lost_answer_rate=1.0, lost_answer_mode=mode))
+    record = tmp_path / "runs.jsonl"
+    with pytest.raises((ClientError, ConnectionClosedError)) as raised:
+        lambda_client(service).invoke(
+            FunctionName="lossy", InvocationType="Event", Payload=json.dumps({"record_file": str(record)})
+        )
+    if mode == "5xx":
+        assert error_of(raised)[:2] == ("ServiceException", 500)
+    else:
+        assert isinstance(raised.value, ConnectionClosedError)
+    # The caller saw a failure, yet the event was accepted and runs.
+    assert wait_for(lambda: read_lines(record), what="the run of the accepted event")
+    assert service.stats()["faults"]["invoke_answers_lost"] == 1
+
+
+def test_fault_settings_are_checked_and_named(start_service: StartService) -> None:
+    service = start_service(fixture_fn("checked", "noop"))
+    request = urllib.request.Request(
+        service.url + "/_local/faults", data=json.dumps({"duplicate_rate": 2}).encode(), method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=10)
+    assert raised.value.code == 400
+    assert "faults.duplicate_rate: expected a number from 0 to 1, got 2" in raised.value.read().decode()
+    with pytest.raises(FaultConfigError, match=r"faults\.lost_answer_mode"):
+        FaultSettings(lost_answer_mode="sometimes")
+
+
+def test_the_latency_model_is_log_normal_with_the_asked_median_and_p99() -> None:
+    faults = Faults(FaultSettings(invoke_latency=Latency.from_median_ms(25), seed=1))
+    draws = sorted(faults.invoke_delay_s() for _ in range(20_000))
+    assert draws[len(draws) // 2] == pytest.approx(0.025, rel=0.05)
+    assert draws[int(len(draws) * 0.99)] == pytest.approx(0.075, rel=0.08)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -254,6 +255,80 @@ def test_infrastructure_failure_hands_the_same_try_to_the_fallback(
     assert lines[0].startswith("hybrid_router: routed to executor 'lambda'")
     assert "FALLBACK - the run on executor 'lambda' died (timeout" in lines[1]
     assert "runs again on executor 'local_b'" in lines[1]
+
+
+def test_a_lambda_child_refused_for_its_credentials_hands_the_same_try_to_the_fallback(
+    make_router, monkeypatch, audit_rows, counters
+):
+    # A real LambdaExecutor over scripted boto clients: expired credentials on Invoke, all the way past the bound.
+    from hybrid_router.lambda_exec.executor import LambdaExecutor
+    from tests.lambda_exec.fakes import FakeClock, FakeLambda, FakeSqs, client_error, fake_clients
+
+    lambda_clock, lambda_api = FakeClock(), FakeLambda()
+    expired = client_error(
+        "ExpiredTokenException", 403, "The security token included in the request is expired"
+    )
+    lambda_api.answer(*[expired] * 10)
+    lambda_child = LambdaExecutor(
+        parallelism=2,
+        clock=lambda_clock,
+        clients=fake_clients(lambda_api, FakeSqs()),
+        function_name="airflow-task",
+        results_queue_url="http://sqs.local/results",
+        signing_secret="router-test-secret",
+        aws_conn_id="",
+        poll_wait_seconds=0,
+        throttle_backoff_max=30,
+    )
+    router = make_router(**{"lambda": lambda_child})
+    workload = make_workload("short", queue="lambda")
+    fresh = workload.model_copy(update={"token": "fresh-token"})
+    resets = []
+    monkeypatch.setattr(
+        executor_module,
+        "redispatch_same_try",
+        lambda ti_id, try_number, _: resets.append(try_number) or fresh,
+    )
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    seen: list = []
+
+    def heartbeat_after_invokes(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(lambda_api.invokes) < count:
+            assert time.monotonic() < deadline, f"expected {count} invokes, got {len(lambda_api.invokes)}"
+            time.sleep(0.01)
+        time.sleep(0.05)  # the pool thread hands its answer over
+        router.heartbeat()
+        seen.extend(events(router).values())
+
+    try:
+        router.queue_workload(workload, session=None)
+        router.heartbeat()
+        heartbeat_after_invokes(1)
+        # While the credentials are refused the child has no room: a new task overflows to its rule's overflow.
+        assert lambda_child.free_capacity() == 0 and router.children["lambda"].free_slots() == 0
+        second = make_workload("second", queue="lambda")
+        router.queue_workload(second, session=None)
+        router.heartbeat()
+        assert [w.ti.key for w in fake(router, "local_a").dispatched] == [second.ti.key]
+        for attempt in (2, 3):
+            lambda_clock.advance(21)
+            router.heartbeat()
+            heartbeat_after_invokes(attempt)
+
+        # Past the bound: never started, so the same try runs on the fallback and no retry is spent.
+        assert resets == [1]
+        assert [w.token for w in fake(router, "local_b").dispatched] == ["fresh-token"]
+        assert TaskInstanceState.FAILED not in [state for state, _ in seen]
+        assert router.has_task(workload.ti) and len(lambda_api.invokes) == 3
+        fallback_rows = [json.loads(r.extra) for r in audit_rows if r.event == "hybrid_router.fallback"]
+        assert [(row["failed_on"], row["executor"], row["reason"]) for row in fallback_rows] == [
+            ("lambda", "local_b", "credentials")
+        ]
+        assert "ExpiredTokenException" in fallback_rows[0]["detail"]
+        assert "hybrid_router.fallback_reason.credentials" in counters
+    finally:
+        router.terminate()
 
 
 def _task_log(workload) -> str:
