@@ -254,8 +254,9 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
         assert (state, try_number) == ("success", 1) and external.startswith(LOCAL)
         fallbacks = [e for t, _, ev, e in audit if t == task_id and ev == "hybrid_router.fallback"]
         assert [(e["failed_on"], e["executor"], e["reason"]) for e in fallbacks] == [(LAMBDA, LOCAL, reason)]
-    assert tis[(MAIN_DAG, "long_task", -1)][2] == LOCAL
-    assert tis[(MAIN_DAG, "short_task", -1)][2].startswith(f"{LAMBDA}|lambda:")
+    # The router's id names the child and the try it ran, then the child's own id (router/external_id.py).
+    assert tis[(MAIN_DAG, "long_task", -1)][2] == f"{LOCAL}@1"
+    assert tis[(MAIN_DAG, "short_task", -1)][2].startswith(f"{LAMBDA}@1|lambda:")
     assert tis[(FAILURE_DAG, "fails_by_its_own_code", -1)][:2] == ("failed", 1)
     assert not [e for t, _, ev, e in audit if t == "fails_by_its_own_code" and ev != "hybrid_router.routed"]
     overflowed = [e for t, _, ev, e in audit if t == "burst" and e.get("how") == "overflow"]
