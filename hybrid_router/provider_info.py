@@ -180,6 +180,17 @@ LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {
         "",
         "/tmp/local-lambda/logs",
     ),
+    "unowned_message_max_age": _option(
+        "Seconds after which a result or dead letter that no executor holds is deleted from its queue (by the "
+        "message's SentTimestamp). Executors share queues by owner: each scheduler's executor takes the "
+        "messages of its own dispatches and releases the others at once for their owner, so no executor "
+        "deletes another's message before this age. It must cover the longest time a run's owner could still "
+        "adopt it: the event's max age + the function's timeout + the scheduler's orphan adoption delay "
+        "(scheduler_health_check_threshold + orphaned_tasks_check_interval). The default, 6 h 30 min, covers "
+        "Lambda's limits (6 h, 15 min) and 15 min of adoption.\n",
+        "integer",
+        "23400",
+    ),
     "deadline_margin_seconds": _option(
         "Seconds before the function's timeout at which the handler stops the task and reports a timeout "
         "itself, so the fallback starts at once.\n",

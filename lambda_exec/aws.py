@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,8 @@ _THROTTLE_ERRORS = frozenset({"TooManyRequestsException", "ThrottlingException",
 _RETRYABLE_ERRORS = frozenset({"ServiceException", "ResourceNotReadyException", "EC2ThrottledException"})
 # SQS takes at most this many entries in one batch call (and returns at most this many messages).
 SQS_BATCH_MAX = 10
+# Asked of every receive: the receive count bounds retries, the timestamps say how old a message is.
+_SYSTEM_ATTRIBUTES = ("ApproximateReceiveCount", "SentTimestamp", "ApproximateFirstReceiveTimestamp")
 
 
 # -- clients -----------------------------------------------------------------------------------------------------
@@ -284,6 +286,9 @@ class QueueMessage:
     body: str
     receive_count: int
     attributes: dict[str, str]  # message attributes (string values), e.g. a DLQ's ErrorCode / ErrorMessage
+    # When SQS took the message (its SentTimestamp, else ApproximateFirstReceiveTimestamp), in epoch seconds by
+    # SQS's clock; None when SQS gave neither.
+    sent_at: float | None = None
 
 
 def check_queue(sqs_client: Any, queue_url: str) -> None:
@@ -300,7 +305,7 @@ def receive_messages(
         MaxNumberOfMessages=SQS_BATCH_MAX,
         WaitTimeSeconds=wait_seconds,
         VisibilityTimeout=visibility_timeout,
-        MessageSystemAttributeNames=["ApproximateReceiveCount"],
+        MessageSystemAttributeNames=list(_SYSTEM_ATTRIBUTES),
         MessageAttributeNames=["All"],
     )
     messages = []
@@ -322,37 +327,56 @@ def receive_messages(
                 body=str(raw.get("Body", "")),
                 receive_count=receive_count,
                 attributes=attributes,
+                sent_at=_epoch_ms(system.get("SentTimestamp"))
+                or _epoch_ms(system.get("ApproximateFirstReceiveTimestamp")),
             )
         )
     return messages
 
 
+def _epoch_ms(value: Any) -> float | None:
+    try:
+        return int(value) / 1000.0 if value else None
+    except (TypeError, ValueError):
+        return None
+
+
 def delete_messages(sqs_client: Any, queue_url: str, receipt_handles: list[str]) -> list[str]:
     """Delete in batches; returns a readable line for each message SQS could not delete."""
-    return _in_batches(sqs_client.delete_message_batch, queue_url, receipt_handles, {})
+    return _in_batches(sqs_client.delete_message_batch, queue_url, receipt_handles)
 
 
 def change_visibility(
     sqs_client: Any, queue_url: str, receipt_handles: list[str], *, visibility_timeout: int
 ) -> list[str]:
     """Hide (or, with 0, show) messages again in batches; returns a line for each one SQS could not change."""
+    return change_visibility_each(sqs_client, queue_url, dict.fromkeys(receipt_handles, visibility_timeout))
+
+
+def change_visibility_each(sqs_client: Any, queue_url: str, timeouts: Mapping[str, int]) -> list[str]:
+    """Give each message (by receipt handle) its own visibility timeout, in batches; failures as above."""
     return _in_batches(
         sqs_client.change_message_visibility_batch,
         queue_url,
-        receipt_handles,
-        {"VisibilityTimeout": visibility_timeout},
+        list(timeouts),
+        lambda handle: {"VisibilityTimeout": timeouts[handle]},
     )
 
 
 def _in_batches(
-    operation: Callable[..., dict[str, Any]], queue_url: str, handles: list[str], extra: dict[str, Any]
+    operation: Callable[..., dict[str, Any]],
+    queue_url: str,
+    handles: list[str],
+    extra: Callable[[str], dict[str, Any]] = lambda _handle: {},
 ) -> list[str]:
     failures = []
     for start in range(0, len(handles), SQS_BATCH_MAX):
         chunk = handles[start : start + SQS_BATCH_MAX]
         response = operation(
             QueueUrl=queue_url,
-            Entries=[{"Id": str(i), "ReceiptHandle": handle, **extra} for i, handle in enumerate(chunk)],
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": handle, **extra(handle)} for i, handle in enumerate(chunk)
+            ],
         )
         failures.extend(
             f"{entry.get('Id')}: {entry.get('Code')} {entry.get('Message', '')}".strip()

@@ -20,6 +20,8 @@ SECTION = "lambda_executor"
 LAMBDA_MAX_TIMEOUT_S = 900
 # An async invoke payload is at most 1 MiB (256 KiB on some older accounts).
 LAMBDA_MAX_ASYNC_PAYLOAD = 1024 * 1024
+# Lambda's longest event age (6 h) + its longest timeout (15 min) + 15 min for a scheduler to adopt the run.
+DEFAULT_UNOWNED_MESSAGE_MAX_AGE_S = 6 * 3600 + 30 * 60
 
 
 class LambdaConfigError(ValueError):
@@ -50,8 +52,11 @@ class LambdaExecutorConfig:
     # Where the local Lambda service writes its log streams (``<dir>/<function>/<stream>.log``); set it to
     # show a local run's Lambda log in the task log view. Empty with real AWS: CloudWatch Logs is read.
     local_log_dir: str = ""
-    # Not in [lambda_executor] (rarely worth changing), but accepted as per-instance options.
-    unowned_visibility_timeout: int = 30
+    # A message no executor holds is deleted once this old (by SQS's SentTimestamp): the longest a run's owner
+    # could still adopt it is the event's max age + the function's timeout + the scheduler's orphan adoption.
+    unowned_message_max_age: int = DEFAULT_UNOWNED_MESSAGE_MAX_AGE_S
+    # Not in [lambda_executor] (rarely worth changing), but accepted as a per-instance option: a message the
+    # executor fails to handle (a bug, not a malformed message) is deleted after this many receives.
     stale_after_sightings: int = 10
 
     def __repr__(self) -> str:
@@ -116,8 +121,9 @@ class LambdaExecutorConfig:
             ),
             (self.deadline_margin_seconds >= 0, "deadline_margin_seconds: must not be negative"),
             (
-                0 <= self.unowned_visibility_timeout <= 43200,
-                "unowned_visibility_timeout: SQS allows 0 to 43200",
+                self.unowned_message_max_age >= self.event_max_age_seconds + 60,
+                "unowned_message_max_age: must exceed event_max_age_seconds by the function's timeout and "
+                f"the scheduler's orphan adoption delay (default {DEFAULT_UNOWNED_MESSAGE_MAX_AGE_S})",
             ),
             (self.stale_after_sightings >= 2, "stale_after_sightings: must be at least 2"),
         ]
@@ -199,6 +205,6 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "event_max_age_seconds": _integer,
     "deadline_margin_seconds": _number,
     "local_log_dir": _text,
-    "unowned_visibility_timeout": _integer,
+    "unowned_message_max_age": _integer,
     "stale_after_sightings": _integer,
 }

@@ -1,11 +1,13 @@
 """The executor's inbox: the results queue and the DLQ, read by background threads, taken at heartbeats.
 
-A reader thread per queue (``results.QueueReader``) hands each message to a ``classify_*`` method here: a result
-or dead letter for one of the executor's current dispatches is kept for the scheduler thread; one for a retired
-dispatch, a malformed or forged one, or one nobody claimed for ``stale_after_sightings`` receives is deleted; any
-other is left in the queue for the executor that owns (or will adopt) its dispatch. A kept message is deleted
-once the scheduler thread has taken it and acknowledged it at the next heartbeat, so a scheduler that dies in
-between finds it again.
+Each queue is read by one thread per process (``shared_readers.SharedReader``), shared with the other executors
+of the process that read it. The reader opens each message here (``open``: a malformed or forged one is a
+``MessageError``, deleted at once) and asks each executor whether it holds the message's dispatch: a result or
+dead letter for one of this executor's current dispatches is kept for the scheduler thread (``deliver``); one
+for a dispatch it retired is deleted; one nobody in the process holds is released at once for its owner in
+another process (or a future adopter), and deleted only when older than ``unowned_message_max_age``. A kept
+message is deleted once the scheduler thread has taken it and acknowledged it at the next heartbeat, so a
+scheduler that dies in between finds it again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.aws import QueueMessage, classify_dead_letter
 from hybrid_router.lambda_exec.dispatch import DispatchBook, Ownership
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage
-from hybrid_router.lambda_exec.results import Disposition, QueueReader
+from hybrid_router.lambda_exec.results import Disposition
+from hybrid_router.lambda_exec.shared_readers import PROCESS_QUEUES, SharedQueues, SharedReader
 
 if TYPE_CHECKING:
     from hybrid_router.lambda_exec.config import LambdaExecutorConfig
@@ -50,19 +53,28 @@ class Received:
     dead_letter: DeadLetter | None = None  # from the DLQ
     queue: str = RESULTS
     needs_ack: bool = True  # False: the reader deletes it without waiting for the scheduler
+    sent_at: float | None = (
+        None  # when its sender says it was sent (the result's sent_at, the event's issued_at)
+    )
 
 
 class Inbox:
     """The readers of one executor's queues and the messages they delivered that the scheduler has not taken."""
 
     def __init__(
-        self, dispatches: DispatchBook, *, clock: Callable[[], float], stats_incr: Callable[[str], None]
+        self,
+        dispatches: DispatchBook,
+        *,
+        clock: Callable[[], float],
+        stats_incr: Callable[[str], None],
+        queues: SharedQueues | None = None,
     ):
         self._dispatches = dispatches
-        self._clock = clock
-        self._stats_incr = stats_incr
+        self.clock = clock
+        self.stats_incr = stats_incr
+        self._queues = PROCESS_QUEUES if queues is None else queues
         self._config: LambdaExecutorConfig | None = None
-        self._readers: dict[str, QueueReader] = {}
+        self._readers: dict[str, SharedReader] = {}
         self._delivered: deque[Received] = deque()  # appended by reader threads, taken by the scheduler's
         self._acks_due: dict[str, list[str]] = {RESULTS: [], DLQ: []}
 
@@ -73,29 +85,32 @@ class Inbox:
     # -- scheduler thread --------------------------------------------------------------------------------------
 
     def start(self, config: LambdaExecutorConfig, sqs: Any) -> None:
+        """Join the process's reader of each queue (starting it if this executor is the first to read it).
+
+        Raises ``LambdaConfigError`` when another executor of the process reads a queue with another secret.
+        """
         self._config = config
-        self._readers[RESULTS] = self._reader(config, sqs, RESULTS, config.results_queue_url)
+        queues = [(RESULTS, config.results_queue_url)]
         if config.dead_letter_queue_url:
-            self._readers[DLQ] = self._reader(config, sqs, DLQ, config.dead_letter_queue_url)
-        for reader in self._readers.values():
-            reader.start()
+            queues.append((DLQ, config.dead_letter_queue_url))
+        try:
+            for queue, url in queues:
+                self._readers[queue] = self._queues.join(self, queue, url, config, sqs)
+        except Exception:
+            self.stop(flush=False)
+            raise
 
-    def _reader(self, config: LambdaExecutorConfig, sqs: Any, queue: str, url: str) -> QueueReader:
-        return QueueReader(
-            name=f"lambda-{queue}-{config.function_name}",
-            sqs=sqs,
-            queue_url=url,
-            classify=self.classify_result if queue == RESULTS else self.classify_dead_letter,
-            is_active=self._dispatches.has_work_in_flight,
-            wait_seconds=config.poll_wait_seconds,
-            release_visibility_s=config.unowned_visibility_timeout,
-            max_sightings=config.stale_after_sightings,
-        )
+    def receive_ok_at(self) -> float | None:
+        """When the last results receive that worked began: a message sent before then has been seen (or is
+        held by another reader). None before one worked."""
+        reader = self._readers.get(RESULTS)
+        return None if reader is None else reader.receive_ok_at
 
-    def wake(self) -> None:
-        """A dispatch was just registered: poll now rather than at the readers' next idle check."""
+    def wake(self, dispatch_id: str | None = None) -> None:
+        """A dispatch was just registered: poll now rather than at the readers' next idle check, and show at
+        once any of its messages the readers hid (an adopted dispatch's results, released while nobody held it)."""
         for reader in self._readers.values():
-            reader.wake()
+            reader.wake(dispatch_id)
 
     def take(self) -> Iterator[Received]:
         """The delivered messages, oldest first; each is acknowledged at the next ``flush_acks``."""
@@ -113,81 +128,74 @@ class Inbox:
         self._acks_due = {RESULTS: [], DLQ: []}
 
     def stop(self, *, flush: bool) -> None:
-        """Stop the readers; with ``flush`` delete the acknowledged messages first, else leave them."""
+        """Leave the readers; with ``flush`` delete the acknowledged messages first, else leave them.
+
+        Delivered messages the scheduler has not taken (and, without ``flush``, taken ones not acknowledged yet)
+        are made visible again at once for whoever adopts their tasks. A reader stops with its last executor.
+        """
         if flush:
             self.flush_acks()
-        for reader in self._readers.values():
-            reader.stop(flush=flush)
+        for queue, reader in self._readers.items():
+            pending = [item for item in self._delivered if item.queue == queue and item.needs_ack]
+            reveal = [item.receipt_handle for item in pending] + ([] if flush else self._acks_due[queue])
+            self._queues.leave(reader, self, flush=flush, reveal=reveal)
         self._readers.clear()
+        self._delivered.clear()
+        self._acks_due = {RESULTS: [], DLQ: []}
 
     # -- reader threads ----------------------------------------------------------------------------------------
 
-    def classify_result(self, message: QueueMessage) -> Disposition:
-        """Check a results-queue message and keep it if its dispatch is current."""
+    def open(self, queue: str, message: QueueMessage) -> Received:
+        """What a message says, checked with this executor's secret; raises ``protocol.MessageError``."""
+        return self._open_result(message) if queue == RESULTS else self._open_dead_letter(message)
+
+    def ownership(self, dispatch_id: str) -> Ownership:
+        return self._dispatches.ownership(dispatch_id)
+
+    def has_work_in_flight(self) -> bool:
+        return self._dispatches.has_work_in_flight()
+
+    def deliver(self, item: Received) -> Disposition:
+        """Keep ``item`` for the scheduler thread (its dispatch is one of this executor's current ones)."""
+        self._delivered.append(item)
+        return Disposition.DELIVER if item.needs_ack else Disposition.DELIVER_AND_DELETE
+
+    def _open_result(self, message: QueueMessage) -> Received:
         assert self._config is not None
-        try:
-            result = protocol.open_result(message.body, self._config.secret, now=self._clock())
-        except protocol.MessageError as exc:
-            self._malformed(RESULTS, message, exc)
-            return Disposition.DELETE
+        result = protocol.open_result(message.body, self._config.secret, now=self.clock())
         # A SUCCESS is already in Airflow's database: the task process recorded it through the execution API
         # before it exited 0. A scheduler that dies before taking this event finds the task finished (it is
         # not adopted), so the message need not wait a heartbeat for the acknowledgement. Deleting it at once
         # keeps the queue short; moto's receive (and SQS's) costs grow with the messages in flight.
         settled = result.phase is Phase.FINISHED and result.outcome is Outcome.SUCCESS
-        item = Received(
+        return Received(
             receipt_handle=message.receipt_handle,
             dispatch_id=result.dispatch_id,
             result=result,
             needs_ack=not settled,
+            sent_at=result.sent_at,
         )
-        return self._classify_by_ownership(message, item)
 
-    def classify_dead_letter(self, message: QueueMessage) -> Disposition:
+    def _open_dead_letter(self, message: QueueMessage) -> Received:
         """A DLQ message's body is the event we sent; its attributes say what killed the run."""
         assert self._config is not None
-        try:
-            event = protocol.open_event(message.body, self._config.secret)
-        except protocol.MessageError as exc:
-            self._malformed(DLQ, message, exc)
-            return Disposition.DELETE
+        event = protocol.open_event(message.body, self._config.secret)
         code = message.attributes.get("ErrorCode", "")
         text = message.attributes.get("ErrorMessage", "")
         detail = protocol.scrub(
             f"{text} (ErrorCode {code})" if code else text or "dead-lettered by Lambda", 500
         )
-        item = Received(
+        return Received(
             receipt_handle=message.receipt_handle,
             dispatch_id=event.dispatch_id,
             dead_letter=DeadLetter(
                 classify_dead_letter(code, text), detail, message.attributes.get("RequestID", "")
             ),
             queue=DLQ,
+            sent_at=event.issued_at,
         )
-        return self._classify_by_ownership(message, item)
 
-    def _classify_by_ownership(self, message: QueueMessage, item: Received) -> Disposition:
-        assert self._config is not None
-        ownership = self._dispatches.ownership(item.dispatch_id)
-        if ownership is Ownership.CURRENT:
-            self._delivered.append(item)
-            return Disposition.DELIVER if item.needs_ack else Disposition.DELIVER_AND_DELETE
-        if ownership is Ownership.RETIRED:
-            log.debug("Deleting a %s message for finished dispatch %s", item.queue, item.dispatch_id)
-            return Disposition.DELETE
-        if message.receive_count >= self._config.stale_after_sightings:
-            log.warning(
-                "Deleting %s message %s for dispatch %s: no executor claimed it in %d receives",
-                item.queue,
-                message.message_id,
-                item.dispatch_id,
-                message.receive_count,
-            )
-            self._stats_incr("stale_message")
-            return Disposition.DELETE
-        return Disposition.RELEASE
-
-    def _malformed(self, queue: str, message: QueueMessage, exc: Exception) -> None:
+    def malformed(self, queue: str, message: QueueMessage, exc: Exception) -> None:
         # Deleted right after this, so each bad message is logged once. The body may hold a token: never log it.
         log.warning(
             "Deleting a %s message %s that changes no task: %s",
@@ -195,4 +203,4 @@ class Inbox:
             message.message_id,
             protocol.scrub(str(exc)),
         )
-        self._stats_incr("malformed_message")
+        self.stats_incr("malformed_message")

@@ -9,8 +9,10 @@ each message it asks its ``classify`` callback what to do:
 - ``DELIVER_AND_DELETE``: handed to the executor and deleted in the next batch, without waiting for an
   acknowledgement: the executor decided no restarted scheduler needs the message (see ``LambdaExecutor``).
 - ``DELETE``: malformed, forged, superseded or stale; deleted in the next batch.
-- ``RELEASE``: for a dispatch another executor (or a future adopter) owns; hidden for a while with a longer
-  visibility timeout so no reader re-reads it in a hot loop.
+- ``RELEASE``: for a dispatch another executor (or a future adopter) owns: made visible again at once, so its
+  owner gets it at its next receive. A message released again and again (its owner is gone and nobody adopted
+  its task yet) is hidden a little longer each time, by its own receive count (``release_delay_s``): a live
+  owner never waits, and an orphan costs few calls.
 
 A malformed message is a ``MessageError`` that ``classify`` answers with ``DELETE``. Should ``classify`` raise
 anything else (a bug), the message is released, its traceback logged once, and it is deleted once it has been
@@ -18,12 +20,15 @@ received ``max_sightings`` times: no message circulates forever.
 
 When the reader stops, the delivered messages not acknowledged yet are made visible again at once (visibility
 timeout 0): the executor that adopts their tasks reads them without waiting out ``OWNED_VISIBILITY_TIMEOUT_S``.
+``reveal`` does the same for chosen messages while the reader goes on (an executor leaving a shared reader, or
+adopting a dispatch whose message the reader hid).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from enum import Enum
@@ -48,6 +53,19 @@ ERROR_PAUSE_S = 1.0
 GATHER_S = 0.1
 # How many ids of messages that ``classify`` failed on a reader remembers, to log each traceback once.
 FAILED_IDS_KEPT = 1000
+# A released message is visible again at once for its first receives; from then on it is hidden 1, 2, 4...
+# seconds, up to the cap. Live readers hand a message over within a receive or two (a message picked by a
+# reader that is not its owner ten times running, at even odds, is one in a thousand); one whose owner is gone
+# costs a receive every RELEASE_DELAY_CAP_S per reader after its first ten, not a hot loop.
+FREE_RELEASES = 10
+RELEASE_DELAY_CAP_S = 20
+
+
+def release_delay_s(receive_count: int, cap_s: int = RELEASE_DELAY_CAP_S) -> int:
+    """How long a message received ``receive_count`` times is hidden when released: 0, then growing to ``cap_s``."""
+    if receive_count <= FREE_RELEASES:
+        return 0
+    return min(cap_s, 2 ** min(receive_count - FREE_RELEASES - 1, 16))
 
 
 class Disposition(str, Enum):
@@ -69,9 +87,10 @@ class QueueReader:
         classify: Callable[[QueueMessage], Disposition],
         is_active: Callable[[], bool],
         wait_seconds: int,
-        release_visibility_s: int,
         max_sightings: int,
+        max_release_delay_s: int = RELEASE_DELAY_CAP_S,
         gather_s: float = GATHER_S,
+        clock: Callable[[], float] = time.time,
     ):
         self.name = name
         self._sqs = sqs
@@ -79,11 +98,12 @@ class QueueReader:
         self._classify = classify
         self._is_active = is_active
         self._wait_seconds = wait_seconds
-        self._release_visibility_s = release_visibility_s
+        self._max_release_delay_s = max_release_delay_s
         self._max_sightings = max_sightings
         self._gather_s = gather_s
         self._failed_ids: OrderedDict[str, None] = OrderedDict()  # reader thread only
         self._acks: SimpleQueue[str] = SimpleQueue()
+        self._reveals: SimpleQueue[str] = SimpleQueue()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._flush_on_stop = True
@@ -91,6 +111,10 @@ class QueueReader:
         # Receipt handles delivered and not acknowledged yet; touched by the reader thread only.
         self._unacked: set[str] = set()
         self.received = 0
+        self._clock = clock
+        # When the last receive that worked began (``clock`` time), its messages classified: the executor's
+        # watchdog infers nothing from a missing message until a receive that began after its deadline worked.
+        self.receive_ok_at: float | None = None
 
     # -- control (scheduler thread) --------------------------------------------------------------------------
 
@@ -103,6 +127,17 @@ class QueueReader:
             self._acks.put(handle)
         if receipt_handles:
             self._wake.set()
+
+    def reveal(self, receipt_handles: list[str]) -> None:
+        """Make these messages visible again at the reader's next batch (delivered ones are no longer awaited)."""
+        for handle in receipt_handles:
+            self._reveals.put(handle)
+        if receipt_handles:
+            self._wake.set()
+
+    def use_client(self, sqs: Any) -> None:
+        """Make the next calls with this client (the one in use belongs to an executor that left)."""
+        self._sqs = sqs
 
     def wake(self) -> None:
         """Start polling now instead of at the next idle check (a dispatch was just registered)."""
@@ -128,11 +163,15 @@ class QueueReader:
         while not self._stop.is_set():
             try:
                 self._delete(self._drain_acks())
+                self._show(self._drain_reveals())
                 if not self._is_active():
                     self._wake.wait(IDLE_CHECK_S)
                     self._wake.clear()
                     continue
-                if 0 < self._poll_once() < aws.SQS_BATCH_MAX:
+                received, released = self._poll_once()
+                # A full batch of other executors' messages is no backlog of ours: pausing lets their owners
+                # (polling too) take them rather than this reader again.
+                if 0 < received < aws.SQS_BATCH_MAX or (received and released == received):
                     self._stop.wait(self._gather_s)
             except Exception:
                 # The thread must outlive any single failure (network, throttling, a bug in one message).
@@ -145,12 +184,13 @@ class QueueReader:
             else:
                 self._unacked.update(acked)
             # Not (or not known to be) taken by the scheduler: whoever adopts the task reads these now.
-            self._release(sorted(self._unacked), visibility_s=0)
+            self._show(sorted(self._unacked | set(self._drain_reveals())))
         except Exception:
             log.exception("%s: could not settle delivered messages at stop", self.name)
 
-    def _poll_once(self) -> int:
-        """One receive (a long poll) and the deletes that ride along; returns how many messages came."""
+    def _poll_once(self) -> tuple[int, int]:
+        """One receive (a long poll) and the deletes that ride along; how many messages came and were released."""
+        began = self._clock()
         messages = aws.receive_messages(
             self._sqs,
             self._queue_url,
@@ -159,7 +199,7 @@ class QueueReader:
         )
         self.received += len(messages)
         to_delete: list[str] = []
-        to_release: list[str] = []
+        to_release: dict[str, int] = {}
         for message in messages:
             try:
                 disposition = self._classify(message)
@@ -170,11 +210,14 @@ class QueueReader:
             elif disposition in (Disposition.DELETE, Disposition.DELIVER_AND_DELETE):
                 to_delete.append(message.receipt_handle)
             elif disposition is Disposition.RELEASE:
-                to_release.append(message.receipt_handle)
+                to_release[message.receipt_handle] = release_delay_s(
+                    message.receive_count, self._max_release_delay_s
+                )
         # Deletes of messages delivered in earlier batches ride along with this batch's.
+        self.receive_ok_at = began  # every message of this receive is classified (a kept one is delivered)
         self._delete(to_delete + self._drain_acks())
         self._release(to_release)
-        return len(messages)
+        return len(messages), len(to_release)
 
     def _unhandled(self, message: QueueMessage) -> Disposition:
         """``classify`` raised on this message: leave it for a while, but not forever."""
@@ -208,7 +251,21 @@ class QueueReader:
         for failure in aws.delete_messages(self._sqs, self._queue_url, handles):
             log.warning("%s: could not delete a message: %s", self.name, failure)
 
-    def _release(self, handles: list[str], visibility_s: int | None = None) -> None:
-        timeout = self._release_visibility_s if visibility_s is None else visibility_s
-        for failure in aws.change_visibility(self._sqs, self._queue_url, handles, visibility_timeout=timeout):
+    def _drain_reveals(self) -> list[str]:
+        handles = []
+        while True:
+            try:
+                handle = self._reveals.get_nowait()
+            except Empty:
+                return handles
+            self._unacked.discard(handle)
+            handles.append(handle)
+
+    def _show(self, handles: list[str]) -> None:
+        self._release(dict.fromkeys(handles, 0))
+
+    def _release(self, timeouts: dict[str, int]) -> None:
+        # A failure is harmless: the message was deleted or received by another reader meanwhile, or it becomes
+        # visible at its receive's visibility timeout.
+        for failure in aws.change_visibility_each(self._sqs, self._queue_url, timeouts):
             log.debug("%s: could not release a message: %s", self.name, failure)

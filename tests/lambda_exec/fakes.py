@@ -94,18 +94,26 @@ class FakeSqs:
         self._ids = itertools.count(1)
         self.deleted: list[str] = []
         self.released: list[str] = []
+        self.release_timeouts: list[tuple[str, int]] = []  # (receipt handle, VisibilityTimeout) per release
         self.receives = 0
         self.missing_queues: set[str] = set()  # get_queue_attributes answers NonExistentQueue for these
 
     def send(
-        self, queue_url: str, body: str, *, receive_count: int = 1, attributes: dict[str, str] | None = None
+        self,
+        queue_url: str,
+        body: str,
+        *,
+        receive_count: int = 1,
+        attributes: dict[str, str] | None = None,
+        sent_at: float | None = None,
     ):
         message_id = f"m{next(self._ids)}"
+        sent_ms = int((time.time() if sent_at is None else sent_at) * 1000)
         message = {
             "MessageId": message_id,
             "ReceiptHandle": f"rh-{message_id}",
             "Body": body,
-            "Attributes": {"ApproximateReceiveCount": str(receive_count)},
+            "Attributes": {"ApproximateReceiveCount": str(receive_count), "SentTimestamp": str(sent_ms)},
             "MessageAttributes": {
                 name: {"DataType": "String", "StringValue": value}
                 for name, value in (attributes or {}).items()
@@ -138,6 +146,9 @@ class FakeSqs:
     def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
             self.released.extend(entry["ReceiptHandle"] for entry in kwargs["Entries"])
+            self.release_timeouts.extend(
+                (e["ReceiptHandle"], e["VisibilityTimeout"]) for e in kwargs["Entries"]
+            )
             if self._redeliver:
                 for entry in kwargs["Entries"]:
                     queue_url, message = self._received[entry["ReceiptHandle"]]

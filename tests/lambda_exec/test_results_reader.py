@@ -47,7 +47,6 @@ def _read(sqs: CountingSqs, expected: int, gather_s: float, trickle_s: float | N
         classify=classify,
         is_active=lambda: True,
         wait_seconds=1,
-        release_visibility_s=30,
         max_sightings=10,
         gather_s=gather_s,
     )
@@ -110,7 +109,6 @@ def _delivering_reader(sqs: FakeSqs, delivered: list[str]) -> QueueReader:
         classify=classify,
         is_active=lambda: True,
         wait_seconds=0,
-        release_visibility_s=30,
         max_sightings=10,
     )
 
@@ -163,7 +161,6 @@ def test_a_message_classify_fails_on_is_logged_once_and_deleted_after_bounded_si
         classify=classify,
         is_active=lambda: True,
         wait_seconds=0,
-        release_visibility_s=30,
         max_sightings=4,
         gather_s=0,
     )
