@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, ValuesView
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,14 @@ class Dispatch:
     request_id: str = ""
     started_at: float | None = None
     future: Future[Any] | None = None
+    # The run (delivered copy of the event) bound to this dispatch: None until one claimed the task; "" for a
+    # handler older than run ids (``runs.py``).
+    run_id: str | None = None
+    other_runs: set[str] = field(default_factory=set)  # runs whose results were ignored (each logged once)
+    # When a copy reported EVENT_EXPIRED while no run was bound: the event can start no run any more.
+    expired_seen_at: float | None = None
+    # The heartbeat in which RUNNING (with the bound run's id) was reported; a final state waits for the next.
+    running_beat: int | None = None
 
 
 class Ownership(str, Enum):

@@ -19,7 +19,7 @@ from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
 from hybrid_router.child_protocol import InfrastructureFailure
-from hybrid_router.lambda_exec import aws, protocol
+from hybrid_router.lambda_exec import aws, protocol, runs
 from hybrid_router.lambda_exec.aws import (
     AwsCallError,
     AwsClients,
@@ -44,6 +44,7 @@ from hybrid_router.lambda_exec.dispatch import (
 from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.inbox import Inbox
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, TaskRef
+from hybrid_router.lambda_exec.shared_readers import SharedQueues
 from hybrid_router.lambda_exec.task_logs import RunLogReader
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 METRIC_PREFIX = "lambda_executor"
 # How old an event sealed at queue time may be and still be sent as it is.
 PRESEALED_MAX_AGE_S = 1.0
-# After not_after (or the function's timeout) a run that never reported is declared dead this much later:
+# After the moment from which no run can act (see ``_watchdog``) a dispatch is declared dead this much later:
 # room for clock skew between this host and Lambda, and for the last message to travel through SQS.
 WATCHDOG_GRACE_S = 15.0
 # Infrastructure failures nobody popped (no router) are dropped after this long.
@@ -82,6 +83,8 @@ class LambdaExecutor(BaseExecutor):
     :param team_name: Airflow team whose configuration applies.
     :param clock: wall clock (tests pass a fake one); ``not_after`` is wall-clock time shared with the handler.
     :param clients: AWS clients to use instead of creating them at ``start()`` (tests, benchmarks).
+    :param queues: the readers shared by the executors of one scheduler (default: this process's); tests pass
+        their own to model executors in two schedulers.
     :param options: per-instance overrides of ``[lambda_executor]`` options (a routing policy's ``options``).
     """
 
@@ -98,6 +101,7 @@ class LambdaExecutor(BaseExecutor):
         *,
         clock: Callable[[], float] = time.time,
         clients: AwsClients | None = None,
+        queues: SharedQueues | None = None,
         **options: Any,
     ):
         super().__init__(parallelism=parallelism, team_name=team_name)
@@ -109,7 +113,7 @@ class LambdaExecutor(BaseExecutor):
         self._own_clients = clients is None
         self._pool: ThreadPoolExecutor | None = None
         self._dispatches = DispatchBook(clock)
-        self._inbox = Inbox(self._dispatches, clock=clock, stats_incr=self._stats_incr)
+        self._inbox = Inbox(self._dispatches, clock=clock, stats_incr=self._stats_incr, queues=queues)
         self._infra_failures: dict[TaskInstanceKey, tuple[InfrastructureFailure, float]] = {}
         # No invokes and no free capacity until then: Lambda throttles this executor or refuses its credentials.
         self._paused_until = 0.0
@@ -117,6 +121,10 @@ class LambdaExecutor(BaseExecutor):
         self._function_timeout_s = LAMBDA_MAX_TIMEOUT_S
         self._run_logs = RunLogReader(lambda: self.config)
         self._started = False
+        # Heartbeats counted, and the final states held back one heartbeat so that the RUNNING event (which
+        # carries the run's external id) reaches the scheduler first: its event buffer keeps one event per task.
+        self._beat = 0
+        self._held_finals: list[tuple[TaskInstanceKey, TaskInstanceState, str | None]] = []
 
     # -- configuration ---------------------------------------------------------------------------------------
 
@@ -245,6 +253,7 @@ class LambdaExecutor(BaseExecutor):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._collect_invokes(self._clock())
+        self._release_held_finals()
         # Only messages whose events the scheduler already took are deleted; the rest stay for the next owner.
         self._inbox.stop(flush=True)
         self._started = False
@@ -292,10 +301,14 @@ class LambdaExecutor(BaseExecutor):
         if not self._started:
             return
         now = self._clock()
+        self._beat += 1
+        self._release_held_finals()
+        # Read before the messages are taken: a receive that worked by then delivered what it received.
+        receive_ok_at = self._inbox.receive_ok_at()
         self._inbox.flush_acks()
         self._collect_invokes(now)
         self._apply_inbound(now)
-        self._watchdog(now)
+        self._watchdog(now, receive_ok_at)
         self._drop_old_infra_failures(now)
         self._submit_due(now)
         self._save_task_event_logs()
@@ -330,7 +343,7 @@ class LambdaExecutor(BaseExecutor):
             if parsed is None or parsed[0] != self.config.function_name:
                 not_adopted.append(ti)
                 continue
-            _, request_id, dispatch_id = parsed
+            request_id, dispatch_id = parsed.request_id, parsed.dispatch_id
             started = ti.state == TaskInstanceState.RUNNING
             dispatch = Dispatch(
                 key=ti.key,
@@ -342,6 +355,8 @@ class LambdaExecutor(BaseExecutor):
                 issued_at=now,
                 not_after=now + self.config.event_max_age_seconds,
                 started_at=now if started else None,
+                # The run that held the task, when the id names it; otherwise the first run that claims.
+                run_id=parsed.run_id or None,
             )
             self.running.add(ti.key)
             self._register(dispatch)
@@ -373,7 +388,7 @@ class LambdaExecutor(BaseExecutor):
 
     def _register(self, dispatch: Dispatch) -> None:
         self._dispatches.register(dispatch)
-        self._inbox.wake()
+        self._inbox.wake(dispatch.dispatch_id)  # an adopted dispatch's hidden results are shown at once
 
     def _seal(self, dispatch: Dispatch, now: float) -> str:
         """The signed event for the next invoke of ``dispatch``; ``not_after`` counts from this attempt."""
@@ -510,13 +525,29 @@ class LambdaExecutor(BaseExecutor):
             if dispatch is None:
                 continue  # revoked or finished since the reader delivered it
             if item.dead_letter is not None:
-                if item.dead_letter.request_id and not dispatch.request_id:
-                    dispatch.request_id = item.dead_letter.request_id
+                request_id = item.dead_letter.request_id
+                if (
+                    dispatch.run_id
+                    and request_id
+                    and dispatch.request_id
+                    and request_id != dispatch.request_id
+                ):
+                    # Another invocation's event (an earlier invoke attempt whose answer was lost) died; the
+                    # bound run is not that one.
+                    self.log.info("Ignoring a dead letter of request %s for %s", request_id, dispatch.key)
+                    self._stats_incr("other_run_result")
+                    continue
+                if request_id and not dispatch.request_id:
+                    dispatch.request_id = request_id
                 self._infrastructure_failure(dispatch, item.dead_letter.outcome, item.dead_letter.detail)
             elif item.result is not None:
                 self._apply_result(dispatch, item.result, now)
 
     def _apply_result(self, dispatch: Dispatch, result: ResultMessage, now: float) -> None:
+        verdict = runs.judge(dispatch, result)
+        if verdict in (runs.Verdict.OTHER_RUN, runs.Verdict.NOT_CLAIMED):
+            self._stats_incr(runs.ignore(dispatch, result, verdict, now))
+            return
         if result.request_id:
             dispatch.request_id = result.request_id
         if result.phase is Phase.STARTED:
@@ -542,9 +573,12 @@ class LambdaExecutor(BaseExecutor):
         dispatch.state = DispatchState.STARTED
         dispatch.started_at = result.started_at or result.sent_at
         self._stats_timing("start_latency", max(0.0, dispatch.started_at - dispatch.issued_at))
+        dispatch.running_beat = self._beat
         self.running_state(
             dispatch.key,
-            lambda_external_id(self.config.function_name, dispatch.request_id, dispatch.dispatch_id),
+            lambda_external_id(
+                self.config.function_name, dispatch.request_id, dispatch.dispatch_id, dispatch.run_id or ""
+            ),
         )
 
     def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome | str, detail: str) -> None:
@@ -563,28 +597,40 @@ class LambdaExecutor(BaseExecutor):
 
     def _finish(self, dispatch: Dispatch, state: TaskInstanceState, info: str | None) -> None:
         self._dispatches.retire(dispatch)
+        if dispatch.running_beat == self._beat:
+            # RUNNING went into the buffer in this heartbeat: reported now, the final would replace it and the
+            # run's id would never reach the task instance. ``running`` keeps the key until then.
+            self._held_finals.append((dispatch.key, state, info))
+            return
         self.change_state(dispatch.key, state, info)
+
+    def _release_held_finals(self) -> None:
+        held, self._held_finals = self._held_finals, []
+        for key, state, info in held:
+            self.change_state(key, state, info)
 
     # -- watchdog ----------------------------------------------------------------------------------------------
 
-    def _watchdog(self, now: float) -> None:
-        """Declare dead the runs that can no longer report: nothing else would ever free their slot."""
+    def _watchdog(self, now: float, receive_ok_at: float | None) -> None:
+        """Declare dead the dispatches no run can act for any more (``runs.dead_after``), once a receive that
+        began after that worked: receive errors delay the verdict, never make it."""
         for dispatch in list(self._dispatches.values()):
-            if dispatch.state is DispatchState.ACCEPTED and now > dispatch.not_after + WATCHDOG_GRACE_S:
-                self._infrastructure_failure(
-                    dispatch,
-                    Outcome.EVENT_EXPIRED,
-                    "no run started before the event's not_after; the handler refuses it from then on",
+            if dispatch.state not in (DispatchState.ACCEPTED, DispatchState.STARTED):
+                continue
+            if not runs.is_dead(
+                now, runs.dead_after(dispatch, self._function_timeout_s), WATCHDOG_GRACE_S, receive_ok_at
+            ):
+                continue
+            if dispatch.state is DispatchState.ACCEPTED:
+                detail = "no run claimed the task before the event's not_after; the handler refuses it since"
+                self._infrastructure_failure(dispatch, Outcome.EVENT_EXPIRED, detail)
+            else:
+                assert dispatch.started_at is not None
+                detail = (
+                    f"no result {now - dispatch.started_at:.0f}s after the run started "
+                    f"(function timeout {self._function_timeout_s}s)"
                 )
-            elif dispatch.state is DispatchState.STARTED and dispatch.started_at is not None:
-                dead_after = max(dispatch.started_at + self._function_timeout_s, dispatch.not_after)
-                if now > dead_after + WATCHDOG_GRACE_S:
-                    self._infrastructure_failure(
-                        dispatch,
-                        Outcome.TIMEOUT,
-                        f"no result {now - dispatch.started_at:.0f}s after the run started "
-                        f"(function timeout {self._function_timeout_s}s)",
-                    )
+                self._infrastructure_failure(dispatch, Outcome.TIMEOUT, detail)
 
     def _drop_old_infra_failures(self, now: float) -> None:
         for key, (_, recorded) in list(self._infra_failures.items()):

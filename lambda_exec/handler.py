@@ -17,12 +17,15 @@ What one invocation does:
    process tree (its supervisor frozen first, so the task stays resettable; the operator's on_kill still
    runs) and report ``TIMEOUT`` so the executor can fall back at once instead of waiting for the DLQ
    (``process_tree``);
-5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED``, the return code and the start time.
+5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED``, the return code and the start time; ``claimed`` if the
+   run's ``/run`` took the task; ``NOT_CLAIMED`` (never a failure) if the execution API refused it (409: another
+   copy of the event holds the task, or it moved on).
 
-``STARTED`` is reported only once the run has lasted ``HYBRID_ROUTER_STARTED_GRACE_S`` (see
-``started_notice``): most short tasks then cost one SQS message instead of two, and the executor takes a
-FINISHED with no STARTED before it as both. A run whose STARTED cannot be sent (retried for a while) is
-stopped as at the deadline and reports ``UNREPORTED``: no run goes on that no executor knows of.
+Each delivered copy of an event is its own run, named by ``run_id``. ``STARTED`` is reported only once the run
+has lasted ``HYBRID_ROUTER_STARTED_GRACE_S`` and has claimed the task (see ``started_notice`` and ``claim``):
+most short tasks then cost one SQS message instead of two, and the executor takes a claimed FINISHED with no
+STARTED before it as both. A run whose STARTED cannot be sent (retried for a while), or whose claim is not
+known by then, is stopped as at the deadline and reports ``UNREPORTED``: no run goes on that no executor knows of.
 
 A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
 the event reaches the DLQ: the executor then learns about the run from there.
@@ -36,7 +39,7 @@ Environment:
 - ``HYBRID_ROUTER_FORK_WORKLOADS`` (optional, default ``true``): ``false`` starts every workload as a new
   Python process (slower; for comparison or a runtime where fork misbehaves).
 - ``HYBRID_ROUTER_STARTED_GRACE_S`` (optional, default 0.5): how long a run may last before ``STARTED`` is
-  sent; ``0`` sends it before the workload starts (and runs nothing if it cannot be sent).
+  sent; ``0`` sends it as soon as the run has claimed the task.
 - ``AWS_ENDPOINT_URL_SQS`` and the usual AWS variables are read by boto3 itself.
 """
 
@@ -48,11 +51,13 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.claim import ClaimFile
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage
 from hybrid_router.lambda_exec.started_notice import StartedNotice
 from hybrid_router.lambda_exec.task_runner import (
@@ -127,9 +132,12 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     # Settings are checked before anything runs: a misconfigured function fails the invocation, not the task.
     settings = sandbox.settings
     margin_s = settings.margin_for(context.get_remaining_time_in_millis() / 1000.0)
-    notice = StartedNotice(reporter, started_at, settings.started_grace_s, not_after=invoke.not_after)
+    claim = ClaimFile()
+    notice = StartedNotice(
+        reporter, started_at, settings.started_grace_s, not_after=invoke.not_after, claim=claim.state
+    )
     notice.arm()
-    log.info("Running %s (dispatch %s)", _task_label(invoke), invoke.dispatch_id)
+    log.info("Running %s (dispatch %s, run %s)", _task_label(invoke), invoke.dispatch_id, reporter.run_id)
 
     stopped_for: list[Outcome] = []  # why the handler stopped the run, once it has
 
@@ -148,14 +156,27 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
             fork=settings.fork,
             task_runner=sandbox.task_runner,
             command=sandbox.workload_command,
+            claim=claim,
+            run_id=reporter.run_id,
         )
     finally:
         # FINISHED never overtakes a STARTED that is being sent; a run that ended within the grace sends none.
         notice.settle()
-    outcome, detail = _outcome_of(run, stopped_for[0] if stopped_for else Outcome.TIMEOUT)
+        claim.state()  # read before the folder goes
+        claim.remove()
+    if claim.refused:
+        outcome = Outcome.NOT_CLAIMED
+        detail = "the execution API refused this run's /run (409): another run holds the task, or it moved on"
+    else:
+        outcome, detail = _outcome_of(run, stopped_for[0] if stopped_for else Outcome.TIMEOUT)
     log.info("Finished %s: %s %s", _task_label(invoke), outcome.value, detail)
     reporter.send(
-        Phase.FINISHED, outcome=outcome, started_at=started_at, return_code=run.return_code, detail=detail
+        Phase.FINISHED,
+        outcome=outcome,
+        started_at=started_at,
+        return_code=run.return_code,
+        detail=detail,
+        claimed=claim.claimed,
     )
     return {"status": outcome.value, "return_code": run.return_code}
 
@@ -312,6 +333,8 @@ class ResultReporter:
     ):
         self.invoke = invoke
         self.context = context
+        # Each delivered copy of an event is its own run (AWS may deliver one twice, sharing the request id).
+        self.run_id = uuid.uuid4().hex
         self._key = key  # never logged
         self._sqs_client = sqs_client
 
@@ -323,6 +346,7 @@ class ResultReporter:
         outcome: Outcome | None = None,
         return_code: int | None = None,
         detail: str = "",
+        claimed: bool = False,
     ) -> None:
         message = ResultMessage(
             phase=phase,
@@ -336,6 +360,8 @@ class ResultReporter:
             request_id=getattr(self.context, "aws_request_id", ""),
             function_name=getattr(self.context, "function_name", ""),
             log_stream=getattr(self.context, "log_stream_name", ""),
+            run_id=self.run_id,
+            claimed=claimed,
         )
         body = protocol.seal_result(message, self._key)
         try:

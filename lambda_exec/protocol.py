@@ -58,10 +58,13 @@ class Outcome(str, Enum):
     EVENT_EXPIRED = "event_expired"
     # The handler stopped the run because it could not report STARTED: a run no executor knew of.
     UNREPORTED = "unreported"
+    # The execution API refused this run's /run (409): another run (a duplicate delivery of the same event, or
+    # a re-invoke after an ambiguous answer) holds the task. Never a failure of the task.
+    NOT_CLAIMED = "not_claimed"
 
     @property
     def is_infrastructure(self) -> bool:
-        return self not in (Outcome.SUCCESS, Outcome.FAILED)
+        return self not in (Outcome.SUCCESS, Outcome.FAILED, Outcome.NOT_CLAIMED)
 
 
 class Phase(str, Enum):
@@ -163,6 +166,10 @@ class ResultMessage:
     function_name: str = ""
     log_stream: str = ""
     kind: str = field(default=RESULT_KIND)
+    # Each delivered copy of an event is its own run, named by the handler (a uuid4 hex); "" from a handler
+    # older than run ids. ``claimed``: the run's /run succeeded, so it holds the task (STARTED implies it).
+    run_id: str = ""
+    claimed: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         data = asdict(self)
@@ -201,6 +208,8 @@ class ResultMessage:
             request_id=_opt_str(data, "request_id"),
             function_name=_opt_str(data, "function_name"),
             log_stream=_opt_str(data, "log_stream"),
+            run_id=_opt_str(data, "run_id"),
+            claimed=_opt_bool(data, "claimed"),
         )
 
 
@@ -217,6 +226,13 @@ def _opt_str(data: dict[str, Any], name: str) -> str:
         return ""
     if not isinstance(value, str):
         raise MessageError(f"{name}: expected a string")
+    return value
+
+
+def _opt_bool(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise MessageError(f"{name}: expected true or false")
     return value
 
 

@@ -1,9 +1,15 @@
-"""The handler's STARTED report: held back for a grace, sent with retries, and the run stopped if it cannot be.
+"""The handler's STARTED report: held back for a grace and until the run claimed its task, sent with retries,
+and the run stopped if it cannot be.
 
 The executor takes "no STARTED" as "not running": an accepted event whose run never reported is declared dead
 at its ``not_after`` plus a grace, and its try goes to another executor. So a run that cannot report STARTED must
 not go on: it keeps trying (with back-off, on top of botocore's own retries) until ``confirm_by``, then the
 handler stops it as it does at the deadline and reports ``Outcome.UNREPORTED``.
+
+STARTED also says "this run holds the task" (``claimed``): it waits for the execution API's answer to the run's
+``/run`` (``claim``). A run refused there (another copy of the event holds the task) sends no STARTED and is
+never stopped as unreported: it ends by itself and reports ``NOT_CLAIMED``. A run whose answer has not come by
+``confirm_by`` is stopped like one that cannot send STARTED.
 
 Standard library only: the handler imports this module on every cold start.
 """
@@ -13,9 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.claim import CLAIMED, REFUSED
 from hybrid_router.lambda_exec.protocol import Phase
 
 log = logging.getLogger(__name__)
@@ -27,12 +35,14 @@ log.setLevel(logging.INFO)
 CONFIRM_WINDOW_S = 30.0
 FIRST_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 5.0
+# How often the notice looks for the run's claim once STARTED is due.
+CLAIM_POLL_S = 0.05
 
 
 class Reporter(Protocol):
     """What the notice needs of ``handler.ResultReporter``: a send that raises when it fails."""
 
-    def send(self, phase: Phase, *, started_at: float) -> Any: ...
+    def send(self, phase: Phase, *, started_at: float, claimed: bool = False) -> Any: ...
 
 
 class StartedNotice:
@@ -45,8 +55,10 @@ class StartedNotice:
     after the grace, never after ``not_after``). After that, or once a send is refused for good (a missing
     queue, a denied permission), ``unconfirmed()`` is true and the handler stops the run.
 
-    With ``grace_s == 0`` STARTED is sent at once, with the same retries, before the workload starts; if it
-    cannot be sent, ``arm`` raises and nothing runs.
+    STARTED waits for ``claim()`` to say ``CLAIMED``; with ``REFUSED`` none is sent and the run is never
+    unconfirmed. Without ``claim`` the run counts as claimed from the start. With ``grace_s == 0`` STARTED is
+    sent as soon as the run claimed the task; if that is known already, ``arm`` sends it, with the same retries,
+    and raises if it cannot be sent (then nothing should run).
     """
 
     def __init__(
@@ -57,6 +69,7 @@ class StartedNotice:
         *,
         not_after: float | None = None,
         confirm_window_s: float | None = None,
+        claim: Callable[[], str | None] | None = None,
     ):
         self._reporter = reporter
         self._started_at = started_at
@@ -67,10 +80,11 @@ class StartedNotice:
         self._cancelled = threading.Event()
         self._gave_up = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claim = claim or (lambda: CLAIMED)
         self.sent = False
 
     def arm(self) -> None:
-        if self._grace_s <= 0:
+        if self._grace_s <= 0 and self._claim() == CLAIMED:
             error = self._send_until_confirmed()
             if error is not None:
                 raise error
@@ -80,7 +94,7 @@ class StartedNotice:
 
     def unconfirmed(self) -> bool:
         """True once the run must be stopped: STARTED is due and could not be sent in time, or ever."""
-        if self.sent or time.time() < self._due_at:
+        if self.sent or time.time() < self._due_at or self._claim() == REFUSED:
             return False
         return self._gave_up.is_set() or time.time() >= self.confirm_by
 
@@ -91,15 +105,20 @@ class StartedNotice:
             self._thread.join()
 
     def _send_after_grace(self) -> None:
-        if not self._cancelled.wait(self._grace_s):
-            self._send_until_confirmed()
+        if self._cancelled.wait(self._grace_s):
+            return
+        while (state := self._claim()) != CLAIMED:
+            if state == REFUSED or self._cancelled.wait(CLAIM_POLL_S):
+                return  # another run holds the task, or this one ended: FINISHED says all there is to say
+        self._send_until_confirmed()
 
     def _send_until_confirmed(self) -> Exception | None:
         """Send STARTED, trying again until ``confirm_by``; the last error if it could not be sent."""
         delay = FIRST_RETRY_DELAY_S
         while True:
             try:
-                self._reporter.send(Phase.STARTED, started_at=self._started_at)  # logs its own failures
+                # The reporter logs its own failures.
+                self._reporter.send(Phase.STARTED, started_at=self._started_at, claimed=True)
             except Exception as exc:
                 error = exc
             else:

@@ -33,7 +33,7 @@ class RunLogReader:
         parsed = parse_lambda_external_id(external_id)
         if parsed is None:
             return [], []
-        function_name, request_id, dispatch_id = parsed
+        function_name, request_id, dispatch_id = parsed.function_name, parsed.request_id, parsed.dispatch_id
         short_name = function_name.rsplit(":function:", 1)[-1].split(":", 1)[0]
         try:
             config = self._load_config()

@@ -11,6 +11,11 @@ import failed (logged once per sandbox) or the sandbox runs a custom command, th
 deadline comes during the first import, nothing starts and the import goes on for the sandbox's next
 invocation.
 
+Either way, the process that runs Airflow's supervisor records whether its ``/run`` claimed the task in the
+run's claim file (``claim``): the forked child installs the hook itself; a new process is started as
+``python -m hybrid_router.lambda_exec.claim``, which installs it and then runs ``execute_workload``. The file is
+named in ``HYBRID_ROUTER_CLAIM_FILE``, so a workload command of one's own can write it too.
+
 Standard library only at import: Airflow is imported by ``AirflowTaskRunner``, in the loader's thread.
 """
 
@@ -31,16 +36,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec.claim import CLAIM_FILE_ENV, ClaimFile, install_hook
 from hybrid_router.lambda_exec.process_tree import POLL_INTERVAL_S, run_until_deadline
 
 log = logging.getLogger(__name__)
+# The run's id (``ResultMessage.run_id``), in the environment of the workload's processes (the task's too).
+RUN_ID_ENV = "HYBRID_ROUTER_RUN_ID"
+# Set by the handler for each run; never inherited from the sandbox.
+RUN_ENV_NAMES = (CLAIM_FILE_ENV, RUN_ID_ENV)
 # Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
 log.setLevel(logging.INFO)
 
 
 def airflow_workload_command(workload_path: str) -> list[str]:
-    """The command Airflow's workers run for one workload (the provider's Lambda image does the same)."""
-    return [sys.executable, "-m", "airflow.sdk.execution_time.execute_workload", "--json-path", workload_path]
+    """The command Airflow's workers run for one workload (``execute_workload``), with the claim hook installed."""
+    return [sys.executable, "-m", "hybrid_router.lambda_exec.claim", "--json-path", workload_path]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,12 +73,16 @@ def run_workload(
     fork: bool,
     task_runner: TaskRunnerLoader | None,
     command: Callable[[str], list[str]] = airflow_workload_command,
+    claim: ClaimFile | None = None,
+    run_id: str | None = None,
 ) -> WorkloadRun:
     """Run the workload in its own process group; stop its whole tree once ``deadline_near()`` (the deadline,
     or another reason the handler has to stop the run).
 
     With ``fork`` and a ``task_runner`` it runs in a child forked from this process; otherwise, or if
-    Airflow's task runner cannot be imported, ``command`` starts it as a new process.
+    Airflow's task runner cannot be imported, ``command`` starts it as a new process. The run's ``/run`` answer
+    goes to ``claim`` (whose folder also holds the workload's file for a new process); ``run_id`` is in the
+    environment of the workload's processes, as ``HYBRID_ROUTER_RUN_ID``.
     """
     begin = time.monotonic()
     runner = None
@@ -84,12 +98,17 @@ def run_workload(
                 started=False,
             )
     workdir = None
+    run_env = {CLAIM_FILE_ENV: claim.path} if claim is not None else {}
+    if run_id:
+        run_env[RUN_ID_ENV] = run_id
     try:
         if runner is not None:
-            child: Any = ForkedWorkload(runner, workload)
+            child: Any = ForkedWorkload(runner, workload, run_env)
         else:
-            workdir = tempfile.mkdtemp(prefix="hybrid-router-")
-            child = _start_process(command, workload, workdir)
+            if claim is None:
+                workdir = tempfile.mkdtemp(prefix="hybrid-router-")
+            folder = workdir if claim is None else claim.folder
+            child = _start_process(command, workload, folder, run_env)
         return_code, stopped = run_until_deadline(child, deadline_near=deadline_near, margin_s=margin_s)
         return WorkloadRun(
             return_code=return_code,
@@ -103,7 +122,7 @@ def run_workload(
 
 
 def _start_process(
-    command: Callable[[str], list[str]], workload: str, workdir: str
+    command: Callable[[str], list[str]], workload: str, workdir: str, run_env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """``command`` in a session of its own, the workload handed over in a file in ``workdir``."""
     # The workload holds the execution-API token: pass it in a private file, never on the command line
@@ -112,8 +131,11 @@ def _start_process(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(workload)
+    env = {name: value for name, value in os.environ.items() if name not in RUN_ENV_NAMES}
+    env.update(run_env or {})
     return subprocess.Popen(
         command(path),
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -151,6 +173,7 @@ class AirflowTaskRunner:
         self._dispose_orm(do_log=False)
         self._configure_logging(output=sys.stdout.buffer, json_output=True)
         _wake_supervisor_on_child_exit()
+        install_hook()  # the claim file named by the handler (``_child_main``)
         return int(self._base_executor.run_workload(workload, subprocess_logs_to_stdout=True))
 
 
@@ -284,14 +307,14 @@ class TaskRunnerLoader:
 class ForkedWorkload:
     """A workload run by ``runner.run`` in a child forked from this process; the Popen API we use."""
 
-    def __init__(self, runner: Any, workload_json: str):
+    def __init__(self, runner: Any, workload_json: str, run_env: dict[str, str] | None = None):
         read_fd, write_fd = os.pipe()
         # Whatever is buffered would otherwise be written twice, once by each process.
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
-            _child_main(runner, workload_json, read_fd, write_fd)
+            _child_main(runner, workload_json, read_fd, write_fd, run_env or {})
         os.close(write_fd)
         self.pid = pid
         self.stdout = os.fdopen(read_fd, "rb")
@@ -318,11 +341,18 @@ class ForkedWorkload:
         return self.returncode
 
 
-def _child_main(runner: Any, workload_json: str, read_fd: int, write_fd: int) -> None:  # pragma: no cover
+def _child_main(
+    runner: Any, workload_json: str, read_fd: int, write_fd: int, run_env: dict[str, str]
+) -> None:  # pragma: no cover
     """The forked child: a process of its own, as the new process of the fallback path would be."""
     code = 70  # EX_SOFTWARE, if anything below raises
     try:
         os.setsid()
+        # Where the runner records its /run answer (``claim.install_hook``) and the run's id, as a new process
+        # learns them.
+        for name in RUN_ENV_NAMES:
+            os.environ.pop(name, None)
+        os.environ.update(run_env)
         os.close(read_fd)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)

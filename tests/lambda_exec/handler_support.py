@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from hybrid_router.lambda_exec import protocol
+from hybrid_router.lambda_exec import claim, protocol
 from hybrid_router.lambda_exec.handler import Sandbox, handle
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, TaskRef
 
@@ -26,10 +26,22 @@ FAKE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0aSJ9.c2lnbmF0dXJl"
 # Stands in for `python -m airflow.sdk.execution_time.execute_workload --json-path FILE`: reads the workload
 # file like the real one and acts on it. Like Airflow's supervisor with its task runner, it can start a
 # grandchild in a process group of its own, to prove the handler kills the whole tree, not just one group.
+# Like Airflow's supervisor with the claim hook, it records the execution API's answer to its /run in the claim
+# file the handler names: `claim` in the spec is that answer ("claimed" by default; "refused" is a 409, after
+# which the supervisor exits 1; "none": the answer never comes), given after `claim_after` seconds.
 FAKE_WORKLOAD = r"""
 import json, os, subprocess, sys, time
 path = sys.argv[1]
 spec = json.loads(open(path).read())
+claim, claim_file = spec.get("claim", "claimed"), os.environ.get("HYBRID_ROUTER_CLAIM_FILE")
+time.sleep(spec.get("claim_after", 0))
+if claim_file and claim != "none":
+    with open(claim_file + ".tmp", "w") as out:
+        out.write(claim)
+    os.replace(claim_file + ".tmp", claim_file)
+if claim == "refused":
+    print("Conflict: task instance is not queued", flush=True)
+    sys.exit(1)
 record = spec.get("record")
 if record:
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
@@ -175,10 +187,22 @@ def supervise(spec):
 """
 
 
+def fake_claim(spec: dict[str, Any]) -> int | None:
+    """In a fake runner in the forked child: the /run answer ``FAKE_WORKLOAD`` gives; the exit code if refused."""
+    time.sleep(spec.get("claim_after", 0))
+    answer = spec.get("claim", "claimed")
+    if answer != "none":
+        claim.record(answer)
+    return 1 if answer == "refused" else None
+
+
 class SupervisedRunner:
     """Runs ``SUPERVISED_WORKLOAD`` in the handler's forked child, as Airflow's task runner would run there."""
 
     def run(self, workload_json: str) -> int:
+        refused = fake_claim(json.loads(workload_json))
+        if refused is not None:
+            return refused
         namespace: dict[str, Any] = {}
         exec(SUPERVISED_WORKLOAD, namespace)
         return namespace["supervise"](json.loads(workload_json))
@@ -186,5 +210,9 @@ class SupervisedRunner:
 
 def supervised_command(path: str) -> list[str]:
     """A sandbox's ``workload_command`` running ``SUPERVISED_WORKLOAD`` as a new process."""
-    main = "\nsys.exit(supervise(json.load(open(sys.argv[1]))))\n"
+    main = (
+        "\nclaim_file = os.environ.get('HYBRID_ROUTER_CLAIM_FILE')\n"
+        "if claim_file:\n    open(claim_file, 'w').write('claimed')\n"
+        "sys.exit(supervise(json.load(open(sys.argv[1]))))\n"
+    )
     return [sys.executable, "-c", SUPERVISED_WORKLOAD + main, path]

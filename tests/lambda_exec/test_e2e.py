@@ -217,7 +217,8 @@ def _forge_results_for(stack: SimpleNamespace, dag_id: str, run_id: str, task_id
         return rows[0][0] if rows and rows[0][1] == "running" and rows[0][0] else None
 
     external = wait_until(running_external_id, 60, f"{task_id} to run on Lambda", interval=0.1)
-    _, request_id, dispatch_id = parse_lambda_external_id(external)
+    parsed = parse_lambda_external_id(external)
+    request_id, dispatch_id = parsed.request_id, parsed.dispatch_id
     forged = ResultMessage(
         phase=Phase.FINISHED,
         dispatch_id=dispatch_id,

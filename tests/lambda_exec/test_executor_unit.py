@@ -76,6 +76,8 @@ def result(
     secret=SECRET,
     request_id="req-1",
     detail="",
+    run_id="",
+    claimed=False,
 ) -> str:
     now = time.time() if now is None else now
     message = ResultMessage(
@@ -89,6 +91,8 @@ def result(
         request_id=request_id,
         function_name="airflow-task",
         detail=detail,
+        run_id=run_id,
+        claimed=claimed,
     )
     return protocol.seal_result(message, protocol.result_key(secret, event.dispatch_id))
 
@@ -108,8 +112,11 @@ def test_external_id_round_trip_with_arn():
     arn = "arn:aws:lambda:us-east-1:123456789012:function:airflow-task"
     value = lambda_external_id(arn, "a-b-c", "d1")
     assert value.startswith(f"lambda:{arn}:")
-    assert parse_lambda_external_id(value) == (arn, "a-b-c", "d1")
-    assert parse_lambda_external_id("lambda:fn:-:d2") == ("fn", "", "d2")
+    assert parse_lambda_external_id(value) == (arn, "a-b-c", "d1", "")
+    assert parse_lambda_external_id("lambda:fn:-:d2") == ("fn", "", "d2", "")  # the format before run ids
+    with_run = lambda_external_id(arn, "a-b-c", "d1", "r1")
+    assert with_run == f"lambda:{arn}:a-b-c:d1+r1"
+    assert parse_lambda_external_id(with_run) == (arn, "a-b-c", "d1", "r1")
     assert parse_lambda_external_id("celery-task-id") is None
     assert parse_lambda_external_id(None) is None
 
@@ -180,7 +187,9 @@ def test_finished_without_started_reports_running_then_the_final_state(started, 
     drive(executor, lambda ev: len(sqs.deleted) == 1)
 
 
-def test_every_result_received_before_a_heartbeat_is_reported_by_that_heartbeat(started):
+def test_every_result_received_before_a_heartbeat_is_reported_by_that_heartbeat_and_the_next(started):
+    # RUNNING (with the run's id) in the first heartbeat, the final state in the next: the scheduler's event
+    # buffer keeps one event per task, and the run's id must reach the task instance.
     executor, lambda_, sqs = started()
     loads = [make_workload(f"t{i}") for i in range(12)]
     for workload in loads:
@@ -194,7 +203,11 @@ def test_every_result_received_before_a_heartbeat_is_reported_by_that_heartbeat(
         time.sleep(0.01)
 
     executor.heartbeat()
+    events = executor.get_event_buffer()
+    assert {events[w.ti.key][0] for w in loads} == {TaskInstanceState.RUNNING}
+    assert all(executor.has_task(SimpleNamespace(id=w.ti.id, key=w.ti.key)) for w in loads)
 
+    executor.heartbeat()
     events = executor.get_event_buffer()
     assert {events[w.ti.key][0] for w in loads} == {TaskInstanceState.SUCCESS}
 
@@ -215,23 +228,30 @@ def test_a_success_is_deleted_at_once_and_other_results_after_the_scheduler_took
     # No heartbeat yet: the SUCCESS (already recorded by the task itself) is gone, the failure waits.
     assert sqs.deleted == [f"rh-{success}"]
 
-    executor.heartbeat()  # the scheduler takes both events
+    executor.heartbeat()  # takes both messages: RUNNING now, the final states a heartbeat later
+    time.sleep(0.2)
+    assert sqs.deleted == [f"rh-{success}"]
+    executor.heartbeat()
     events = executor.get_event_buffer()
     assert events[ok.ti.key][0] == TaskInstanceState.SUCCESS
     assert events[bad.ti.key][0] == TaskInstanceState.FAILED
-    time.sleep(0.2)
-    assert sqs.deleted == [f"rh-{success}"]
     drive(executor, lambda ev: f"rh-{failure}" in sqs.deleted)
     assert sorted(sqs.deleted) == sorted([f"rh-{success}", f"rh-{failure}"])  # each deleted once
 
 
 def test_expired_event_alone_is_not_reported_as_running(started, monkeypatch):
-    executor, lambda_, sqs = started()
+    clock = FakeClock(time.time())
+    executor, lambda_, sqs = started(clock=clock)
     workload = make_workload("late")
     event, _ = invoke_and_accept(executor, lambda_, workload)
     states = []
     monkeypatch.setattr(executor, "running_state", lambda key, info=None: states.append(info))
-    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.EVENT_EXPIRED, detail="late"))
+    clock.advance(301)
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.EVENT_EXPIRED, detail="late", now=clock.now))
+    drive(executor, lambda ev: len(executor._inbox) == 0 and sqs.deleted)
+    # A copy that came too late says no copy can start a run any more; one that claimed before not_after has
+    # reported STARTED by then: the dispatch expires after the grace, not the function's timeout.
+    clock.advance(16)
     drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
     assert states == []
     assert executor.pop_infrastructure_failure(workload.ti.key).reason == "event_expired"
@@ -313,7 +333,7 @@ def test_forged_malformed_and_foreign_messages_change_nothing(started, monkeypat
     from airflow.sdk.observability.stats import Stats
 
     monkeypatch.setattr(Stats, "incr", lambda name, *a, **k: counted.append(name))
-    executor, lambda_, sqs = started(stale_after_sightings=5)
+    executor, lambda_, sqs = started(stale_after_sightings=5, unowned_message_max_age=3600)
     workload = make_workload("victim")
     event, _ = invoke_and_accept(executor, lambda_, workload)
     forged = sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.SUCCESS, secret="not-the-secret"))
@@ -321,7 +341,10 @@ def test_forged_malformed_and_foreign_messages_change_nothing(started, monkeypat
     unsigned = sqs.send(RESULTS, json.dumps({"v": 1, "payload": "{}"}))
     other = protocol.InvokeEvent(**{**event.__dict__, "dispatch_id": "someone-elses"})
     foreign = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS))
-    stale = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS), receive_count=5)
+    # Seen by many readers, but young: its owner (another scheduler, or an adopter) may still come for it.
+    often_seen = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS), receive_count=13)
+    # In SQS for longer than unowned_message_max_age: no owner can come for it any more.
+    stale = sqs.send(RESULTS, result(other, Phase.FINISHED, Outcome.SUCCESS), sent_at=time.time() - 3601)
     forged_dlq = sqs.send(DLQ, "{}", attributes={"ErrorMessage": "Task timed out after 5.00 seconds"})
 
     deadline = time.monotonic() + 5
@@ -329,7 +352,8 @@ def test_forged_malformed_and_foreign_messages_change_nothing(started, monkeypat
         executor.heartbeat()
         time.sleep(0.02)
     assert sorted(sqs.deleted) == sorted(f"rh-{m}" for m in (forged, garbage, unsigned, stale, forged_dlq))
-    assert sqs.released == [f"rh-{foreign}"]  # left for its owner, hidden for a while
+    # Left for their owner: visible again at once, or after a few seconds for one released many times.
+    assert sorted(sqs.release_timeouts) == [(f"rh-{foreign}", 0), (f"rh-{often_seen}", 4)]
     assert executor.get_event_buffer() == {}
     assert workload.ti.key in executor.running
     assert counted.count("lambda_executor.malformed_message") == 4
@@ -666,12 +690,12 @@ def test_event_never_started_expires_after_not_after(started):
     executor.queue_workload(workload, session=None)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 1)
-    clock.advance(300 + 10)
+    # A copy delivered just before not_after may run until the function's timeout (60 s): only then, and a grace.
+    clock.advance(300 + 60 + 10)
     executor.heartbeat()
     assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.QUEUED
     clock.advance(10)
-    executor.heartbeat()
-    assert executor.get_event_buffer()[workload.ti.key][0] == TaskInstanceState.FAILED
+    drive(executor, lambda ev: ev.get(workload.ti.key, (None,))[0] == TaskInstanceState.FAILED)
     assert executor.pop_infrastructure_failure(workload.ti.key).reason == "event_expired"
 
 
@@ -793,7 +817,9 @@ def test_two_instances_with_different_functions_share_a_queue(started):
         for executor in (small, big):
             executor.heartbeat()
             events.update(
-                (key, value) for key, value in executor.get_event_buffer().items() if value[0] != "queued"
+                (key, value)
+                for key, value in executor.get_event_buffer().items()
+                if value[0] not in ("queued", "running")
             )
         time.sleep(0.02)
     # Each instance reported only its own task, whichever reader saw the message first.

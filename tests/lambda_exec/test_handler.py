@@ -199,26 +199,33 @@ def test_unsendable_result_raises_so_lambda_fails_the_invocation(
     assert len(fake_command.calls) == 1  # a short run learns it at FINISHED
 
 
-def test_with_no_grace_an_unsendable_started_runs_nothing(
-    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+def test_with_no_grace_an_unsendable_started_stops_the_run_once_it_claimed(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand, tmp_path: Path
 ) -> None:
-    event = make_event(results_queue + "-does-not-exist", {"exit": 0})
+    record = tmp_path / "record.json"
+    event = make_event(results_queue + "-does-not-exist", {"sleep": 60, "record": str(record)})
 
-    with pytest.raises(ClientError):
+    begin = time.monotonic()
+    with pytest.raises(ClientError):  # FINISHED (UNREPORTED) cannot be sent either
         handle(
             sealed(event),
             FakeContext(60),
             make_sandbox({STARTED_GRACE_ENV: "0"}, workload_command=fake_command),
         )
-    assert fake_command.calls == []  # STARTED could not be sent: the task was not started either
+    # A missing queue is an answer that will not change: the run is stopped at once, not after 30 s.
+    assert time.monotonic() - begin < 10
+    pids = json.loads(record.read_text())
+    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
 
 
-def test_with_no_grace_started_goes_out_before_a_short_run(
+def test_with_no_grace_started_goes_out_as_soon_as_the_run_claimed(
     results_queue: str, moto_server: Moto, fake_command: FakeCommand
 ) -> None:
     sandbox = make_sandbox({STARTED_GRACE_ENV: "0"}, workload_command=fake_command)
-    handle(sealed(make_event(results_queue, {"exit": 0})), FakeContext(60), sandbox)
-    assert [r.phase for r in until_finished(moto_server, results_queue)] == [Phase.STARTED, Phase.FINISHED]
+    handle(sealed(make_event(results_queue, {"exit": 0, "sleep": 0.5})), FakeContext(60), sandbox)
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.phase is Phase.STARTED and finished.phase is Phase.FINISHED
+    assert started.claimed and finished.claimed and started.run_id == finished.run_id
 
 
 def test_started_grace_setting(results_queue: str, moto_server: Moto, fake_command: FakeCommand) -> None:
@@ -338,9 +345,69 @@ def test_handler_modules_import_only_the_standard_library_and_the_wire_module() 
     assert json.loads(out) == [
         "hybrid_router",
         "hybrid_router.lambda_exec",
+        "hybrid_router.lambda_exec.claim",
         "hybrid_router.lambda_exec.handler",
         "hybrid_router.lambda_exec.process_tree",
         "hybrid_router.lambda_exec.protocol",
         "hybrid_router.lambda_exec.started_notice",
         "hybrid_router.lambda_exec.task_runner",
     ]
+
+
+# Run identity: each delivered copy of an event is its own run; only the run whose /run claimed the task reports
+# STARTED or a claimed FINISHED, and a copy refused by /run (409) reports NOT_CLAIMED, never a failure.
+
+
+def test_a_copy_refused_by_run_reports_not_claimed_and_never_started(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+) -> None:
+    sandbox = make_sandbox({STARTED_GRACE_ENV: "0"}, workload_command=fake_command)
+    # The refusal comes after the grace: a STARTED sent on the grace alone would say the copy runs the task.
+    event = make_event(results_queue, {"claim": "refused", "claim_after": 0.5})
+
+    answer = handle(sealed(event), FakeContext(60), sandbox)
+
+    assert answer == {"status": Outcome.NOT_CLAIMED.value, "return_code": 1}
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.phase is Phase.FINISHED and finished.outcome is Outcome.NOT_CLAIMED
+    assert not finished.claimed and finished.run_id
+    assert not finished.outcome.is_infrastructure and "409" in finished.detail
+
+
+def test_a_claimed_run_says_so_in_started_and_finished(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand, tmp_path: Path
+) -> None:
+    sandbox = make_sandbox({STARTED_GRACE_ENV: "0.2"}, workload_command=fake_command)
+    record = tmp_path / "record.json"
+    # The claim comes 1 s in, well after the grace: STARTED waits for it.
+    event = make_event(results_queue, {"claim_after": 1.0, "sleep": 0.5, "record": str(record)})
+
+    assert handle(sealed(event), FakeContext(60), sandbox) == {"status": "success", "return_code": 0}
+
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.phase is Phase.STARTED and started.claimed
+    assert started.sent_at - started.started_at >= 1.0
+    assert finished.outcome is Outcome.SUCCESS and finished.claimed
+    assert started.run_id == finished.run_id != ""
+    # The workload's processes know their run (a task can name it in what it writes).
+    assert json.loads(record.read_text())["environ"]["HYBRID_ROUTER_RUN_ID"] == started.run_id
+
+
+def test_a_short_claimed_run_sends_a_claimed_finished_alone(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+) -> None:
+    sandbox = make_sandbox({STARTED_GRACE_ENV: "1.0"}, workload_command=fake_command)
+    handle(sealed(make_event(results_queue, {"exit": 3})), FakeContext(60), sandbox)
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.outcome is Outcome.FAILED and finished.claimed
+
+
+def test_each_delivered_copy_of_an_event_is_its_own_run(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+) -> None:
+    sandbox = make_sandbox(workload_command=fake_command)
+    event = make_event(results_queue, {"exit": 0})
+    handle(sealed(event), FakeContext(60), sandbox)
+    handle(sealed(event), FakeContext(60, request_id="req-1"), sandbox)  # the same request id, as AWS does
+    first, second = results(moto_server, results_queue, 2)
+    assert first.dispatch_id == second.dispatch_id and first.run_id != second.run_id

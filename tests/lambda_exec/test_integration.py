@@ -133,8 +133,9 @@ def test_outcomes_through_the_local_service(lambda_stack, no_thread_leak):
     # A run longer than the handler's STARTED grace reported STARTED while it ran: RUNNING with the run's
     # request id in the external id, in a heartbeat of its own before the final state.
     running_info = seen_running[keys["sleep-1"]]
-    function_name, request_id, _ = parse_lambda_external_id(running_info)
-    assert function_name == "airflow-task" and request_id
+    parsed = parse_lambda_external_id(running_info)
+    assert parsed.function_name == "airflow-task" and parsed.request_id
+    assert len(parsed.run_id) == 32  # the run (delivered copy of the event) that claimed the task
     sources, lines = executor.get_task_log(SimpleNamespace(external_executor_id=running_info), 1)
     assert any("fake task sleep-1 running" in line for line in lines), (sources, lines)
 
@@ -211,3 +212,52 @@ def test_a_new_executor_adopts_and_reports_a_task_finished_meanwhile(lambda_stac
         assert second.pop_infrastructure_failure(key) is None  # the task's own failure: no fallback
     finally:
         second.end()
+
+
+def test_two_schedulers_sharing_one_results_queue_get_all_their_results_promptly(
+    lambda_stack, no_thread_leak
+):
+    # Two schedulers' executors (a registry of shared readers each, as two processes have) on one results queue:
+    # each receives the other's results now and then and must release them at once (visibility 0), never hide
+    # them for a visibility timeout, never delete them. Counted: releases and their visibility, receives.
+    from hybrid_router.lambda_exec.results import FREE_RELEASES
+    from hybrid_router.lambda_exec.shared_readers import SharedQueues
+
+    pair = [make_executor(lambda_stack, queues=SharedQueues()) for _ in range(2)]
+    visibility: list[int] = []
+    counts: list[int] = []
+    for executor in pair:
+        executor.start()
+        for client in executor._clients.all:
+            client.meta.events.register(
+                "provide-client-params.sqs.ChangeMessageVisibilityBatch",
+                lambda params, **_: visibility.extend(e["VisibilityTimeout"] for e in params["Entries"]),
+            )
+            client.meta.events.register(
+                "after-call.sqs.ReceiveMessage",
+                lambda parsed, **_: counts.extend(
+                    int(m["Attributes"]["ApproximateReceiveCount"]) for m in parsed.get("Messages", [])
+                ),
+            )
+    try:
+        loads = [[make_workload(f"ok-{side}{i}") for i in range(6)] for side in "ab"]
+        for executor, workloads in zip(pair, loads, strict=True):
+            for workload in workloads:
+                executor.queue_workload(workload, session=None)
+        finals: list[dict] = [{}, {}]
+        deadline = time.monotonic() + 60
+        while sum(map(len, finals)) < 12:
+            assert time.monotonic() < deadline, f"final states so far: {finals}"
+            for executor, seen in zip(pair, finals, strict=True):
+                executor.heartbeat()
+                seen.update((k, s) for k, (s, _) in executor.get_event_buffer().items() if s in FINAL)
+            time.sleep(0.05)
+    finally:
+        for executor in pair:
+            executor.end()
+    for seen, workloads in zip(finals, loads, strict=True):
+        assert seen == {w.ti.key: TaskInstanceState.SUCCESS for w in workloads}
+    # Every message reached its owner after a few receives, and no release hid a message for a visibility timeout.
+    assert visibility, "each reader saw some of the other's results"
+    assert max(counts) <= FREE_RELEASES, counts
+    assert set(visibility) == {0}, visibility

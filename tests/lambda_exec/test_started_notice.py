@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from hybrid_router.lambda_exec import started_notice
+from hybrid_router.lambda_exec import claim, started_notice
 from hybrid_router.lambda_exec.handler import STARTED_GRACE_ENV, Sandbox, handle
 from hybrid_router.lambda_exec.protocol import Outcome, Phase
 from hybrid_router.lambda_exec.started_notice import StartedNotice
@@ -128,8 +128,8 @@ class FlakyReporter:
         self.errors = list(errors)
         self.calls = 0
 
-    def send(self, phase: Phase, *, started_at: float) -> None:
-        assert phase is Phase.STARTED
+    def send(self, phase: Phase, *, started_at: float, claimed: bool = False) -> None:
+        assert phase is Phase.STARTED and claimed
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
@@ -172,3 +172,48 @@ def test_with_no_grace_started_is_tried_again_before_anything_runs(quick_retries
     refused = StartedNotice(FlakyReporter(NO_SUCH_QUEUE), time.time(), 0)
     with pytest.raises(ClientError):
         refused.arm()
+
+
+def test_started_waits_for_the_claim_and_a_refused_run_is_never_unconfirmed(quick_retries: None) -> None:
+    answer: list[str] = []
+    reporter = FlakyReporter()
+    notice = StartedNotice(reporter, time.time(), 0.05, claim=lambda: answer[0] if answer else None)
+    notice.arm()
+    try:
+        time.sleep(0.4)
+        assert reporter.calls == 0 and not notice.unconfirmed()  # past the grace, but not claimed yet
+        answer.append(claim.CLAIMED)
+        deadline = time.monotonic() + 2
+        while not notice.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert notice.sent and reporter.calls == 1
+    finally:
+        notice.settle()
+
+    # A copy refused by /run: no STARTED, even one that cannot be sent, and never stopped as unreported.
+    failing = FlakyReporter(*[UNREACHABLE] * 10)
+    refused = StartedNotice(failing, time.time(), 0.05, claim=lambda: claim.REFUSED)
+    refused.arm()
+    try:
+        time.sleep(1.5)  # past the grace and the 1 s confirmation window
+        assert failing.calls == 0 and not refused.unconfirmed()
+    finally:
+        refused.settle()
+
+
+def test_a_run_whose_claim_never_comes_is_stopped_as_unreported(
+    results_queue: str, moto_server: Moto, tmp_path: Path, quick_retries: None
+) -> None:
+    sandbox = make_sandbox({STARTED_GRACE_ENV: "0.2"}, workload_command=FakeCommand())
+    record = tmp_path / "record.json"
+    event = make_event(results_queue, {"claim": "none", "sleep": 60, "record": str(record)})
+
+    begin = time.monotonic()
+    answer = handle(sealed(event), FakeContext(20), sandbox)
+
+    assert answer["status"] == Outcome.UNREPORTED.value
+    assert time.monotonic() - begin < 4.0  # the grace, the 1 s window, the stop
+    (finished,) = until_finished(moto_server, results_queue)  # no STARTED: it never held the task, as known
+    assert finished.outcome is Outcome.UNREPORTED and not finished.claimed
+    pids = json.loads(record.read_text())
+    assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])

@@ -3,6 +3,7 @@ runner for real, the fallbacks to a new process, and the supervisor's wake-up on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from hybrid_router.lambda_exec import task_runner
+from hybrid_router.lambda_exec import claim, task_runner
 from hybrid_router.lambda_exec.handler import FORK_ENV, MARGIN_ENV, handle
 from hybrid_router.lambda_exec.protocol import Outcome
 from hybrid_router.lambda_exec.task_runner import TaskRunnerLoader
@@ -26,6 +27,7 @@ from .handler_support import (
     FakeCommand,
     FakeContext,
     SupervisedRunner,
+    fake_claim,
     make_event,
     make_sandbox,
     run_past_the_deadline,
@@ -67,6 +69,9 @@ class RecordingRunner:
 
     def run(self, workload_json: str) -> int:
         spec = json.loads(workload_json)
+        refused = fake_claim(spec)
+        if refused is not None:
+            return refused
         grandchild = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
         )
@@ -264,3 +269,172 @@ def test_supervisor_notices_its_task_process_exit_at_once(mode: str, tmp_path: P
         assert float(waited) < 1.5
     else:  # the race this guards against: without the wake-up, the loop sleeps its whole select timeout
         assert float(waited) >= 4.9
+
+
+def test_a_forked_run_refused_by_run_reports_not_claimed(
+    results_queue: str, moto_server: Moto, tmp_path: Path
+) -> None:
+    sandbox = make_sandbox(task_runner=TaskRunnerLoader(factory=RecordingRunner))
+    event = make_event(results_queue, {"claim": "refused", "record": str(tmp_path / "record.json")})
+
+    answer = handle(sealed(event), FakeContext(60), sandbox)
+
+    assert answer["status"] == Outcome.NOT_CLAIMED.value
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.outcome is Outcome.NOT_CLAIMED and not finished.claimed
+
+
+class ExecutionApi:
+    """A stand-in for Airflow's execution API that answers the supervisor's ``/run`` with ``status`` and its
+    heartbeats with ``heartbeat``."""
+
+    def __init__(self, status: int, body: dict[str, object], heartbeat: int = 204):
+        import http.server
+
+        self.requests: list[str] = []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PATCH(self) -> None:
+                self.answer(status, body)
+
+            def do_PUT(self) -> None:
+                self.answer(
+                    heartbeat, {"detail": {"reason": "running_elsewhere"}} if heartbeat >= 400 else {}
+                )
+
+            def answer(self, status: int, body: dict[str, object]) -> None:
+                api.requests.append(f"{self.command} {self.path}")
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                payload = json.dumps(body).encode() if status != 204 else b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/execution/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def execute_task_workload(tmp_path: Path) -> str:
+    """A valid ``ExecuteTask`` workload: Airflow's supervisor calls ``/run`` before the task reads its Dag."""
+    import uuid
+
+    return json.dumps(
+        {
+            "type": "ExecuteTask",
+            "token": FAKE_TOKEN,
+            "dag_rel_path": "dag.py",
+            "bundle_info": {"name": "dags-folder"},
+            "log_path": None,
+            "ti": {
+                "id": str(uuid.uuid4()),
+                "task_id": "task",
+                "dag_id": "dag",
+                "run_id": "run-1",
+                "try_number": 1,
+                "map_index": -1,
+                "dag_version_id": str(uuid.uuid4()),
+                "pool_slots": 1,
+                "priority_weight": 1,
+                "queue": "default",
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("fork", ["true", "false"])
+def test_the_real_supervisor_refused_by_run_reports_not_claimed(
+    results_queue: str, moto_server: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fork: str
+) -> None:
+    """No fakes but the execution API: Airflow's supervisor (forked, or `execute_workload` in a new process)
+    gets 409 from /run, as a duplicate copy of an event does while another run holds the task."""
+    api = ExecutionApi(409, {"detail": {"reason": "invalid_state", "previous_state": "running"}})
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", api.url)
+    sandbox = make_sandbox({FORK_ENV: fork})
+    event = make_event(results_queue, {})
+    event = dataclasses.replace(event, workload=execute_task_workload(tmp_path))
+    try:
+        answer = handle(sealed(event), FakeContext(120), sandbox)
+    finally:
+        api.close()
+
+    assert any(path.endswith("/run") for path in api.requests)
+    assert answer["status"] == Outcome.NOT_CLAIMED.value
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.outcome is Outcome.NOT_CLAIMED and not finished.claimed
+    assert sandbox.task_runner is not None
+    assert (sandbox.task_runner.runner is not None) is (fork == "true")
+
+
+RUN_CONTEXT_DAG_RUN = {
+    "dag_id": "dag",
+    "run_id": "run-1",
+    "logical_date": None,
+    "data_interval_start": None,
+    "data_interval_end": None,
+    "run_after": "2026-01-01T00:00:00Z",
+    "start_date": None,
+    "end_date": None,
+    "run_type": "manual",
+    "state": "running",
+    "consumed_asset_events": [],
+    "partition_key": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "heartbeat", "recorded"),
+    [
+        (200, {"max_tries": 0, "dag_run": RUN_CONTEXT_DAG_RUN}, 204, claim.CLAIMED),
+        # Another run's /run took the task after ours (two /run at once on SQLite): the heartbeat says so.
+        (200, {"max_tries": 0, "dag_run": RUN_CONTEXT_DAG_RUN}, 409, claim.REFUSED),
+        (200, {"unreadable": True}, 204, claim.CLAIMED),  # taken by the server, though the supervisor fails
+        (409, {"detail": {"reason": "invalid_state", "previous_state": "success"}}, 204, claim.REFUSED),
+        (409, {"detail": {"reason": "invalid_state", "previous_state": "running"}}, 204, claim.REFUSED),
+        (404, {"detail": "no such task instance"}, 204, None),
+    ],
+)
+def test_the_claim_hook_records_the_answer_to_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    body: dict[str, object],
+    heartbeat: int,
+    recorded: str | None,
+) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from airflow.sdk.api.client import Client, TaskInstanceOperations
+
+    # Installed on the class (as in the forked child or the new process); put back after the test.
+    monkeypatch.setattr(TaskInstanceOperations, "start", TaskInstanceOperations.start)
+    path = tmp_path / "claim"
+    claim.install_hook(str(path))
+    claim.install_hook(str(path))  # twice in one process: still one wrapper
+    api = ExecutionApi(status, body, heartbeat)
+    try:
+        client = Client(base_url=api.url, token=FAKE_TOKEN)
+        call = lambda: client.task_instances.start(uuid.uuid4(), 1234, datetime.now(tz=timezone.utc))  # noqa: E731
+        if status == 200 and "dag_run" in body and heartbeat == 204:
+            call()
+        else:
+            with pytest.raises(Exception):  # noqa: B017 - Airflow's own errors, passed on unchanged
+                call()
+    finally:
+        api.close()
+    # /run, and, once it said yes, the heartbeat that confirms the claim.
+    confirmed = status == 200 and "dag_run" in body
+    assert [request.split()[0] for request in api.requests] == (["PATCH", "PUT"] if confirmed else ["PATCH"])
+    assert (path.read_text() if path.exists() else None) == recorded

@@ -15,9 +15,13 @@ from typing import Any
 # Airflow workload, by its task id: ``fail*`` exits 1 (the task's own failure), ``sleep*`` sleeps far past any
 # function timeout, ``hog*`` touches memory until the service kills it, any other exits 0 at once. A bare
 # ``{"exit": N}`` (the service's tests) exits N; ``{"forge": {...}}`` is a hostile task (``_FORGING_TASK``).
+# Like Airflow's supervisor under the handler's claim hook, it first records that its /run claimed the task.
 _FAKE_WORKLOAD = """
 import json, os, sys, time
 workload = json.load(open(sys.argv[1]))
+if os.environ.get("HYBRID_ROUTER_CLAIM_FILE"):
+    with open(os.environ["HYBRID_ROUTER_CLAIM_FILE"], "w") as claim:
+        claim.write("claimed")
 if "forge" in workload:
     exec(FORGING_TASK)
 if "ti" not in workload:

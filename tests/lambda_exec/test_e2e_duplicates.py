@@ -1,0 +1,189 @@
+"""End to end: AWS's at-least-once delivery through a real scheduler. The local Lambda service delivers every
+async event twice (half the copies at once, half once the first run has ended); the execution API lets one run
+claim each try (its ``/run``), the other copy is refused (409) and reports ``NOT_CLAIMED``, which is never a
+failure. Each try's body runs exactly once and every task succeeds at its first try.
+
+Real Airflow (API server, scheduler, DAG processor on SQLite) with ``LambdaExecutor``, the local Lambda service
+running the project's real handler (which runs Airflow's own supervisor and task runner), and moto's SQS.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
+from devtools.lambda_settings import local_lambda_settings
+from hybrid_router.lambda_exec.local.faults import FaultSettings
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-duplicates-secret"
+FUNCTION = "airflow-task"
+# Well above a task's few seconds on a loaded two-core machine, cold sandbox included.
+FUNCTION_TIMEOUT_S = 30
+ENDINGS = ("success", "handled_error", "timeout", "out_of_memory", "crash", "init_error")
+
+# Each task appends a start line and an end line: `start|end dag task map_index try lambda_run`.
+DAGS = """
+import os
+import time
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+
+JOURNAL = %(journal)r
+
+
+def note(what):
+    ti = get_current_context()["ti"]
+    run = os.environ.get("HYBRID_ROUTER_RUN_ID", "?")
+    with open(JOURNAL, "a") as out:
+        out.write(f"{what} {ti.dag_id} {ti.task_id} {ti.map_index} {ti.try_number} {run}\\n")
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False, default_args={"retries": 0})
+def lambda_warm_up():
+    @task
+    def warm(i):
+        time.sleep(2)  # long enough for the three to run side by side, each warming a sandbox
+        return i
+
+    warm.expand(i=[0, 1, 2])
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False, default_args={"retries": 0})
+def lambda_duplicates():
+    @task
+    def quick():
+        note("start")
+        time.sleep(0.5)
+        note("end")
+
+    @task
+    def mapped(i):
+        note("start")
+        time.sleep(0.5)
+        note("end")
+        return i
+
+    for i in range(4):
+        quick.override(task_id=f"quick_{i}")()
+    mapped.expand(i=[0, 1])
+
+
+lambda_warm_up()
+lambda_duplicates()
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    root = tmp_path_factory.mktemp("lambda-e2e-duplicates")
+    dags = root / "dags"
+    dags.mkdir()
+    journal = root / "journal.txt"
+    journal.touch()
+    (dags / "lambda_duplicates.py").write_text(textwrap.dedent(DAGS % {"journal": str(journal)}))
+    lambda_port = free_port()
+    log_dir = root / "lambda-logs"
+    with MotoServer(log_dir=root) as moto:
+        results = moto.create_queue("e2e-dup-results")
+        dlq = moto.create_queue("e2e-dup-dlq")
+        airflow = AirflowStack(
+            home=root / "airflow",
+            dags_folder=dags,
+            executor="hybrid_router.lambda_exec.LambdaExecutor",
+            config={
+                "lambda_executor": local_lambda_settings(
+                    function_name=FUNCTION,
+                    results_queue_url=results,
+                    dead_letter_queue_url=dlq,
+                    signing_secret=SECRET,
+                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
+                    sqs_endpoint_url=moto.url,
+                    local_log_dir=log_dir,
+                ),
+            },
+        )
+        function = FunctionConfig(
+            name=FUNCTION,
+            memory_mb=512,
+            timeout_s=FUNCTION_TIMEOUT_S,
+            reserved_concurrency=3,  # two cores: more parallel task runners only queue for the CPU
+            dead_letter_queue_url=dlq,
+            maximum_retry_attempts=0,
+        )
+        service_env = {**airflow.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
+        with LocalLambdaService(
+            functions=[function],
+            env=service_env,
+            sqs_endpoint_url=moto.url,
+            port=lambda_port,
+            log_dir=log_dir,
+        ) as service:
+            try:
+                airflow.start()
+                yield SimpleNamespace(airflow=airflow, service=service, journal=journal, log_dir=log_dir)
+            finally:
+                airflow.stop()
+
+
+def _all_deliveries_ended(service: LocalLambdaService) -> bool:
+    """Every accepted event and every duplicate has run to its end (a copy delivered after the first run's end
+    too), and nothing waits or runs."""
+    stats = service.stats()
+    counts = stats["functions"][FUNCTION]
+    ended = sum(counts.get(ending, 0) for ending in ENDINGS)
+    expected = counts["async_accepted"] + stats["faults"]["duplicates_delivered"]
+    return counts["queued"] == 0 and counts["in_flight"] == 0 and ended >= expected
+
+
+def test_every_event_delivered_twice_runs_each_try_once(stack):
+    airflow, service = stack.airflow, stack.service
+    # Warm three sandboxes first (Airflow's task runner imported once in each), with faithful delivery.
+    warm_run = airflow.trigger("lambda_warm_up")
+    assert airflow.wait_run("lambda_warm_up", warm_run, timeout=180) == "success"
+    wait_until(lambda: _all_deliveries_ended(service), 60, "the warm-up's invocations to end", interval=0.2)
+
+    service.set_delivery_faults(
+        settings=FaultSettings(duplicate_rate=1.0, duplicate_after_end_share=0.5, seed=1)
+    )
+    run_id = airflow.trigger("lambda_duplicates")
+    assert airflow.wait_run("lambda_duplicates", run_id, timeout=240) == "success"
+    # The copies delivered after their first run's end come later: wait until every copy has run.
+    wait_until(lambda: _all_deliveries_ended(service), 120, "every duplicate to end", interval=0.2)
+
+    tis = airflow.task_instances("lambda_duplicates", run_id)
+    assert len(tis) == 6
+    assert {ti["state"] for ti in tis} == {"success"}, tis
+    assert {ti["try_number"] for ti in tis} == {1}, tis
+
+    stats = service.stats()
+    assert stats["faults"]["duplicates_delivered"] > 0, stats
+    assert stats["faults"]["duplicates_delivered"] >= 6, stats  # every event of the run was delivered twice
+
+    # Each try's body completed exactly once, in one Lambda run: one start and one end, same run, in order.
+    lines = [line.split() for line in Path(stack.journal).read_text().splitlines() if line.strip()]
+    tries = Counter((task, map_index, attempt) for _, _, task, map_index, attempt, _ in lines)
+    expected = {(f"quick_{i}", "-1", "1") for i in range(4)} | {("mapped", str(i), "1") for i in range(2)}
+    assert set(tries) == expected, lines
+    assert set(tries.values()) == {2}, lines
+    for key in expected:
+        mine = [line for line in lines if tuple(line[2:5]) == key]
+        assert [line[0] for line in mine] == ["start", "end"], mine
+        assert mine[0][5] == mine[1][5] != "?", mine  # the run that claimed the try ran its body
+
+    # The refused copies said so, and the executor took none of their results as the task's.
+    scheduler_log = airflow.process_log("scheduler").read_text(errors="replace")
+    assert "did not take the task: not_claimed" in scheduler_log
+    assert "lambda infrastructure failure" not in scheduler_log
+    handler_logs = "".join(p.read_text(errors="replace") for p in Path(stack.log_dir).rglob("*.log"))
+    assert handler_logs.count(": not_claimed ") >= 1
+    # Nothing reached the DLQ path as a failed invocation: no copy failed the invocation.
+    assert stats["functions"][FUNCTION].get("handled_error", 0) == 0, stats
