@@ -1,4 +1,4 @@
-"""A throw-away PostgreSQL cluster on loopback for the tests, the benchmarks and ``make demo --postgres``.
+"""A throw-away PostgreSQL cluster on loopback for the tests, the benchmarks and ``make demo DEMO_ARGS=--postgres``.
 
 ``initdb`` and ``pg_ctl`` refuse to run as root, and CI runs as root: as root the cluster belongs to the
 ``postgres`` user (``runuser -u postgres``) and lives in a folder that user owns; as anyone else it runs as the
