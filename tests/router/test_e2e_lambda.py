@@ -169,7 +169,6 @@ def on_kill_stack(tmp_path: Path) -> Iterator[tuple[AirflowStack, Path, Path]]:
             dead_letter_queue_url=dlq,
             maximum_retry_attempts=0,
             environment={
-                "HYBRID_ROUTER_SIGNING_SECRET": ON_KILL_SECRET,
                 "HYBRID_ROUTER_DEADLINE_MARGIN_S": str(ON_KILL_MARGIN_S),
             },
         )
