@@ -33,8 +33,8 @@ from typing import Any
 # devtools/ lives in the checkout, not the wheel.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port
-from devtools.lambda_settings import local_lambda_settings
+from devtools.devstack import AirflowStack
+from devtools.lambda_settings import airflow_with_local_lambda
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "lambda_fallback"
@@ -143,7 +143,7 @@ def run_scenario(
     timeout: float = 240,
 ) -> Iterator[Scenario]:
     """Start moto, the local Lambda service and Airflow with the router; run the DAG once; stop it all after."""
-    from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+    from hybrid_router.lambda_exec.local.launcher import FunctionConfig
 
     dags, beats = root / "dags", root / "beats"
     dags.mkdir(parents=True)
@@ -153,46 +153,25 @@ def run_scenario(
     )
     policy = root / "policy.yaml"
     policy.write_text(textwrap.dedent(POLICY.format(concurrency=concurrency)))
-    lambda_port = free_port()
-    with MotoServer(log_dir=root) as moto:
-        results, dlq = moto.create_queue("results"), moto.create_queue("dlq")
-        stack = AirflowStack(
-            home=root / "airflow",
-            dags_folder=dags,
-            executor=ROUTER,
-            config={
-                "hybrid_router": {"policy_file": policy},
-                "lambda_executor": local_lambda_settings(
-                    function_name="airflow-task",
-                    results_queue_url=results,
-                    dead_letter_queue_url=dlq,
-                    signing_secret=SECRET,
-                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
-                    sqs_endpoint_url=moto.url,
-                    local_log_dir=root / "lambda-logs",
-                ),
-            },
-        )
-        function = FunctionConfig(
-            name="airflow-task",
-            memory_mb=512,
-            timeout_s=function_timeout_s,
-            reserved_concurrency=concurrency,
-            dead_letter_queue_url=dlq,
-            maximum_retry_attempts=0,
-        )
-        service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
-        with LocalLambdaService(
-            functions=[function],
-            env=service_env,
-            sqs_endpoint_url=moto.url,
-            port=lambda_port,
-            log_dir=root / "lambda-logs",
-        ):
-            with stack:
-                run_id = stack.trigger(DAG_ID)
-                state = stack.wait_run(DAG_ID, run_id, timeout=timeout)
-                yield Scenario(stack=stack, run_id=run_id, state=state, beats=beats)
+    function = FunctionConfig(
+        name="airflow-task",
+        memory_mb=512,
+        timeout_s=function_timeout_s,
+        reserved_concurrency=concurrency,
+        maximum_retry_attempts=0,
+    )
+    with airflow_with_local_lambda(
+        root,
+        dags,
+        executor=ROUTER,
+        function=function,
+        secret=SECRET,
+        config={"hybrid_router": {"policy_file": policy}},
+    ) as lambda_stack:
+        stack = lambda_stack.airflow
+        run_id = stack.trigger(DAG_ID)
+        state = stack.wait_run(DAG_ID, run_id, timeout=timeout)
+        yield Scenario(stack=stack, run_id=run_id, state=state, beats=beats)
 
 
 def main(argv: list[str] | None = None) -> int:

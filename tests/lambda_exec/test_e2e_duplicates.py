@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
-from devtools.lambda_settings import local_lambda_settings
+from devtools.devstack import wait_until
+from devtools.lambda_settings import airflow_with_local_lambda
 from hybrid_router.lambda_exec.local.faults import FaultSettings
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 
@@ -90,48 +90,22 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
     journal = root / "journal.txt"
     journal.touch()
     (dags / "lambda_duplicates.py").write_text(textwrap.dedent(DAGS % {"journal": str(journal)}))
-    lambda_port = free_port()
-    log_dir = root / "lambda-logs"
-    with MotoServer(log_dir=root) as moto:
-        results = moto.create_queue("e2e-dup-results")
-        dlq = moto.create_queue("e2e-dup-dlq")
-        airflow = AirflowStack(
-            home=root / "airflow",
-            dags_folder=dags,
-            executor="hybrid_router.lambda_exec.LambdaExecutor",
-            config={
-                "lambda_executor": local_lambda_settings(
-                    function_name=FUNCTION,
-                    results_queue_url=results,
-                    dead_letter_queue_url=dlq,
-                    signing_secret=SECRET,
-                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
-                    sqs_endpoint_url=moto.url,
-                    local_log_dir=log_dir,
-                ),
-            },
+    function = FunctionConfig(
+        name=FUNCTION,
+        memory_mb=512,
+        timeout_s=FUNCTION_TIMEOUT_S,
+        reserved_concurrency=3,  # two cores: more parallel task runners only queue for the CPU
+        maximum_retry_attempts=0,
+    )
+    with airflow_with_local_lambda(
+        root, dags, executor="hybrid_router.lambda_exec.LambdaExecutor", function=function, secret=SECRET
+    ) as lambda_stack:
+        yield SimpleNamespace(
+            airflow=lambda_stack.airflow,
+            service=lambda_stack.service,
+            journal=journal,
+            log_dir=lambda_stack.log_dir,
         )
-        function = FunctionConfig(
-            name=FUNCTION,
-            memory_mb=512,
-            timeout_s=FUNCTION_TIMEOUT_S,
-            reserved_concurrency=3,  # two cores: more parallel task runners only queue for the CPU
-            dead_letter_queue_url=dlq,
-            maximum_retry_attempts=0,
-        )
-        service_env = {**airflow.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
-        with LocalLambdaService(
-            functions=[function],
-            env=service_env,
-            sqs_endpoint_url=moto.url,
-            port=lambda_port,
-            log_dir=log_dir,
-        ) as service:
-            try:
-                airflow.start()
-                yield SimpleNamespace(airflow=airflow, service=service, journal=journal, log_dir=log_dir)
-            finally:
-                airflow.stop()
 
 
 def _all_deliveries_ended(service: LocalLambdaService) -> bool:

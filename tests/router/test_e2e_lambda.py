@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from devtools.devstack import FAKE_AWS_ENV, AirflowStack, MotoServer, free_port, wait_until
-from devtools.lambda_settings import local_lambda_settings
+from devtools.devstack import AirflowStack, wait_until
+from devtools.lambda_settings import airflow_with_local_lambda
 
 pytestmark = pytest.mark.e2e
 
@@ -133,55 +133,31 @@ rules:
 @pytest.fixture
 def on_kill_stack(tmp_path: Path) -> Iterator[tuple[AirflowStack, Path, Path]]:
     """Airflow with the router; one Lambda function (one sandbox: reserved concurrency 1) and Local as fallback."""
-    from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+    from hybrid_router.lambda_exec.local.launcher import FunctionConfig
 
-    dags, marks, lambda_logs = tmp_path / "dags", tmp_path / "marks", tmp_path / "lambda-logs"
+    dags, marks = tmp_path / "dags", tmp_path / "marks"
     dags.mkdir()
     marks.mkdir()
     (dags / "lambda_on_kill.py").write_text(textwrap.dedent(ON_KILL_DAGS.format(marks=str(marks))))
     policy = tmp_path / "policy.yaml"
     policy.write_text(textwrap.dedent(ON_KILL_POLICY))
-    lambda_port = free_port()
-    with MotoServer(log_dir=tmp_path) as moto:
-        results, dlq = moto.create_queue("results"), moto.create_queue("dlq")
-        stack = AirflowStack(
-            home=tmp_path / "airflow",
-            dags_folder=dags,
-            executor="hybrid_router.router.RoutingExecutor",
-            config={
-                "hybrid_router": {"policy_file": policy},
-                "lambda_executor": local_lambda_settings(
-                    function_name="airflow-task",
-                    results_queue_url=results,
-                    dead_letter_queue_url=dlq,
-                    signing_secret=ON_KILL_SECRET,
-                    lambda_endpoint_url=f"http://127.0.0.1:{lambda_port}",
-                    sqs_endpoint_url=moto.url,
-                    local_log_dir=lambda_logs,
-                ),
-            },
-        )
-        function = FunctionConfig(
-            name="airflow-task",
-            memory_mb=512,
-            timeout_s=ON_KILL_FUNCTION_TIMEOUT_S,
-            reserved_concurrency=1,
-            dead_letter_queue_url=dlq,
-            maximum_retry_attempts=0,
-            environment={
-                "HYBRID_ROUTER_DEADLINE_MARGIN_S": str(ON_KILL_MARGIN_S),
-            },
-        )
-        service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
-        with LocalLambdaService(
-            functions=[function],
-            env=service_env,
-            sqs_endpoint_url=moto.url,
-            port=lambda_port,
-            log_dir=lambda_logs,
-        ):
-            with stack:
-                yield stack, marks, lambda_logs
+    function = FunctionConfig(
+        name="airflow-task",
+        memory_mb=512,
+        timeout_s=ON_KILL_FUNCTION_TIMEOUT_S,
+        reserved_concurrency=1,
+        maximum_retry_attempts=0,
+        environment={"HYBRID_ROUTER_DEADLINE_MARGIN_S": str(ON_KILL_MARGIN_S)},
+    )
+    with airflow_with_local_lambda(
+        tmp_path,
+        dags,
+        executor="hybrid_router.router.RoutingExecutor",
+        function=function,
+        secret=ON_KILL_SECRET,
+        config={"hybrid_router": {"policy_file": policy}},
+    ) as lambda_stack:
+        yield lambda_stack.airflow, marks, lambda_stack.log_dir
 
 
 def airflow_imported_in_the_sandbox(lambda_logs: Path) -> bool:
