@@ -40,6 +40,16 @@ def _parse_with(function_name: str, type_name: str) -> Callable[[str], Any]:
     return parse
 
 
+def _headroom(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 1 <= value <= 10:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 1 and 10, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -127,38 +137,93 @@ EXPLAIN = Command(
     ),
 )
 
+OPT_TASKS = Option(
+    ("--tasks",),
+    {
+        "metavar": "FILE.csv",
+        "help": "CSV with columns dag_id, task_id, queue, pool, operator, duration (5m or seconds), "
+        "memory_mb and optionally count",
+    },
+)
+OPT_FROM_DB = Option(
+    ("--from-db",),
+    {
+        "action": "store_true",
+        "help": "use the task runs in the metadata database and what the router measured",
+    },
+)
+OPT_DAYS = Option(
+    ("--days",),
+    {
+        "type": _positive_int,
+        "metavar": "N",
+        "help": "with --from-db: days of history to read (default: [hybrid_router] history_days)",
+    },
+)
+OPT_PRICES = Option(
+    ("--prices",),
+    {
+        "metavar": "FILE",
+        "help": "price table (YAML or JSON, the shape of the policy's pricing section) over the policy's own and "
+        "the packaged AWS list prices",
+    },
+)
+
 SIMULATE = Command(
     name="simulate",
-    help="Route a table of tasks (CSV or the metadata database) and summarise where they would run",
+    help="Route a table of tasks (CSV or the metadata database) and summarise where they would run and the cost",
     function="simulate",
     options=(
         OPT_POLICY,
+        OPT_TASKS,
+        OPT_FROM_DB,
+        OPT_DAYS,
         Option(
-            ("--tasks",),
-            {
-                "metavar": "FILE.csv",
-                "help": "CSV with columns dag_id, task_id, queue, pool, operator, duration (5m or seconds), "
-                "memory_mb and optionally count",
-            },
+            ("--compare",),
+            {"metavar": "OTHER.yaml", "help": "a second policy: both routed on the same tasks, side by side"},
         ),
+        OPT_PRICES,
         Option(
-            ("--from-db",),
-            {"action": "store_true", "help": "route the successful task runs in the metadata database"},
-        ),
-        Option(
-            ("--days",),
+            ("--html",),
             {
-                "type": _positive_int,
-                "metavar": "N",
-                "help": "with --from-db: days of history to read (default: [hybrid_router] history_days)",
+                "metavar": "PATH",
+                "help": "also write the report, with charts, as one HTML file that works offline",
             },
         ),
         OPT_JSON,
     ),
+    description="Prints tasks, task-hours, cost in dollars, total start latency and fallbacks expected from the "
+    "measured failures, per executor and in all; with --compare, for both policies (--json: one object per policy).",
     exclusive=(ExclusiveGroup(("--tasks", "--from-db"), required=True),),
 )
 
-COMMANDS: tuple[Command, ...] = (VALIDATE, EXPLAIN, SIMULATE)
+RECOMMEND = Command(
+    name="recommend",
+    help="Propose, per task, the cheapest executor and Lambda size that fits its measured p95, as a policy",
+    function="recommend",
+    options=(
+        OPT_POLICY,
+        OPT_TASKS,
+        OPT_FROM_DB,
+        OPT_DAYS,
+        OPT_PRICES,
+        Option(
+            ("--headroom",),
+            {
+                "type": _headroom,
+                "metavar": "X",
+                "help": "multiply each task's p95 duration and memory by X (default: the policy's "
+                "settings.memory_headroom)",
+            },
+        ),
+        OPT_JSON,
+    ),
+    description="Prints the policy with one rule per task whose executor would change, ahead of its own rules; "
+    "save it and check it with validate.",
+    exclusive=(ExclusiveGroup(("--tasks", "--from-db"), required=True),),
+)
+
+COMMANDS: tuple[Command, ...] = (VALIDATE, EXPLAIN, SIMULATE, RECOMMEND)
 
 
 def _body(command: Command) -> Callable[[argparse.Namespace], None]:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from hybrid_router.router.policy.model import fallback_for_reason
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -99,7 +101,7 @@ def decide_fallback(
     failure: InfrastructureFailure,
     *,
     failed_on: str,
-    fallback: Sequence[str],
+    fallback: Sequence[str] | Mapping[str, Sequence[str]],
     tried: Collection[str],
     fallbacks_used: int,
     available: Collection[str],
@@ -108,11 +110,15 @@ def decide_fallback(
 ) -> FallbackDecision:
     """What to do with a try whose run on ``failed_on`` died for infrastructure reasons.
 
-    ``fallback`` is the policy's fallback list for the task; only executors in ``available`` (the router's
-    children) that are not in ``tried`` (every executor a run of this try was handed to) are candidates.
+    ``fallback`` is the policy's fallback list for the task, or its lists by failure reason
+    (``Decision.fallback_lists()``), of which the one for ``failure.reason`` applies; only executors in
+    ``available`` (the router's children) that are not in ``tried`` (every executor a run of this try was
+    handed to) are candidates.
     ``max_fallbacks`` bounds same-try re-runs only: in ``next_try`` mode each fallback spends one of the
     task's retries, which Airflow bounds already.
     """
+    if isinstance(fallback, Mapping):
+        fallback = fallback_for_reason(fallback, failure.reason)
     remaining = tuple(name for name in fallback if name in available and name not in tried)
     if mode == NEXT_TRY:
         if not remaining:
@@ -165,8 +171,9 @@ class NextTryRoutes:
 # -- database steps, each one conditional statement ----------------------------------------------------------
 
 
-def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> bool:
-    """Move the try back to QUEUED if, and only if, it is still this try and still running or queued.
+def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int, running_too: bool = True) -> bool:
+    """Move the try back to QUEUED if, and only if, it is still this try and still running or queued (only
+    queued when not ``running_too``: a run that never held the try must not take it from the run that does).
 
     The external id is cleared with it: it names the dead run, and a scheduler restart before the next child
     takes the try must not hand the try back to that run (``adoption.py``).
@@ -180,7 +187,7 @@ def reset_to_queued(session: Session, ti_id: UUID | str, try_number: int) -> boo
         .where(
             TaskInstance.id == ti_id,
             TaskInstance.try_number == try_number,
-            TaskInstance.state.in_(RESETTABLE_STATES),
+            TaskInstance.state.in_(RESETTABLE_STATES if running_too else ("queued",)),
         )
         .values(state="queued", queued_dttm=timezone.utcnow(), external_executor_id=None)
         .execution_options(synchronize_session=False)
@@ -223,12 +230,14 @@ def fresh_workload(session: Session, ti_id: UUID | str, generator: JWTGenerator)
     return ExecuteTask.make(ti, generator=generator)
 
 
-def redispatch_same_try(ti_id: UUID | str, try_number: int, generator: JWTGenerator) -> ExecuteTask | None:
+def redispatch_same_try(
+    ti_id: UUID | str, try_number: int, generator: JWTGenerator, running_too: bool = True
+) -> ExecuteTask | None:
     """Reset and rebuild in one transaction; None when the conditional reset matched no row."""
     from airflow.utils.session import create_session
 
     with create_session(scoped=False) as session:
-        if not reset_to_queued(session, ti_id, try_number):
+        if not reset_to_queued(session, ti_id, try_number, running_too):
             session.rollback()
             return None
         workload = fresh_workload(session, ti_id, generator)

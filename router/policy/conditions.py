@@ -23,6 +23,7 @@ class Subject(NamedTuple):
     memory_mb: int
     memory_source: str
     operator_class: str | None  # last part of facts.operator's dotted path
+    memory_basis: str | None = None  # how a measured memory figure came about, for people
 
 
 class Condition:

@@ -26,9 +26,19 @@ from .conditions import (
     OperatorCondition,
     parse_comparison,
 )
-from .engine import Policy, Rule
+from .engine import DEFAULT_LEARN_AFTER_RUNS, DEFAULT_MEMORY_HEADROOM, Policy, Rule
 from .errors import PolicyError, PolicyIssue, did_you_mean, in_file_order
-from .model import Defaults, ExecutorSpec, Limits
+from .model import (
+    DEFAULT_REASON,
+    FAILURE_REASONS,
+    FALLBACK_KEYS,
+    REASON_GROUPS,
+    Defaults,
+    ExecutorSpec,
+    FallbackByReason,
+    Limits,
+)
+from .prices import check_pricing
 from .source import ROOT_PATH_NAME, FieldPath, SourceMap, YamlDocument, load_yaml
 from .units import format_duration, is_plain_number, parse_duration, parse_memory_mb
 
@@ -45,6 +55,11 @@ AIRFLOW_SHORT_EXECUTOR_NAMES = frozenset({"LocalExecutor", "CeleryExecutor", "Ku
 # cheapest first: the order only changes how soon a losing rule is abandoned, never the outcome
 _CONDITION_COST = {"queue": 0, "pool": 0, "operator": 1, "expected_duration": 2, "memory_mb": 2}
 _GLOB_KEYS = ("dag_id", "task_id")
+# The limit a fallback must exceed to help after a run died of that reason: (Limits field, its policy key, shown)
+_LIMIT_OF_REASON: dict[str, tuple[str, str, Callable[[float], str]]] = {
+    "timeout": ("max_duration_s", "max_duration", format_duration),
+    "out_of_memory": ("max_memory_mb", "max_memory_mb", lambda mb: f"{mb:g} MB"),
+}
 _EXECUTOR_NAME_RULE = "use letters, digits, '_' and '-', starting with a letter or '_'"
 _CLASS_RULE = (
     "expected an import path like 'package.module.ExecutorClass' or a short name like 'LocalExecutor'"
@@ -165,6 +180,10 @@ class _PolicyBuilder:
         defaults = self._defaults(_mapping(data.get("defaults")), executors, rules)
         settings = _mapping(data.get("settings"))
         self._check_unused(executors, rules, defaults)
+        headroom = self._finite_setting(settings, "memory_headroom")
+        pricing = check_pricing(
+            _mapping(data.get("pricing")), ("pricing",), self.error, self._usable, executors
+        )
         errors = self.all_errors()
         if errors:
             raise PolicyError(errors, self.warnings)
@@ -177,13 +196,27 @@ class _PolicyBuilder:
             warnings=sorted(self.warnings, key=in_file_order),
             fallback_mode=settings.get("fallback_mode", BUILTIN_FALLBACK_MODE),
             max_fallbacks=int(settings.get("max_fallbacks", BUILTIN_MAX_FALLBACKS)),
+            memory_headroom=DEFAULT_MEMORY_HEADROOM if headroom is None else headroom,
+            learn_after_runs=int(settings.get("learn_after_runs", DEFAULT_LEARN_AFTER_RUNS)),
+            pricing=pricing,
         )
+
+    def _finite_setting(self, settings: dict[str, Any], key: str) -> float | None:
+        # the schema's minimum and maximum let NaN through: every comparison with it is false
+        value = settings.get(key)
+        path: FieldPath = ("settings", key)
+        if value is None or not self._usable(path):
+            return None
+        if not is_plain_number(value):
+            self.error(path, f"must be a finite number, got {_describe(value)}")
+            return None
+        return float(value)
 
     # -- structure --------------------------------------------------------------------------------------
     def _check_schema(self, data: Any) -> None:
         seen: set[tuple[FieldPath, str]] = set()
         for error in _schema_validator().iter_errors(data):
-            for path, message, at_key in _explain_schema_error(error):
+            for path, message, at_key in explain_schema_error(error):
                 if (path, message) not in seen and self._usable(path):
                     seen.add((path, message))
                     self.error(path, message, at_key=at_key)
@@ -243,29 +276,126 @@ class _PolicyBuilder:
                     f"{self.source.value_at(first).line})",
                 )
             first_by_name.setdefault(name, path)
-            run_on = item.get("run_on")
-            run_on = run_on if isinstance(run_on, str) else ""
-            self._check_reference((*path, "run_on"), run_on, executors)
+            run_on = self._run_on((*path, "run_on"), item.get("run_on"), executors)
+            overflow = self._executor_list((*path, "overflow"), item.get("overflow"), run_on, executors)
+            fallback, by_reason = self._fallback(
+                (*path, "fallback"), item.get("fallback"), run_on, overflow, executors
+            )
             rule = Rule(
                 index=index,
                 name=name,
                 conditions=self._conditions((*path, "if"), _mapping(item.get("if"))),
                 run_on=run_on,
-                overflow=self._executor_list((*path, "overflow"), item.get("overflow"), run_on, executors),
-                fallback=self._executor_list((*path, "fallback"), item.get("fallback"), run_on, executors),
+                overflow=overflow,
+                fallback=fallback,
                 line=self.source.value_at(path).line,
+                fallback_by_reason=by_reason,
             )
             if shadowing is not None:
                 self.error(
                     path,
                     f"can never match: shadowed by catch-all rule {shadowing.name!r} at line {shadowing.line}",
                 )
-            elif "if" not in item and run_on in executors and executors[run_on].limits.is_unlimited:
+            elif "if" not in item and any(
+                name in executors and executors[name].limits.is_unlimited for name in run_on
+            ):
                 shadowing = rule
-            if run_on in executors:
-                self._check_rule_limits(path, rule, executors[run_on])
+            if all(name in executors for name in run_on):
+                self._check_rule_limits(path, rule, [executors[name] for name in run_on])
             rules.append(rule)
         return rules
+
+    def _run_on(self, path: FieldPath, raw: Any, executors: dict[str, ExecutorSpec]) -> tuple[str, ...]:
+        """The rule's executors, smallest first; an entry no task could ever be sent to is an error."""
+        names = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+        kept: list[tuple[str, FieldPath]] = []
+        for position, name in enumerate(names):
+            item_path = path if isinstance(raw, str) else (*path, position)
+            if not isinstance(name, str) or not self._usable(item_path):
+                continue
+            if any(name == earlier for earlier, _ in kept):
+                self.error(item_path, f"{name!r} is listed twice in run_on")
+                continue
+            self._check_reference(item_path, name, executors)
+            kept.append((name, item_path))
+        known = [(name, item_path) for name, item_path in kept if name in executors]
+        for position, (name, item_path) in enumerate(known):
+            bigger = next(
+                (earlier for earlier, _ in known[:position] if _covers(executors[earlier], executors[name])),
+                None,
+            )
+            if bigger is not None:
+                self.error(
+                    item_path,
+                    f"can never be chosen: {bigger!r} before it takes every task {name!r} could take; "
+                    "list run_on executors smallest first",
+                )
+        return tuple(name for name, _ in kept) or ("",)
+
+    def _fallback(
+        self,
+        path: FieldPath,
+        raw: Any,
+        run_on: tuple[str, ...],
+        overflow: tuple[str, ...],
+        executors: dict[str, ExecutorSpec],
+    ) -> tuple[tuple[str, ...], FallbackByReason]:
+        """(the list for any reason, the lists for named reasons) of a plain list or a map by reason."""
+        if not isinstance(raw, dict) or not self._usable(path):
+            return self._executor_list(path, raw, run_on, executors), ()
+        default: tuple[str, ...] = ()
+        by_reason: list[tuple[str, tuple[str, ...]]] = []
+        for reason, names in raw.items():
+            reason_path = (*path, reason)
+            if reason not in FALLBACK_KEYS or not self._usable(reason_path):
+                continue  # the schema has said what is wrong with it
+            kept = self._executor_list(reason_path, names, run_on, executors, f"fallback.{reason}")
+            if reason == DEFAULT_REASON:
+                default = kept
+                continue
+            by_reason.append((reason, kept))
+            if reason in _LIMIT_OF_REASON:
+                self._check_fallback_helps(reason_path, names, reason, kept, (*run_on, *overflow), executors)
+        if DEFAULT_REASON not in raw:
+            covered = {reason for key in raw for reason in REASON_GROUPS.get(key, {key})}
+            uncovered = [reason for reason in FAILURE_REASONS if reason not in covered]
+            if uncovered:
+                self.warn(
+                    path,
+                    f"no {DEFAULT_REASON!r} list: a run that dies of {', '.join(uncovered)} is not re-run",
+                )
+        return default, tuple(by_reason)
+
+    def _check_fallback_helps(
+        self,
+        path: FieldPath,
+        raw: Any,
+        reason: str,
+        names: tuple[str, ...],
+        rule_executors: tuple[str, ...],
+        executors: dict[str, ExecutorSpec],
+    ) -> None:
+        """A fallback whose limit is no larger than that of every executor the task can die of ``reason`` on
+        would die the same way. Executors without that limit are taken not to die of it."""
+        attribute, limit_name, show = _LIMIT_OF_REASON[reason]
+        limited = [
+            (limit, name)
+            for name in rule_executors
+            if name in executors and (limit := getattr(executors[name].limits, attribute)) is not None
+        ]
+        if not limited:
+            return
+        least, least_name = min(limited)
+        for name in names:
+            limit = getattr(executors[name].limits, attribute)
+            if limit is None or limit > least:
+                continue
+            item_path = path if isinstance(raw, str) else (*path, raw.index(name))
+            self.error(
+                item_path,
+                f"{name!r} cannot help after {reason}: its {limit_name} {show(limit)} is no more than "
+                f"{least_name}'s {show(least)}, so a run that died there would die the same way",
+            )
 
     def _conditions(self, path: FieldPath, raw: dict[str, Any]) -> tuple[Condition, ...]:
         conditions: list[Condition] = []
@@ -309,19 +439,27 @@ class _PolicyBuilder:
         return condition
 
     def _executor_list(
-        self, path: FieldPath, raw: Any, run_on: str, executors: dict[str, ExecutorSpec]
+        self,
+        path: FieldPath,
+        raw: Any,
+        run_on: tuple[str, ...],
+        executors: dict[str, ExecutorSpec],
+        role: str | None = None,
     ) -> tuple[str, ...]:
-        if raw is None or not self._usable(path):
+        if raw is None or not self._usable(path) or not isinstance(raw, (str, list)):
             return ()
         names = [raw] if isinstance(raw, str) else raw
-        role = path[-1]
+        role = role or str(path[-1])
+        which = "this rule's run_on" if len(run_on) == 1 else "first in this rule's run_on"
         kept: list[str] = []
         for position, name in enumerate(names):
             item_path = path if isinstance(raw, str) else (*path, position)
             if not isinstance(name, str) or not self._check_reference(item_path, name, executors):
                 continue
-            if name == run_on:
-                self.error(item_path, f"{name!r} is this rule's run_on; {role} must name other executors")
+            # later entries of a run_on list may be named: a task that fits the first can still spill or
+            # fall back to them
+            if name == run_on[0]:
+                self.error(item_path, f"{name!r} is {which}; {role} must name other executors")
             elif name in kept:
                 self.error(item_path, f"{name!r} is listed twice in {role}")
             else:
@@ -337,22 +475,19 @@ class _PolicyBuilder:
             self.error(path, f"unknown executor {name!r}{did_you_mean(name, executors)}")
         return False
 
-    def _check_rule_limits(self, path: FieldPath, rule: Rule, executor: ExecutorSpec) -> None:
-        """Warn when a rule's conditions let through tasks its executor cannot take (they skip the rule)."""
+    def _check_rule_limits(self, path: FieldPath, rule: Rule, run_on: list[ExecutorSpec]) -> None:
+        """Warn when a rule's conditions let through tasks none of its executors can take (they skip the
+        rule); with several executors, the largest limit is the one that counts."""
         conditions = {condition.key: condition for condition in rule.conditions}
         checks = (
-            (
-                "expected_duration",
-                executor.limits.max_duration_s,
-                "longer than",
-                "max_duration",
-                format_duration,
-            ),
-            ("memory_mb", executor.limits.max_memory_mb, "bigger than", "max_memory_mb", str),
+            ("expected_duration", "max_duration_s", "longer than", "max_duration", format_duration),
+            ("memory_mb", "max_memory_mb", "bigger than", "max_memory_mb", str),
         )
-        for key, limit, comparative, limit_name, show in checks:
-            if limit is None:
+        for key, attribute, comparative, limit_name, show in checks:
+            limits = [(getattr(executor.limits, attribute), executor) for executor in run_on]
+            if any(limit is None for limit, _ in limits):
                 continue
+            limit, executor = max(limits, key=lambda pair: pair[0])
             condition = conditions.get(key)
             if isinstance(condition, ComparisonCondition):
                 if not condition.admits_above(limit):
@@ -377,7 +512,8 @@ class _PolicyBuilder:
         run_on = run_on if isinstance(run_on, str) else None
         # a catch-all on an unknown executor is reported already; asking for defaults.run_on too is noise
         takes_every_task = any(
-            rule.is_catch_all and (rule.run_on not in executors or executors[rule.run_on].limits.is_unlimited)
+            rule.is_catch_all
+            and any(name not in executors or executors[name].limits.is_unlimited for name in rule.run_on)
             for rule in rules
         )
         if run_on is not None:
@@ -406,12 +542,21 @@ class _PolicyBuilder:
     ) -> None:
         used = {defaults.run_on}
         for rule in rules:
-            used.update((rule.run_on, *rule.overflow, *rule.fallback))
+            used.update((*rule.run_on, *rule.overflow, *rule.fallback_executors))
         for name in executors:
             if name not in used:
                 self.warn(
                     ("executors", name), f"executor {name!r} is not used by any rule or defaults.run_on"
                 )
+
+
+def _covers(earlier: ExecutorSpec, later: ExecutorSpec) -> bool:
+    """Whether every task that fits ``later`` fits ``earlier`` too."""
+    (earlier_duration, earlier_memory), (later_duration, later_memory) = (
+        earlier.limits.bounds(),
+        later.limits.bounds(),
+    )
+    return earlier_duration >= later_duration and earlier_memory >= later_memory
 
 
 def _positive_duration(value: Any) -> float:
@@ -445,10 +590,19 @@ class _SchemaProblem(NamedTuple):
     at_key: bool = False  # point at the key (an unknown or badly named one), not at its value
 
 
-def _explain_schema_error(error: jsonschema.ValidationError) -> list[_SchemaProblem]:
+def explain_schema_error(error: jsonschema.ValidationError) -> list[_SchemaProblem]:
     """The problems one jsonschema error stands for, in our words."""
     path: FieldPath = tuple(error.absolute_path)
     validator, expected, instance = error.validator, error.validator_value, error.instance
+    if "propertyNames" in error.schema_path and validator == "enum":  # the reasons of a fallback map
+        hint = did_you_mean(instance, FALLBACK_KEYS) if isinstance(instance, str) else ""
+        return [
+            _SchemaProblem(
+                (*path, instance),
+                f"unknown failure reason {instance!r}{hint}; use {', '.join(FALLBACK_KEYS)}",
+                at_key=True,
+            )
+        ]
     if "propertyNames" in error.schema_path:
         return [
             _SchemaProblem(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .units import format_duration, is_plain_number
+
+if TYPE_CHECKING:
+    from .facts import MemoryEvidence
 
 FallbackMode = Literal["same_try", "next_try"]
 FALLBACK_MODES: tuple[str, ...] = ("same_try", "next_try")
@@ -17,6 +21,43 @@ SOURCE_EXECUTION_TIMEOUT = "execution_timeout"
 SOURCE_HISTORY = "history"
 SOURCE_POLICY_DEFAULT = "policy_default"
 SOURCE_TASK_FACTS = "task_facts"  # a TaskFacts built by hand without saying where its figure came from
+SOURCE_MEASURED = "measured"  # the p95 of the task's measured peaks times settings.memory_headroom
+SOURCE_OUT_OF_MEMORY = "out_of_memory"  # the task ran out of memory on a function of a known size
+
+# Why a run died, as children report it (``InfrastructureFailure.reason``): the infrastructure outcomes of the
+# Lambda protocol, then the two kinds of invoke Lambda refused. Kept here, not imported, because the policy
+# engine knows no executor; a test holds the two in step.
+FAILURE_REASONS: tuple[str, ...] = (
+    "timeout",
+    "out_of_memory",
+    "runtime_crash",
+    "dead_lettered",
+    "throttled",
+    "event_expired",
+    "unreported",
+    "credentials",
+    "invoke_rejected",
+)
+# A fallback map may name several reasons at once: the run never began, so any executor can take the try.
+REASON_GROUPS: Mapping[str, frozenset[str]] = {
+    "never_started": frozenset({"throttled", "event_expired", "credentials", "invoke_rejected"}),
+}
+DEFAULT_REASON = "default"
+FALLBACK_KEYS: tuple[str, ...] = (*FAILURE_REASONS, *REASON_GROUPS, DEFAULT_REASON)
+_GROUP_OF = {reason: group for group, reasons in REASON_GROUPS.items() for reason in reasons}
+
+FallbackByReason = tuple[tuple[str, tuple[str, ...]], ...]  # (reason or group, executors), in file order
+
+
+def fallback_for_reason(lists: Mapping[str, Sequence[str]], reason: str) -> tuple[str, ...]:
+    """The fallback list for a run that died of ``reason``: its own list, else its group's, else ``default``.
+
+    A reason none of them covers has no fallback: the try fails as reported.
+    """
+    for key in (reason, _GROUP_OF.get(reason), DEFAULT_REASON):
+        if key is not None and key in lists:
+            return tuple(lists[key])
+    return ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +127,8 @@ class TaskFacts:
     duration_source: str | None = None
     memory_mb: int | None = None
     memory_source: str | None = None
+    # What measured runs say about the memory need; the policy turns it into a figure when memory_mb is None
+    memory_evidence: MemoryEvidence | None = None
 
     def __post_init__(self) -> None:
         # decisions compare these with limits: a NaN or a negative figure would slip past every check
@@ -110,6 +153,17 @@ class Decision:
     duration_source: str
     memory_mb: int
     memory_source: str
+    # Lists for particular failure reasons; ``fallback`` serves every reason not named here.
+    fallback_by_reason: FallbackByReason = ()
+    # Where a measured memory figure came from, as people read it ("1,824 MB: p95 of 14 runs x 1.2")
+    memory_basis: str | None = None
+
+    def fallback_lists(self) -> dict[str, tuple[str, ...]]:
+        """Every fallback list by reason, ``default`` included: what ``decide_fallback`` picks from."""
+        return {**dict(self.fallback_by_reason), DEFAULT_REASON: self.fallback}
+
+    def fallback_for(self, reason: str) -> tuple[str, ...]:
+        return fallback_for_reason(self.fallback_lists(), reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -118,9 +172,11 @@ class Decision:
             "rule_index": self.rule_index,
             "overflow": list(self.overflow),
             "fallback": list(self.fallback),
+            "fallback_by_reason": {reason: list(names) for reason, names in self.fallback_by_reason},
             "reasons": list(self.reasons),
             "expected_duration_s": self.expected_duration_s,
             "duration_source": self.duration_source,
             "memory_mb": self.memory_mb,
             "memory_source": self.memory_source,
+            "memory_basis": self.memory_basis,
         }

@@ -66,8 +66,10 @@ class RunWriter:
         queue: str = "default",
         pool: str = "default_pool",
         operator: str = "PythonOperator",
-    ) -> None:
-        """One run of ``seconds`` worker time; ``deferred_for`` seconds in the triggerer before its last part."""
+    ) -> dict[str, Any]:
+        """One run of ``seconds`` worker time; ``deferred_for`` seconds in the triggerer before its last part.
+
+        Returns the row written (its ``run_id``, ``start_date``, ...)."""
         end = self.now - ended_ago
         start = end - timedelta(seconds=seconds)
         if deferred_for:
@@ -99,6 +101,7 @@ class RunWriter:
                 connection.execute(self.tih.insert().values(task_instance_id=uuid.uuid4(), **row))
             else:
                 connection.execute(self.ti.insert().values(id=uuid.uuid4(), **row))
+        return row
 
     def clear(self) -> None:
         with self.engine.begin() as connection:
@@ -112,6 +115,57 @@ def runs(metadata_db: MetadataDb) -> Iterator[RunWriter]:
 
     engine = create_engine(metadata_db.url)
     writer = RunWriter(engine)
+    writer.clear()
+    try:
+        yield writer
+    finally:
+        writer.clear()
+        engine.dispose()
+
+
+class AuditWriter:
+    """Inserts the router's own rows into Airflow's ``log`` table, as ``audit.AuditLog`` leaves them."""
+
+    def __init__(self, engine: Any):
+        from airflow.models import Log
+
+        self.engine = engine
+        self.log = Log.__table__
+
+    def add(self, event: str, run: dict[str, Any], at: datetime, **extra: Any) -> None:
+        """A row of ``event`` for the try of ``run`` (a row ``RunWriter.add`` returned), written at ``at``."""
+        import json
+
+        from hybrid_router.router.audit import AUDIT_OWNER
+
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.log.insert().values(
+                    dttm=at,
+                    event=event,
+                    owner=AUDIT_OWNER,
+                    dag_id=run["dag_id"],
+                    task_id=run["task_id"],
+                    run_id=run["run_id"],
+                    map_index=run["map_index"],
+                    try_number=run["try_number"],
+                    extra=json.dumps(extra),
+                )
+            )
+
+    def clear(self) -> None:
+        from hybrid_router.router.audit import AUDIT_OWNER
+
+        with self.engine.begin() as connection:
+            connection.execute(self.log.delete().where(self.log.c.owner == AUDIT_OWNER))
+
+
+@pytest.fixture
+def audit_rows(metadata_db: MetadataDb) -> Iterator[AuditWriter]:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(metadata_db.url)
+    writer = AuditWriter(engine)
     writer.clear()
     try:
         yield writer

@@ -216,6 +216,59 @@ def test_explain_with_an_invalid_policy_exits_1(capsys, broken_policy):
     assert f"{broken_policy}:11:" in err
 
 
+SIZED_POLICY = textwrap.dedent(
+    """\
+    version: 1
+    executors:
+      lambda:
+        class: hybrid_router.lambda_exec.LambdaExecutor
+        limits: {max_duration: 15m, max_memory_mb: 512}
+      lambda_3g:
+        class: hybrid_router.lambda_exec.LambdaExecutor
+        limits: {max_duration: 15m, max_memory_mb: 3072}
+      local: {class: LocalExecutor}
+    defaults: {run_on: local}
+    rules:
+      - name: sized
+        if: {expected_duration: "< 12m"}
+        run_on: [lambda, lambda_3g]
+        fallback: {out_of_memory: [lambda_3g, local], timeout: local, default: [local]}
+      - name: everything else
+        run_on: local
+    """
+)
+
+
+def test_explain_shows_the_run_on_entry_chosen_and_the_fallback_lists_by_reason(capsys, tmp_path):
+    policy = tmp_path / "sized.yaml"
+    policy.write_text(SIZED_POLICY)
+    args = ("--policy", str(policy), "--dag-id", "d", "--task-id", "t", "--expected-duration", "1m")
+    code, out, err = run(capsys, "explain", *args, "--memory-mb", "600")
+    assert code == EXIT_OK, err
+    assert out.splitlines()[0] == "d.t -> lambda_3g"
+    assert "  fallback:   out_of_memory: local; timeout: local; any other reason: local" in out
+    assert "  memory:     600 MB from command_line" in out
+    assert "rule 'sized' passes over lambda: memory 600 MB exceeds lambda's max_memory_mb 512" in out
+    small = explain_json(capsys, "--expected-duration", "1m", "--memory-mb", "100", policy=policy)
+    assert small["executor"] == "lambda"
+    assert small["fallback_by_reason"] == {"out_of_memory": ["lambda_3g", "local"], "timeout": ["local"]}
+
+
+def test_explain_text_says_where_a_measured_memory_figure_came_from():
+    from datetime import datetime, timezone
+
+    from hybrid_router.router.cli_commands import _memory_text
+    from hybrid_router.router.policy import MemoryEvidence, OutOfMemory, load_policy_text
+
+    policy = load_policy_text(SIZED_POLICY)
+    p95 = policy.decide(TaskFacts("d", "t", memory_evidence=MemoryEvidence(14, 1520.0))).to_dict()
+    assert _memory_text(p95) == "1,824 MB: p95 of 14 runs x 1.2"
+    oom = OutOfMemory(512, "lambda", datetime(2026, 3, 2, 10, 15, tzinfo=timezone.utc))
+    died = policy.decide(TaskFacts("d", "t", memory_evidence=MemoryEvidence(out_of_memory=oom))).to_dict()
+    assert _memory_text(died) == "more than 512 MB: out of memory on lambda at 2026-03-02 10:15:00 UTC"
+    assert died["executor"] == "lambda_3g"
+
+
 # simulate --------------------------------------------------------------------------------------------
 
 
@@ -255,7 +308,7 @@ def test_simulate_text_report(capsys, tmp_path):
     assert code == EXIT_OK
     assert out.startswith(f"Routed 12 task runs (2 rows, {tasks}) with {EXAMPLE_POLICY}")
     table = {
-        line.split()[0]: line.split()[1:]
+        line.split()[0]: line.split()[1:3]  # then cost $, start latency, fallback runs
         for line in out.splitlines()
         if line.split() and line.split()[0] in ("lambda", "local")
     }
@@ -295,13 +348,14 @@ def test_simulate_rejects_unknown_columns(capsys, tmp_path):
 
 
 def test_validate_and_explain_need_no_airflow():
-    # `python -m hybrid_router` must work where Airflow is not configured (a laptop, a CI lint job)
+    # `python -m hybrid_router` must work where Airflow is not configured (a laptop, a CI lint job) when the
+    # command line gives every figure the database would otherwise be asked for
     code = (
         "import sys\n"
         "from hybrid_router.router.cli import main\n"
         f"assert main(['validate', {str(DEFAULT_POLICY)!r}]) == 0\n"
         f"assert main(['explain', '--policy', {str(DEFAULT_POLICY)!r}, '--dag-id', 'd', '--task-id', 't',"
-        " '--expected-duration', '5m', '--json']) == 0\n"
+        " '--expected-duration', '5m', '--memory-mb', '512', '--json']) == 0\n"
         "print(sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

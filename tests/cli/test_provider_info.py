@@ -91,7 +91,7 @@ def test_cli_group_does_not_clash_with_airflow_commands():
     (group,) = import_string(path)()
     assert group.name == "hybrid-router"
     assert group.name not in {command.name for command in core_commands}
-    assert {command.name for command in group.subcommands} == {"validate", "explain", "simulate"}
+    assert {command.name for command in group.subcommands} == {"validate", "explain", "simulate", "recommend"}
 
 
 def test_cli_module_stays_light():

@@ -42,9 +42,9 @@ def test_default_policy_loads_with_the_documented_executors_and_rules():
     )
     assert (policy.fallback_mode, policy.max_fallbacks) == ("same_try", 2)
     assert [(rule.name, rule.run_on, rule.overflow, rule.fallback) for rule in policy.rules] == [
-        ("pinned to lambda by queue", "lambda", ("local",), ("local",)),
-        ("short and small", "lambda", ("local",), ("local",)),
-        ("everything else", "local", (), ()),
+        ("pinned to lambda by queue", ("lambda",), ("local",), ("local",)),
+        ("short and small", ("lambda",), ("local",), ("local",)),
+        ("everything else", ("local",), (), ()),
     ]
     # the queue-pinned rule has no duration or memory bound: documented in the file, and warned about
     run_on_line = _line_of(DEFAULT_POLICY.read_text(encoding="utf-8"), "    run_on: lambda", 0)

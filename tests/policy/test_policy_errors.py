@@ -107,7 +107,7 @@ def test_wrong_types():
         """
         - name: 5
           if: {queue: [a, 7], expected_duration: true}
-          run_on: [lambda]
+          run_on: {lambda: 1}
           overflow: {local: 1}
         - {name: all, run_on: local}
         """
@@ -116,7 +116,7 @@ def test_wrong_types():
         "policy.yaml:10:11: rules[0].name: expected a string, got integer 5",
         "policy.yaml:11:21: rules[0].if.queue[1]: expected a string, got integer 7",
         "policy.yaml:11:44: rules[0].if.expected_duration: expected a string or a list, got boolean true",
-        "policy.yaml:12:13: rules[0].run_on: expected a string, got a list",
+        "policy.yaml:12:13: rules[0].run_on: expected a list or a string, got a mapping",
         "policy.yaml:13:15: rules[0].overflow: expected a list or a string, got a mapping",
     ]
 
@@ -443,8 +443,8 @@ def test_recursive_alias_and_merge_keys():
         + "  - {name: all, run_on: local}\n"
     )
     assert [(rule.name, rule.run_on, rule.overflow) for rule in merged.rules[:2]] == [
-        ("q", "lambda", ("local",)),
-        ("p", "lambda", ("local",)),
+        ("q", ("lambda",), ("local",)),
+        ("p", ("lambda",), ("local",)),
     ]
 
 

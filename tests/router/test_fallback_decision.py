@@ -131,3 +131,74 @@ def test_an_exhausted_try_says_why(exhausted, why):
         "hybrid_router: the run on executor 'lambda' died (timeout: Task timed out after 900.00 seconds); "
         f"{why}, so the try fails"
     )
+
+
+# -- fallback lists by reason ------------------------------------------------------------------------------------
+
+OUT_OF_MEMORY = InfrastructureFailure(
+    reason="out_of_memory", detail="Runtime exited with error: signal: killed"
+)
+BY_REASON = {"out_of_memory": ("lambda_3g", "local"), "timeout": ("local",), "default": ("ecs",)}
+SIZED_CHILDREN = ("lambda", "lambda_3g", "ecs", "local")
+
+
+def decide_for(failure, fallback=BY_REASON, mode="same_try"):
+    return decide_fallback(
+        failure,
+        failed_on="lambda",
+        fallback=fallback,
+        tried=("lambda",),
+        fallbacks_used=0,
+        available=SIZED_CHILDREN,
+        mode=mode,
+        max_fallbacks=2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("failure", "candidates"),
+    [
+        (OUT_OF_MEMORY, ("lambda_3g", "local")),  # the same try runs on the bigger function
+        (TIMEOUT, ("local",)),
+        (InfrastructureFailure(reason="runtime_crash"), ("ecs",)),  # any other reason: default
+    ],
+)
+def test_the_list_for_the_failure_reason_is_used(failure, candidates):
+    assert decide_for(failure) == RerunSameTry(candidates)
+
+
+def test_a_reason_in_a_group_uses_the_group_list():
+    fallback = {"never_started": ("lambda_3g",), "default": ("local",)}
+    assert decide_for(InfrastructureFailure(reason="throttled"), fallback) == RerunSameTry(("lambda_3g",))
+
+
+def test_a_reason_with_no_list_and_no_default_exhausts_the_try():
+    exhausted = decide_for(TIMEOUT, {"out_of_memory": ("lambda_3g",)})
+    assert exhausted == FallbacksExhausted(ExhaustedCause.NO_FALLBACK_LEFT, max_fallbacks=2)
+
+
+def test_next_try_routes_by_reason_too():
+    assert decide_for(OUT_OF_MEMORY, mode="next_try") == RouteNextTry(
+        NextTryRoute("lambda_3g", ("local",), failed_on="lambda", reason="out_of_memory")
+    )
+
+
+def test_a_decisions_lists_feed_decide_fallback():
+    from hybrid_router.router.policy import Decision
+
+    decision = Decision(
+        "lambda",
+        (),
+        ("local",),
+        "r",
+        0,
+        (),
+        300.0,
+        "policy_default",
+        512,
+        "policy_default",
+        fallback_by_reason=(("out_of_memory", ("lambda_3g", "local")),),
+    )
+    assert decision.fallback_lists() == {"out_of_memory": ("lambda_3g", "local"), "default": ("local",)}
+    assert decide_for(OUT_OF_MEMORY, decision.fallback_lists()) == RerunSameTry(("lambda_3g", "local"))
+    assert decide_for(TIMEOUT, decision.fallback_lists()) == RerunSameTry(("local",))
