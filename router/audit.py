@@ -40,6 +40,8 @@ EVENT_FALLBACK = "hybrid_router.fallback"
 EVENT_FALLBACK_EXHAUSTED = "hybrid_router.fallback_exhausted"
 EVENT_NEXT_TRY_ROUTED = "hybrid_router.next_try_fallback"
 EVENT_ROUTE_ERROR = "hybrid_router.route_error"
+# One per finished run, what it used (``measured_runs.py``): written even when routing rows are turned off.
+EVENT_RUN_FINISHED = "hybrid_router.run_finished"
 # Rows kept for another attempt when the database refused a flush; beyond this the oldest are dropped
 # (and counted in the log line) rather than growing the scheduler's memory without bound.
 MAX_PENDING_ROWS = 10_000

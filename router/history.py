@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
@@ -38,6 +39,7 @@ TaskKey = tuple[str, str]  # (dag_id, task_id)
 SessionFactory = Callable[[], AbstractContextManager["Session"]]
 
 _CACHE_KEY = "all tasks"
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,65 @@ def read_task_run_stats(
     return summarise_runs(session.execute(_successful_runs_query(since)))
 
 
+class CachedRead(Generic[V]):
+    """What one read of the metadata database answered, kept for ``ttl`` seconds: one caller per ``ttl`` waits
+    for the read, the others read memory.
+
+    ``session_factory`` returns a context manager yielding a SQLAlchemy session (Airflow's
+    ``airflow.utils.session.create_session``, or a ``sessionmaker``). Reading fails softly: a warning is logged
+    once per outage, the answer is empty (``{}``) and the read is retried when the kept answer expires.
+    """
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        read: Callable[[Session], Mapping[TaskKey, V]],
+        *,
+        ttl: float,
+        timer: Callable[[], float],
+        what: str,
+        otherwise: str,
+    ) -> None:
+        if ttl < 0:
+            raise ValueError(f"ttl must be >= 0, got {ttl}")
+        self._session_factory = session_factory
+        self._read_from = read
+        self._what = what  # "Task duration history", for the log lines
+        self._otherwise = otherwise  # what routing uses while the read fails
+        self._cache: TTLCache[str, Mapping[TaskKey, V]] = TTLCache(maxsize=1, ttl=ttl, timer=timer)
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+
+    def get(self) -> Mapping[TaskKey, V]:
+        with self._lock:
+            cached = self._cache.get(_CACHE_KEY)
+            if cached is None:
+                cached = self._cache[_CACHE_KEY] = self._read()
+            return cached
+
+    def _read(self) -> Mapping[TaskKey, V]:
+        try:
+            with self._session_factory() as session:
+                answer = self._read_from(session)
+        except Exception as error:
+            # Whatever breaks the read (database down, schema not migrated, Airflow not configured), routing
+            # goes on without it.
+            if self.last_error is None:
+                log.warning("%s unavailable, using %s: %s", self._what, self._otherwise, error)
+            self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+            return {}
+        if self.last_error is not None:
+            log.info("%s readable again", self._what)
+            self.last_error = None
+        log.debug("Read the %s of %d tasks", self._what.lower(), len(answer))
+        return answer
+
+
 class TaskDurationHistory:
     """The p95 worker time of each task's recent successful runs, for the policy's ``history`` lookup.
 
-    ``session_factory`` returns a context manager yielding a SQLAlchemy session (Airflow's
-    ``airflow.utils.session.create_session``, or a ``sessionmaker``). Reading the database fails softly: a
-    warning is logged once per outage, the lookup answers None (the policy default applies) and the read is
-    retried when the cache entry expires.
+    Read with ``CachedRead``: while the database cannot be read the lookup answers None (the policy default
+    applies).
     """
 
     def __init__(
@@ -165,44 +219,28 @@ class TaskDurationHistory:
             raise ValueError(f"days must be > 0, got {days}")
         if min_runs < 1:
             raise ValueError(f"min_runs must be >= 1, got {min_runs}")
-        if ttl < 0:
-            raise ValueError(f"ttl must be >= 0, got {ttl}")
-        self._session_factory = session_factory
         self.days = days
         self.min_runs = min_runs
-        self._cache: TTLCache[str, Mapping[TaskKey, TaskRunStats]] = TTLCache(maxsize=1, ttl=ttl, timer=timer)
-        self._lock = threading.Lock()
-        self.last_error: str | None = None
+        self._cached = CachedRead(
+            session_factory,
+            partial(read_task_run_stats, days=days),
+            ttl=ttl,
+            timer=timer,
+            what="Task duration history",
+            otherwise="the policy's default durations",
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last read failed, while the database cannot be read."""
+        return self._cached.last_error
 
     def stats(self) -> Mapping[TaskKey, TaskRunStats]:
         """Every task's run statistics, read from the database at most once per ``ttl``."""
-        with self._lock:
-            cached = self._cache.get(_CACHE_KEY)
-            if cached is None:
-                cached = self._cache[_CACHE_KEY] = self._read()
-            return cached
+        return self._cached.get()
 
     def p95(self, dag_id: str, task_id: str) -> float | None:
         """The task's p95 worker seconds, or None with fewer than ``min_runs`` runs or no database."""
         return trusted_p95(self.stats(), dag_id, task_id, self.min_runs)
 
     __call__ = p95  # the policy engine takes any ``(dag_id, task_id) -> seconds | None`` callable
-
-    def _read(self) -> Mapping[TaskKey, TaskRunStats]:
-        try:
-            with self._session_factory() as session:
-                stats = read_task_run_stats(session, days=self.days)
-        except Exception as error:
-            # Whatever breaks the read (database down, schema not migrated, Airflow not configured), routing
-            # goes on with the policy's default duration.
-            if self.last_error is None:
-                log.warning(
-                    "Task duration history unavailable, using the policy's default durations: %s", error
-                )
-            self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
-            return {}
-        if self.last_error is not None:
-            log.info("Task duration history readable again")
-            self.last_error = None
-        log.debug("Read the run history of %d tasks over %s days", len(stats), self.days)
-        return stats
