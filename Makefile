@@ -1,5 +1,6 @@
 # `make demo` and `make test` do all the set-up on a fresh machine: they create .venv when it is missing.
 # `make demo DEMO_ARGS=--postgres` keeps Airflow's metadata in a PostgreSQL cluster of the demo's own.
+# `make demo DEMO_ARGS="--postgres --schedulers 2"` runs two schedulers on it (Airflow's HA topology).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

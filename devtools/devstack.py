@@ -180,6 +180,12 @@ class MotoServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (a benchmark reads its CPU time)."""
+        proc = self._process.proc
+        return proc.pid if proc is not None else None
+
     def reset(self) -> None:
         req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST", data=b"")
         with urllib.request.urlopen(req, timeout=10):
@@ -210,7 +216,9 @@ class AirflowStack:
 
     The metadata database is a SQLite file in ``home`` unless ``database_url`` names another (PostgreSQL: see
     ``devtools.postgres``; SQLite allows one scheduler only). ``config`` maps section -> option -> value and becomes ``AIRFLOW__SECTION__OPTION`` variables, so the settings
-    reach every Airflow process and every process started with ``stack.env``.
+    reach every Airflow process and every process started with ``stack.env``. ``scheduler_env`` is added to the
+    schedulers' environment only (``stack.scheduler_env``), on top of ``stack.env`` as it is when a scheduler
+    starts (a benchmark that changes ``stack.env`` between scheduler restarts changes the schedulers' too).
     """
 
     def __init__(
@@ -223,6 +231,7 @@ class AirflowStack:
         parallelism: int = 32,
         database_url: str | None = None,
         schedulers: int = 1,
+        scheduler_env: Mapping[str, str] | None = None,
     ):
         self.home = Path(home)
         self.database_url = database_url or f"sqlite:///{self.home / 'airflow.db'}"
@@ -279,6 +288,8 @@ class AirflowStack:
             for option, value in options.items():
                 self.env[f"AIRFLOW__{section.upper()}__{option.upper()}"] = _conf_value(value)
         self.env.update(env or {})
+        # Only the schedulers talk to SQS: faults meant for the executors' receives go there, not to every process.
+        self.scheduler_env: dict[str, str] = dict(scheduler_env or {})
         self._processes: dict[str, ManagedProcess] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -311,10 +322,21 @@ class AirflowStack:
         if result.returncode != 0:
             raise StackError(f"airflow db migrate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``airflow <args>`` with the stack's settings (its database, its policy file), as its users run it."""
+        return subprocess.run(
+            [_airflow_bin(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     def start_scheduler(self, name: str | None = None) -> None:
         """Start the scheduler(s): all ``schedulers`` of them, or the one called ``name`` (restarting it)."""
         for scheduler in [name] if name else self.scheduler_names:
-            self._start(scheduler, ["scheduler"])
+            self._start(scheduler, ["scheduler"], {**self.env, **self.scheduler_env})
 
     @property
     def scheduler_names(self) -> list[str]:
@@ -351,9 +373,9 @@ class AirflowStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
         process = ManagedProcess(
-            name, [_airflow_bin(), *args], self.env, self.log_dir / f"{name}.log", self.home
+            name, [_airflow_bin(), *args], env or self.env, self.log_dir / f"{name}.log", self.home
         )
         process.start()
         self._processes[name] = process
@@ -365,6 +387,11 @@ class AirflowStack:
             if process is not None:
                 process.check_alive()
         return True
+
+    def pid(self, name: str) -> int | None:
+        """The process id of a running component (``api-server``, ``dag-processor``, a scheduler's name)."""
+        process = self._processes.get(name)
+        return process.proc.pid if process is not None and process.proc is not None else None
 
     def process_log(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"

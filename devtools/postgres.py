@@ -34,6 +34,30 @@ def connect_args(url: str) -> dict[str, Any]:
     return {"host": parsed.host, "port": parsed.port, "user": parsed.username, "dbname": parsed.database}
 
 
+def set_database_options(url: str, **options: str | int) -> None:
+    """``ALTER DATABASE ... SET`` each option, for every later session on the database of ``url``.
+
+    ``idle_in_transaction_session_timeout``, for one: a scheduler killed in a transaction leaves it open while
+    any process it forked (its LocalExecutor's workers) holds the connection, and its row locks with it.
+    """
+    import psycopg2
+    from psycopg2 import sql
+
+    args = connect_args(url)
+    connection = psycopg2.connect(**args)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            for name, value in options.items():
+                cursor.execute(
+                    sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                        sql.Identifier(args["dbname"]), sql.Identifier(name), sql.Literal(str(value))
+                    )
+                )
+    finally:
+        connection.close()
+
+
 class PostgresUnavailable(StackError):
     """No PostgreSQL server programs here, or no user that may run them."""
 

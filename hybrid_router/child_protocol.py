@@ -27,6 +27,24 @@ class InfrastructureFailure:
     reason: str
     detail: str = ""
     executor: str = ""
+    # False when the failed run never held the try (it was never invoked, or its copy ended without claiming
+    # the task): the try is then QUEUED unless another run of it claimed it, which must keep it.
+    held: bool = True
+
+
+@dataclass(frozen=True)
+class RunMeasurement:
+    """What one finished run of a task used, as the child that ran it measured it; None where it could not.
+
+    The Lambda executor gives the figures of Lambda's ``REPORT`` line, which its handler reports with each run's
+    final result: the function's memory size, the peak memory of the run's sandbox, the duration and the billed
+    duration.
+    """
+
+    memory_size_mb: int | None = None
+    peak_memory_mb: int | None = None
+    duration_ms: float | None = None
+    billed_duration_ms: int | None = None
 
 
 @runtime_checkable
@@ -43,3 +61,43 @@ class ReportsInfrastructureFailures(Protocol):
         The child puts a FAILED event in its event buffer as usual and keeps the failure here until it is
         popped (or, with no router, until it ages out), so a standalone executor behaves like any other.
         """
+
+
+@runtime_checkable
+class ReportsRunMeasurements(Protocol):
+    def pop_run_measurement(self, key: TaskInstanceKey) -> RunMeasurement | None:
+        """What the run behind the final event this child emitted for ``key`` used, if the child measured it.
+
+        Kept until popped (or, with no router, until it ages out), like an infrastructure failure.
+        """
+
+
+@dataclass(frozen=True)
+class SharedConcurrency:
+    """A limit on runs at once that the child shares with every other scheduler's children (a Lambda function's
+    concurrency): the router counts the runs of all schedulers against it (``router/shared_capacity.py``).
+
+    Children with the same ``key`` draw on one pool. ``external_id_patterns`` are SQL ``LIKE`` patterns (escape
+    character ``\\``) of the ``external_executor_id`` the child writes for its runs, alone or behind a router's.
+    """
+
+    key: str
+    limit: int
+    external_id_patterns: tuple[str, ...] = ()
+
+
+# The escape character of ``SharedConcurrency.external_id_patterns``.
+LIKE_ESCAPE = "\\"
+
+
+def like_literal(text: str) -> str:
+    """``text`` escaped to match itself in a ``LIKE`` pattern (function and executor names may hold ``_``)."""
+    for special in (LIKE_ESCAPE, "%", "_"):
+        text = text.replace(special, LIKE_ESCAPE + special)
+    return text
+
+
+@runtime_checkable
+class SharesConcurrency(Protocol):
+    def shared_concurrency(self) -> SharedConcurrency | None:
+        """The limit this child shares with other schedulers, None while it has none (or does not know it yet)."""

@@ -74,7 +74,8 @@ ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
     ),
     "audit_log": _option(
         "Whether the router writes a row to Airflow's audit log (the ``log`` table) for each routing "
-        "decision, overflow and fallback.\n",
+        "decision, overflow and fallback. The row of what each run used (``hybrid_router.run_finished``) is "
+        "written either way: the router learns from it.\n",
         "boolean",
         "True",
     ),
@@ -196,6 +197,14 @@ LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {
         "itself, so the fallback starts at once.\n",
         "float",
         "5",
+    ),
+    "run_heartbeat_seconds": _option(
+        "How often a running task's Lambda run sends its STARTED message again (one SQS message each). A run "
+        "that could send none for three of these stops its task itself, so a run whose heartbeat stops while "
+        "the results queue is read is known to be dead (its sandbox crashed, was killed or froze) and its try "
+        "goes to the fallback then, not after the function's timeout. 0: no heartbeats. From 2 to 300.\n",
+        "float",
+        "30",
     ),
 }
 

@@ -42,6 +42,7 @@ NON_SECRET_OPTIONS = frozenset(
         "check_health_on_startup",
         "event_max_age_seconds",
         "deadline_margin_seconds",
+        "run_heartbeat_seconds",
         "local_log_dir",
         "unowned_visibility_timeout",
         "stale_after_sightings",

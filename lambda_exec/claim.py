@@ -12,10 +12,18 @@ folder per run and names the file in ``HYBRID_ROUTER_CLAIM_FILE``; ``install_hoo
 process to write ``claimed`` or ``refused`` to it. A workload command of one's own (a custom image) writes the
 same file the same way, or its runs cannot report STARTED and are stopped as unreported.
 
+A third answer: ``stranded``. The execution API gave this run the task, but its supervisor did not start it:
+the ``/run`` answer came back unreadable, or was lost and a retry was refused (409) because the lost attempt had
+taken the task. Airflow 3.3 answers a retry from the same process 200 (it recognises host and pid), so this
+takes a server that does not, or a retry with another identity; the hook then asks a heartbeat with the run's
+pid, which only the holder of the task gets through. The run holds the task and never ran it: the handler
+reports ``UNREPORTED`` (an infrastructure failure, so the try goes elsewhere without spending a retry), where a
+``NOT_CLAIMED`` would leave the task running for nobody until the watchdog gave up on it.
+
 ``python -m hybrid_router.lambda_exec.claim --json-path FILE`` is Airflow's ``execute_workload`` with the hook
 installed: the handler's command for a workload started as a new process.
 
-Standard library only at import: the handler imports this module on every cold start.
+Standard library only at import (and the wire messages): the handler imports this module on every cold start.
 """
 
 from __future__ import annotations
@@ -25,15 +33,18 @@ import sys
 import tempfile
 from typing import Any
 
+from hybrid_router.lambda_exec.protocol import Outcome
+
 CLAIM_FILE_ENV = "HYBRID_ROUTER_CLAIM_FILE"
 CLAIMED = "claimed"
 REFUSED = "refused"
-_STATES = (CLAIMED, REFUSED)
+STRANDED = "stranded"
+_STATES = (CLAIMED, REFUSED, STRANDED)
 
 
 class ClaimFile:
     """The handler's side: a private folder for one run, holding the claim file (and the workload's file when
-    it runs as a new process). ``state()`` is ``CLAIMED``, ``REFUSED`` or None (not known yet)."""
+    it runs as a new process). ``state()`` is ``CLAIMED``, ``REFUSED``, ``STRANDED`` or None (not known yet)."""
 
     def __init__(self) -> None:
         self.folder = tempfile.mkdtemp(prefix="hybrid-router-")
@@ -53,11 +64,27 @@ class ClaimFile:
 
     @property
     def claimed(self) -> bool:
-        return self.state() == CLAIMED
+        """Whether this run holds the task (``STRANDED`` included: it holds it without running it)."""
+        return self.state() in (CLAIMED, STRANDED)
 
     @property
     def refused(self) -> bool:
         return self.state() == REFUSED
+
+    def verdict(self) -> tuple[Outcome, str] | None:
+        """The run's outcome when the answer to its ``/run`` decides it: ``NOT_CLAIMED`` when refused (never a
+        failure), ``UNREPORTED`` when stranded; None when the run's own end does."""
+        state = self.state()
+        if state == REFUSED:
+            return Outcome.NOT_CLAIMED, (
+                "the execution API refused this run's /run (409): another run holds the task, or it moved on"
+            )
+        if state == STRANDED:
+            return Outcome.UNREPORTED, (
+                "the execution API gave this run the task, but the answer to its /run was lost or unreadable "
+                "and its supervisor did not start it"
+            )
+        return None
 
     def remove(self) -> None:
         import shutil
@@ -84,8 +111,9 @@ def record(state: str, path: str | None = None) -> None:
 
 def install_hook(path: str | None = None) -> None:
     """Record the execution API's answer to ``/run`` in this process: ``claimed`` on 2xx, ``refused`` on 409
-    Conflict; another answer, or none, records nothing (the run did not learn that it holds the task, and fails
-    as before). Imports Airflow's API client.
+    Conflict, ``stranded`` when the server took the task but ``start`` failed all the same (see the module's
+    docstring); another answer, or none, records nothing (the run did not learn that it holds the task, and
+    fails as before). Imports Airflow's API client.
 
     ``TaskInstanceOperations.start`` (the supervisor's ``/run``) is wrapped to put a response hook in front of its
     client's own (which raises on 4xx/5xx): the hook sees the status itself, so a 2xx whose body cannot be read
@@ -101,26 +129,34 @@ def install_hook(path: str | None = None) -> None:
 
     original = TaskInstanceOperations.start
     original = getattr(original, "_records_claim", original)  # installed before: wrap the original once
+    attempts: list[int] = []  # one per /run request sent (the client retries a lost answer)
     answers: list[int] = []  # the statuses of /run answers
 
+    def is_run(request: Any) -> bool:
+        return request.method == "PATCH" and request.url.path.endswith("/run")
+
+    def on_request(request: Any) -> None:
+        if is_run(request):
+            attempts.append(1)
+
     def on_response(response: Any) -> None:
-        request = response.request
-        if request.method == "PATCH" and request.url.path.endswith("/run"):
+        if is_run(response.request):
             answers.append(response.status_code)
-            if response.status_code == 409:
-                record(REFUSED, path)
 
     def start(self: Any, id: Any, pid: int, *args: Any, **kwargs: Any) -> Any:
         hooks = self.client.event_hooks
         if on_response not in hooks["response"]:
             hooks["response"] = [on_response, *hooks["response"]]
+            hooks["request"] = [on_request, *hooks["request"]]
             self.client.event_hooks = hooks
+        attempts.clear()
         answers.clear()
         try:
             context = original(self, id, pid, *args, **kwargs)
         except Exception:
-            if answers and 200 <= answers[-1] < 300:
-                record(CLAIMED, path)
+            held = _held_after_failed_start(self, id, pid, answers, len(attempts))
+            if held is not None:
+                record(held, path)
             raise
         try:
             self.heartbeat(id, pid=pid)
@@ -133,6 +169,27 @@ def install_hook(path: str | None = None) -> None:
 
     start._records_claim = original  # type: ignore[attr-defined]
     TaskInstanceOperations.start = start  # type: ignore[method-assign]
+
+
+def _held_after_failed_start(
+    operations: Any, id: Any, pid: int, answers: list[int], attempts: int
+) -> str | None:
+    """What a ``/run`` call that raised leaves this run with: ``STRANDED`` when the server gave it the task,
+    ``REFUSED`` when it did not, None when that cannot be known."""
+    if any(200 <= status < 300 for status in answers):
+        return STRANDED
+    refused = bool(answers) and answers[-1] == 409
+    # An attempt with no answer, or a 5xx, may have taken the task: then the retry's 409 is about this run.
+    lost = attempts > len(answers) or any(status >= 500 for status in answers)
+    if not lost:
+        return REFUSED if refused else None
+    # The API lets a heartbeat with this pid through only for the process that holds the task.
+    try:
+        operations.heartbeat(id, pid=pid)
+    except Exception as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return REFUSED if refused or status == 409 else None
+    return STRANDED
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,6 +49,8 @@ class LambdaExecutorConfig:
     check_health_on_startup: bool = True
     event_max_age_seconds: int = 300
     deadline_margin_seconds: float = 5.0
+    # How often a run sends STARTED again; it stops itself after LEASE_HEARTBEATS without one (``liveness``).
+    run_heartbeat_seconds: float = 30.0
     # Where the local Lambda service writes its log streams (``<dir>/<function>/<stream>.log``); set it to
     # show a local run's Lambda log in the task log view. Empty with real AWS: CloudWatch Logs is read.
     local_log_dir: str = ""
@@ -120,6 +122,12 @@ class LambdaExecutorConfig:
                 "event_max_age_seconds: Lambda allows 60 to 21600",
             ),
             (self.deadline_margin_seconds >= 0, "deadline_margin_seconds: must not be negative"),
+            (
+                self.run_heartbeat_seconds == 0 or 2 <= self.run_heartbeat_seconds <= 300,
+                # Below 2 s a run's lease would leave no time for a send to fail and be tried again before
+                # the run must begin to stop itself.
+                "run_heartbeat_seconds: must be 0 (no heartbeats) or from 2 to 300",
+            ),
             (
                 self.unowned_message_max_age >= self.event_max_age_seconds + 60,
                 "unowned_message_max_age: must exceed event_max_age_seconds by the function's timeout and "
@@ -204,6 +212,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "check_health_on_startup": _boolean,
     "event_max_age_seconds": _integer,
     "deadline_margin_seconds": _number,
+    "run_heartbeat_seconds": _number,
     "local_log_dir": _text,
     "unowned_message_max_age": _integer,
     "stale_after_sightings": _integer,

@@ -66,6 +66,10 @@ class Dispatch:
     expired_seen_at: float | None = None
     # The heartbeat in which RUNNING (with the bound run's id) was reported; a final state waits for the next.
     running_beat: int | None = None
+    # The bound run's lease (``liveness``): it stops itself once it could send no STARTED for ``lease_s`` (0: it
+    # made no such promise); ``renewed_at``: when this executor took its last STARTED.
+    lease_s: float = 0.0
+    renewed_at: float | None = None
 
 
 class Ownership(str, Enum):

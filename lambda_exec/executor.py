@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
-from hybrid_router.child_protocol import InfrastructureFailure
-from hybrid_router.lambda_exec import aws, protocol, runs
+from hybrid_router.child_protocol import InfrastructureFailure, RunMeasurement, SharedConcurrency
+from hybrid_router.lambda_exec import aws, capacity, liveness, measurements, protocol, runs
 from hybrid_router.lambda_exec.aws import (
     AwsCallError,
     AwsClients,
@@ -42,7 +42,7 @@ from hybrid_router.lambda_exec.dispatch import (
     backoff_delay,
 )
 from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
-from hybrid_router.lambda_exec.inbox import Inbox
+from hybrid_router.lambda_exec.inbox import Inbox, Reads
 from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, TaskRef
 from hybrid_router.lambda_exec.shared_readers import SharedQueues
 from hybrid_router.lambda_exec.task_logs import RunLogReader
@@ -55,9 +55,6 @@ if TYPE_CHECKING:
 METRIC_PREFIX = "lambda_executor"
 # How old an event sealed at queue time may be and still be sent as it is.
 PRESEALED_MAX_AGE_S = 1.0
-# After the moment from which no run can act (see ``_watchdog``) a dispatch is declared dead this much later:
-# room for clock skew between this host and Lambda, and for the last message to travel through SQS.
-WATCHDOG_GRACE_S = 15.0
 # Infrastructure failures nobody popped (no router) are dropped after this long.
 INFRA_FAILURE_TTL_S = 3600.0
 # Reasons of the infrastructure failures of an invoke Lambda certainly refused (beside ``Outcome.THROTTLED``):
@@ -115,6 +112,7 @@ class LambdaExecutor(BaseExecutor):
         self._dispatches = DispatchBook(clock)
         self._inbox = Inbox(self._dispatches, clock=clock, stats_incr=self._stats_incr, queues=queues)
         self._infra_failures: dict[TaskInstanceKey, tuple[InfrastructureFailure, float]] = {}
+        self._measurements = measurements.RunMeasurements(clock)
         # No invokes and no free capacity until then: Lambda throttles this executor or refuses its credentials.
         self._paused_until = 0.0
         self._concurrency_limit: int | None = None
@@ -162,8 +160,8 @@ class LambdaExecutor(BaseExecutor):
         )
         if not config.dead_letter_queue_url:
             self.log.warning(
-                "No dead_letter_queue_url: runs that Lambda kills (out of memory, crash) are only noticed by the "
-                "watchdog after the function's timeout. Configure the function's DLQ and this option."
+                "No dead_letter_queue_url: runs that Lambda kills (out of memory, crash) are only noticed once "
+                "their heartbeat stops, or after the function's timeout. Configure the function's DLQ and this option."
             )
         if self._own_clients:
             # Every start resolves the credentials again: a client keeps those it found when it was made (none
@@ -193,6 +191,7 @@ class LambdaExecutor(BaseExecutor):
                 "credentials of aws_conn_id, or set check_health_on_startup = False."
             ) from None
         self._function_timeout_s = function.timeout_s or LAMBDA_MAX_TIMEOUT_S
+        self._measurements.memory_size_mb = function.memory_mb
         self.log.info(
             "Lambda function %s: timeout %ss, memory %s MB",
             config.function_name,
@@ -232,8 +231,8 @@ class LambdaExecutor(BaseExecutor):
                 settings.maximum_retry_attempts,
             )
 
-    def _discover_concurrency(self) -> int:
-        """The function's reserved concurrency, or this executor's parallelism when it has none."""
+    def _discover_concurrency(self) -> int | None:
+        """The function's reserved concurrency; None without one (runs are then bounded by parallelism)."""
         assert self._clients is not None
         try:
             reserved = aws.reserved_concurrency(self._clients.lambda_, self.config.function_name)
@@ -244,8 +243,8 @@ class LambdaExecutor(BaseExecutor):
                 protocol.scrub(str(exc.error), 300),
                 self.parallelism,
             )
-            return self.parallelism
-        return reserved or self.parallelism
+            return None
+        return reserved
 
     def end(self) -> None:
         """Wait for the invokes in progress, then stop the readers (after deleting acknowledged messages)."""
@@ -295,6 +294,14 @@ class LambdaExecutor(BaseExecutor):
                 continue
             self.running.add(key)
             self._register(dispatch)
+            # The dispatch id reaches the database in the loop that sends the invoke, not one heartbeat after
+            # Lambda's answer: a scheduler dying in between leaves its successor an id to adopt the run by.
+            self.change_state(
+                key,
+                TaskInstanceState.QUEUED,
+                lambda_external_id(self.config.function_name, "", dispatch.dispatch_id),
+                remove_running=False,
+            )
 
     def sync(self) -> None:
         """Heartbeat work: collect invokes, apply delivered messages, run the watchdog, hand out invokes."""
@@ -304,11 +311,11 @@ class LambdaExecutor(BaseExecutor):
         self._beat += 1
         self._release_held_finals()
         # Read before the messages are taken: a receive that worked by then delivered what it received.
-        receive_ok_at = self._inbox.receive_ok_at()
+        reads = self._inbox.reads()
         self._inbox.flush_acks()
         self._collect_invokes(now)
         self._apply_inbound(now)
-        self._watchdog(now, receive_ok_at)
+        self._watchdog(now, reads)
         self._drop_old_infra_failures(now)
         self._submit_due(now)
         self._save_task_event_logs()
@@ -374,9 +381,16 @@ class LambdaExecutor(BaseExecutor):
         limit = min(self._concurrency_limit or self.parallelism, self.parallelism)
         return max(0, limit - len(self._dispatches) - len(self.queued_tasks))
 
+    def shared_concurrency(self) -> SharedConcurrency | None:
+        """The function's concurrency limit, shared with every other scheduler's executors (``capacity.py``)."""
+        return capacity.shared_concurrency(self.config.function_name, self._concurrency_limit)
+
     def pop_infrastructure_failure(self, key: TaskInstanceKey) -> InfrastructureFailure | None:
         entry = self._infra_failures.pop(key, None)
         return entry[0] if entry else None
+
+    def pop_run_measurement(self, key: TaskInstanceKey) -> RunMeasurement | None:
+        return self._measurements.pop(key)
 
     # -- task logs ---------------------------------------------------------------------------------------------
 
@@ -403,6 +417,7 @@ class LambdaExecutor(BaseExecutor):
             results_queue_url=self.config.results_queue_url,
             issued_at=now,
             not_after=dispatch.not_after,
+            **liveness.event_lease(self.config.run_heartbeat_seconds),
         )
         return protocol.seal_event(event, self.config.secret)
 
@@ -472,7 +487,7 @@ class LambdaExecutor(BaseExecutor):
             # A 4xx: Lambda did not take the event and would refuse it again; nothing ran.
             self._stats_incr("invoke_rejected")
             self._infrastructure_failure(
-                dispatch, REASON_INVOKE_REJECTED, f"Lambda refused the invocation: {answer}"
+                dispatch, REASON_INVOKE_REJECTED, f"Lambda refused the invocation: {answer}", held=False
             )
             return
         if rejected or error.kind is AwsErrorKind.UNEXPECTED:
@@ -506,7 +521,7 @@ class LambdaExecutor(BaseExecutor):
                 # Only certain refusals: the task never started, so another executor can run the same try.
                 credentials = error.kind is AwsErrorKind.CREDENTIALS
                 self._infrastructure_failure(
-                    dispatch, REASON_CREDENTIALS if credentials else Outcome.THROTTLED, detail
+                    dispatch, REASON_CREDENTIALS if credentials else Outcome.THROTTLED, detail, held=False
                 )
             return
         delay = backoff_delay(dispatch.attempts, self.config.throttle_backoff_max)
@@ -551,14 +566,22 @@ class LambdaExecutor(BaseExecutor):
         if result.request_id:
             dispatch.request_id = result.request_id
         if result.phase is Phase.STARTED:
-            if dispatch.state is DispatchState.STARTED:
-                return  # Lambda retried the event: the first run is dead and this one started again
-            self._mark_started(dispatch, result)
+            liveness.renew(dispatch, result, now)  # the bound run sends STARTED again every heartbeat
+            if dispatch.state is not DispatchState.STARTED:
+                self._mark_started(dispatch, result)
             return
         if dispatch.state is not DispatchState.STARTED and result.outcome is not Outcome.EVENT_EXPIRED:
             # A run shorter than the handler's STARTED grace sends FINISHED alone: it started all the same.
             self._mark_started(dispatch, result)
         self._stats_timing("result_latency", max(0.0, now - dispatch.issued_at))
+        self._measurements.record(dispatch.key, result)
+        # The handler's send to this scheduler's buffer: what SQS, the shared reader and the heartbeat add.
+        self.log.debug(
+            "Final of dispatch %s applied %.3fs after the handler sent it at %.3f",
+            dispatch.dispatch_id,
+            now - result.sent_at,
+            result.sent_at,
+        )
         outcome = result.outcome
         assert outcome is not None  # the protocol guarantees it for FINISHED
         if outcome is Outcome.SUCCESS:
@@ -567,7 +590,10 @@ class LambdaExecutor(BaseExecutor):
             detail = f"task failed on Lambda (return code {result.return_code})"
             self._finish(dispatch, TaskInstanceState.FAILED, detail)
         else:
-            self._infrastructure_failure(dispatch, outcome, result.detail or outcome.value)
+            held = (
+                verdict is not runs.Verdict.UNBOUND
+            )  # an unbound run's copy ended without claiming the task
+            self._infrastructure_failure(dispatch, outcome, result.detail or outcome.value, held=held)
 
     def _mark_started(self, dispatch: Dispatch, result: ResultMessage) -> None:
         dispatch.state = DispatchState.STARTED
@@ -581,12 +607,14 @@ class LambdaExecutor(BaseExecutor):
             ),
         )
 
-    def _infrastructure_failure(self, dispatch: Dispatch, outcome: Outcome | str, detail: str) -> None:
+    def _infrastructure_failure(
+        self, dispatch: Dispatch, outcome: Outcome | str, detail: str, held: bool = True
+    ) -> None:
         key = dispatch.key
         reason = outcome.value if isinstance(outcome, Outcome) else outcome
         detail = protocol.scrub(detail, 500)
         failure = InfrastructureFailure(
-            reason=reason, detail=detail, executor=f"lambda:{self.config.function_name}"
+            reason=reason, detail=detail, executor=f"lambda:{self.config.function_name}", held=held
         )
         self._infra_failures[key] = (failure, self._clock())
         info = f"lambda infrastructure failure: {reason}: {detail}"
@@ -611,26 +639,13 @@ class LambdaExecutor(BaseExecutor):
 
     # -- watchdog ----------------------------------------------------------------------------------------------
 
-    def _watchdog(self, now: float, receive_ok_at: float | None) -> None:
-        """Declare dead the dispatches no run can act for any more (``runs.dead_after``), once a receive that
-        began after that worked: receive errors delay the verdict, never make it."""
+    def _watchdog(self, now: float, reads: Reads) -> None:
+        """Declare dead the dispatches no run of which can act any more (``liveness.death``: a run's heartbeat
+        stopped, or past the bound); what receives have not read yet delays the verdict, never makes it."""
         for dispatch in list(self._dispatches.values()):
-            if dispatch.state not in (DispatchState.ACCEPTED, DispatchState.STARTED):
-                continue
-            if not runs.is_dead(
-                now, runs.dead_after(dispatch, self._function_timeout_s), WATCHDOG_GRACE_S, receive_ok_at
-            ):
-                continue
-            if dispatch.state is DispatchState.ACCEPTED:
-                detail = "no run claimed the task before the event's not_after; the handler refuses it since"
-                self._infrastructure_failure(dispatch, Outcome.EVENT_EXPIRED, detail)
-            else:
-                assert dispatch.started_at is not None
-                detail = (
-                    f"no result {now - dispatch.started_at:.0f}s after the run started "
-                    f"(function timeout {self._function_timeout_s}s)"
-                )
-                self._infrastructure_failure(dispatch, Outcome.TIMEOUT, detail)
+            death = liveness.death(dispatch, now, self._function_timeout_s, reads)
+            if death is not None:
+                self._infrastructure_failure(dispatch, *death)
 
     def _drop_old_infra_failures(self, now: float) -> None:
         for key, (_, recorded) in list(self._infra_failures.items()):

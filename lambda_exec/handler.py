@@ -19,16 +19,18 @@ What one invocation does:
    (``process_tree``);
 5. report ``FINISHED`` with ``SUCCESS`` or ``FAILED``, the return code and the start time; ``claimed`` if the
    run's ``/run`` took the task; ``NOT_CLAIMED`` (never a failure) if the execution API refused it (409: another
-   copy of the event holds the task, or it moved on).
+   copy of the event holds the task, or it moved on); with the invocation's ``REPORT`` figures (``tree_memory``).
 
 Each delivered copy of an event is its own run, named by ``run_id``. ``STARTED`` is reported only once the run
 has lasted ``HYBRID_ROUTER_STARTED_GRACE_S`` and has claimed the task (see ``started_notice`` and ``claim``):
 most short tasks then cost one SQS message instead of two, and the executor takes a claimed FINISHED with no
-STARTED before it as both. A run whose STARTED cannot be sent (retried for a while), or whose claim is not
-known by then, is stopped as at the deadline and reports ``UNREPORTED``: no run goes on that no executor knows of.
+STARTED before it as both. A run whose STARTED cannot be sent (retried for a while, then again every heartbeat
+within its lease), or whose claim is not known by then, is stopped as at the deadline and reports ``UNREPORTED``.
 
 A result that cannot be sent (after botocore's own retries) raises, so Lambda marks the invocation failed and
-the event reaches the DLQ: the executor then learns about the run from there.
+the event reaches the DLQ: the executor then learns about the run from there. Except the result of a run that
+never held the task (``NOT_CLAIMED``, ``EVENT_EXPIRED``): it is dropped, as its dead letter would name the request
+id that the copy holding the task shares.
 
 Results are signed with the key the event carries for its own dispatch; it can sign no other dispatch's.
 
@@ -58,14 +60,15 @@ from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.claim import ClaimFile
-from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage
-from hybrid_router.lambda_exec.started_notice import StartedNotice
+from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, RunUsage
+from hybrid_router.lambda_exec.started_notice import StartedNotice, notice_terms
 from hybrid_router.lambda_exec.task_runner import (
     TaskRunnerLoader,
     WorkloadRun,
     airflow_workload_command,
     run_workload,
 )
+from hybrid_router.lambda_exec.tree_memory import RunMeter
 
 log = logging.getLogger(__name__)
 # Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
@@ -107,6 +110,7 @@ def handler(event: Any, context: LambdaContext) -> dict[str, Any]:
 def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, Any]:
     """One invocation in ``sandbox``: what ``handler`` does with this process's own sandbox."""
     started_at = time.time()
+    meter = RunMeter.start(context)
     try:
         invoke = protocol.read_event(event)
     except protocol.MessageError as exc:
@@ -126,6 +130,7 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
             outcome=Outcome.EVENT_EXPIRED,
             started_at=started_at,
             detail=f"event delivered {time.time() - invoke.not_after:.1f}s after its not_after deadline",
+            usage=meter.usage(),
         )
         return {"status": Outcome.EVENT_EXPIRED.value}
 
@@ -134,7 +139,7 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     margin_s = settings.margin_for(context.get_remaining_time_in_millis() / 1000.0)
     claim = ClaimFile()
     notice = StartedNotice(
-        reporter, started_at, settings.started_grace_s, not_after=invoke.not_after, claim=claim.state
+        reporter, started_at, settings.started_grace_s, claim=claim.state, **notice_terms(invoke)
     )
     notice.arm()
     log.info("Running %s (dispatch %s, run %s)", _task_label(invoke), invoke.dispatch_id, reporter.run_id)
@@ -142,6 +147,7 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
     stopped_for: list[Outcome] = []  # why the handler stopped the run, once it has
 
     def must_stop() -> bool:
+        meter.sample()  # called every few tens of milliseconds for as long as the workload runs
         if not stopped_for and context.get_remaining_time_in_millis() / 1000.0 <= margin_s:
             stopped_for.append(Outcome.TIMEOUT)
         elif not stopped_for and notice.unconfirmed():
@@ -164,11 +170,8 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
         notice.settle()
         claim.state()  # read before the folder goes
         claim.remove()
-    if claim.refused:
-        outcome = Outcome.NOT_CLAIMED
-        detail = "the execution API refused this run's /run (409): another run holds the task, or it moved on"
-    else:
-        outcome, detail = _outcome_of(run, stopped_for[0] if stopped_for else Outcome.TIMEOUT)
+    # The answer to the run's /run decides when it refused the run, or gave it the task but the task never started.
+    outcome, detail = claim.verdict() or _outcome_of(run, stopped_for[0] if stopped_for else Outcome.TIMEOUT)
     log.info("Finished %s: %s %s", _task_label(invoke), outcome.value, detail)
     reporter.send(
         Phase.FINISHED,
@@ -177,16 +180,16 @@ def handle(event: Any, context: LambdaContext, sandbox: Sandbox) -> dict[str, An
         return_code=run.return_code,
         detail=detail,
         claimed=claim.claimed,
+        usage=meter.usage(),
     )
     return {"status": outcome.value, "return_code": run.return_code}
 
 
 def _outcome_of(run: WorkloadRun, stopped_for: Outcome) -> tuple[Outcome, str]:
     if run.stopped:
+        when = f"{run.margin_s:.1f}s before the Lambda deadline"
         if stopped_for is Outcome.UNREPORTED:
-            when = "as its STARTED could not be sent"
-        else:
-            when = f"{run.margin_s:.1f}s before the Lambda deadline"
+            when = "as its STARTED could not be sent (at the start, or again within its lease)"
         stopped = f"stopped by the handler {when} after {run.duration_s:.1f}s"
         if not run.started:
             return stopped_for, f"{stopped}, still importing Airflow's task runner: the task did not start"
@@ -347,6 +350,7 @@ class ResultReporter:
         return_code: int | None = None,
         detail: str = "",
         claimed: bool = False,
+        usage: RunUsage | None = None,
     ) -> None:
         message = ResultMessage(
             phase=phase,
@@ -362,11 +366,25 @@ class ResultReporter:
             log_stream=getattr(self.context, "log_stream_name", ""),
             run_id=self.run_id,
             claimed=claimed,
+            lease_s=self.invoke.lease_s if phase is Phase.STARTED else 0.0,
+            usage=usage,
         )
         body = protocol.seal_result(message, self._key)
         try:
             self._sqs_client().send_message(QueueUrl=self.invoke.results_queue_url, MessageBody=body)
         except Exception as exc:
+            if outcome in protocol.UNCLAIMED_OUTCOMES:
+                # Nothing this run could say changes the task. A failed invocation would put the event in the DLQ
+                # under the request id every delivered copy shares, read there as the death of the copy that
+                # holds the task, which the router would then hand to the fallback while it runs.
+                log.warning(
+                    "Could not send the %s (%s) result of dispatch %s; dropped, as this run never held the task: %s",
+                    phase.value,
+                    outcome.value,
+                    self.invoke.dispatch_id,
+                    protocol.scrub(str(exc)),
+                )
+                return
             # botocore has already retried; failing the invocation sends the event to the DLQ.
             log.error(
                 "Could not send the %s result of dispatch %s: %s",

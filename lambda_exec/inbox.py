@@ -44,6 +44,18 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class Reads:
+    """The results queue's reads so far (clock times; None before the first)."""
+
+    # When the last receive that worked began: a message sent before then has been seen, or is held for a
+    # moment by another reader, or waits behind a full batch.
+    ok_at: float | None = None
+    # When the last receive that worked and came back empty began: every message sent before then has been seen,
+    # bar one that another reader held at that moment.
+    drained_at: float | None = None
+
+
+@dataclass(frozen=True)
 class Received:
     """A message a reader kept for a dispatch that was current when it arrived."""
 
@@ -100,11 +112,10 @@ class Inbox:
             self.stop(flush=False)
             raise
 
-    def receive_ok_at(self) -> float | None:
-        """When the last results receive that worked began: a message sent before then has been seen (or is
-        held by another reader). None before one worked."""
+    def reads(self) -> Reads:
+        """How far the results queue has been read: what a missing message may be taken to mean."""
         reader = self._readers.get(RESULTS)
-        return None if reader is None else reader.receive_ok_at
+        return Reads() if reader is None else Reads(reader.receive_ok_at, reader.drained_at)
 
     def wake(self, dispatch_id: str | None = None) -> None:
         """A dispatch was just registered: poll now rather than at the readers' next idle check, and show at

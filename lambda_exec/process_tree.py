@@ -86,7 +86,7 @@ class WorkloadTree:
 
     def _scan(self) -> list[tuple[int, int, int]]:
         """(pid, parent pid, process group) of every process below ``child``; their groups are remembered."""
-        found = _descendants(self.child.pid)
+        found = descendants(self.child.pid)
         self.groups.update(pgid for _, _, pgid in found)
         return found
 
@@ -193,7 +193,7 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
-def _descendants(root: int) -> list[tuple[int, int, int]]:
+def descendants(root: int) -> list[tuple[int, int, int]]:
     """(pid, parent, process group) of every process below ``root``, from /proc (Linux, as Lambda is)."""
     children: dict[int, list[tuple[int, int]]] = {}
     try:

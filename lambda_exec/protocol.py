@@ -22,12 +22,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+
+from hybrid_router.lambda_exec.wire_fields import (
+    HEX_SHA256_RE,
+    MessageError,
+    count,
+    finite_number,
+    hex_key,
+    optional_bool,
+    optional_count,
+    optional_str,
+    required_str,
+)
 
 # 2: results signed with a per-dispatch key that the event carries; the function holds no secret.
 PROTOCOL_VERSION = 2
@@ -38,11 +49,6 @@ DEFAULT_MAX_MESSAGE_AGE_S = 6 * 3600 + 600
 # Labels of the keys derived from the secret: an event key and one result key per dispatch id.
 _EVENT_KEY_LABEL = b"hybrid_router/event-key/v2"
 _RESULT_KEY_LABEL = b"hybrid_router/result-key/v2\x00"
-_HEX_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class MessageError(ValueError):
-    """A message that is malformed, unsigned, wrongly signed or stale. Never carries a token."""
 
 
 class Outcome(str, Enum):
@@ -65,6 +71,10 @@ class Outcome(str, Enum):
     @property
     def is_infrastructure(self) -> bool:
         return self not in (Outcome.SUCCESS, Outcome.FAILED, Outcome.NOT_CLAIMED)
+
+
+# Outcomes of a run that never held the task: it refused the event (too late) or /run refused it.
+UNCLAIMED_OUTCOMES = frozenset({Outcome.NOT_CLAIMED, Outcome.EVENT_EXPIRED})
 
 
 class Phase(str, Enum):
@@ -124,6 +134,10 @@ class InvokeEvent:
     kind: str = EVENT_KIND
     # The hex key that signs this dispatch's results, and no other's; ``seal_event`` sets it from the secret.
     result_key: str = field(default="", repr=False)
+    # Asked of a run that reports STARTED (0: nothing): send STARTED again every ``heartbeat_s``, and stop the
+    # task once none could be sent for ``lease_s``, so that its silence means it no longer acts (``liveness``).
+    heartbeat_s: float = 0.0
+    lease_s: float = 0.0
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,17 +151,47 @@ class InvokeEvent:
             raise MessageError("kind: not an invocation event")
         try:
             event = cls(
-                dispatch_id=_str(data, "dispatch_id"),
+                dispatch_id=required_str(data, "dispatch_id"),
                 task=TaskRef.from_dict(data.get("task")),
-                workload=_str(data, "workload"),
-                results_queue_url=_str(data, "results_queue_url"),
-                issued_at=_num(data, "issued_at"),
-                not_after=_num(data, "not_after"),
-                result_key=_hex_key(data, "result_key"),
+                workload=required_str(data, "workload"),
+                results_queue_url=required_str(data, "results_queue_url"),
+                issued_at=finite_number(data, "issued_at"),
+                not_after=finite_number(data, "not_after"),
+                result_key=hex_key(data, "result_key"),
+                heartbeat_s=_seconds(data, "heartbeat_s"),
+                lease_s=_seconds(data, "lease_s"),
             )
         except TypeError as exc:  # pragma: no cover - defensive
             raise MessageError(str(exc)) from None
+        if (event.heartbeat_s > 0) != (event.lease_s > event.heartbeat_s):
+            # A lease no heartbeat renews would stop every run that outlives it; one without a lease is no promise.
+            raise MessageError("lease_s: expected more than heartbeat_s, or both 0")
         return event
+
+
+@dataclass(frozen=True)
+class RunUsage:
+    """What one run used, in the figures of Lambda's ``REPORT`` line (``tree_memory.run_usage``): the handler's
+    final result carries them, and the local Lambda service writes that line with figures measured the same way."""
+
+    duration_ms: float  # from the start of the invocation to its final result
+    billed_duration_ms: int  # the duration rounded up to the millisecond, as Lambda bills it
+    memory_size_mb: int | None  # the function's memory size; None when the runtime does not say
+    # Lambda's "Max Memory Used": the peak of the sandbox's process tree, a page shared in it counted once
+    peak_memory_mb: int
+
+    @classmethod
+    def from_payload(cls, data: Any) -> RunUsage | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise MessageError("usage: expected an object")
+        return cls(
+            duration_ms=finite_number(data, "duration_ms"),
+            billed_duration_ms=count(data, "billed_duration_ms"),
+            memory_size_mb=optional_count(data, "memory_size_mb"),
+            peak_memory_mb=count(data, "peak_memory_mb"),
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +214,9 @@ class ResultMessage:
     # older than run ids. ``claimed``: the run's /run succeeded, so it holds the task (STARTED implies it).
     run_id: str = ""
     claimed: bool = False
+    usage: RunUsage | None = None  # on FINISHED from a handler that measures its runs
+    # On STARTED: the run stops itself once it could send no STARTED for this long (0: it makes no such promise).
+    lease_s: float = 0.0
 
     def to_payload(self) -> dict[str, Any]:
         data = asdict(self)
@@ -195,64 +242,33 @@ class ResultMessage:
         return_code = data.get("return_code")
         if return_code is not None and (not isinstance(return_code, int) or isinstance(return_code, bool)):
             raise MessageError("return_code: expected an integer")
-        started_at = None if data.get("started_at") is None else _num(data, "started_at")
+        started_at = None if data.get("started_at") is None else finite_number(data, "started_at")
         return cls(
             phase=phase,
-            dispatch_id=_str(data, "dispatch_id"),
+            dispatch_id=required_str(data, "dispatch_id"),
             task=TaskRef.from_dict(data.get("task")),
-            sent_at=_num(data, "sent_at"),
+            sent_at=finite_number(data, "sent_at"),
             started_at=started_at,
             outcome=outcome,
             return_code=return_code,
-            detail=_opt_str(data, "detail"),
-            request_id=_opt_str(data, "request_id"),
-            function_name=_opt_str(data, "function_name"),
-            log_stream=_opt_str(data, "log_stream"),
-            run_id=_opt_str(data, "run_id"),
-            claimed=_opt_bool(data, "claimed"),
+            detail=optional_str(data, "detail"),
+            request_id=optional_str(data, "request_id"),
+            function_name=optional_str(data, "function_name"),
+            log_stream=optional_str(data, "log_stream"),
+            run_id=optional_str(data, "run_id"),
+            claimed=optional_bool(data, "claimed"),
+            usage=RunUsage.from_payload(data.get("usage")),
+            lease_s=_seconds(data, "lease_s"),
         )
 
 
-def _str(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not value:
-        raise MessageError(f"{name}: expected a non-empty string")
-    return value
-
-
-def _opt_str(data: dict[str, Any], name: str) -> str:
-    value = data.get(name, "")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise MessageError(f"{name}: expected a string")
-    return value
-
-
-def _opt_bool(data: dict[str, Any], name: str) -> bool:
-    value = data.get(name, False)
-    if not isinstance(value, bool):
-        raise MessageError(f"{name}: expected true or false")
-    return value
-
-
-def _num(data: dict[str, Any], name: str) -> float:
-    value = data.get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:  # an integer beyond a float's range
-            number = math.inf
-        # NaN or infinity would pass every comparison with a clock (never stale, never late).
-        if math.isfinite(number):
-            return number
-    raise MessageError(f"{name}: expected a finite number")
-
-
-def _hex_key(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not _HEX_SHA256_RE.fullmatch(value):
-        raise MessageError(f"{name}: expected 64 hexadecimal digits")
+def _seconds(data: dict[str, Any], name: str) -> float:
+    """An optional duration: 0 when absent (a sender older than the field)."""
+    if data.get(name) is None:
+        return 0.0
+    value = finite_number(data, name)
+    if value < 0:
+        raise MessageError(f"{name}: expected a number of seconds >= 0")
     return value
 
 
@@ -330,7 +346,7 @@ def _read_envelope(body: str | bytes | dict[str, Any]) -> tuple[str, str, dict[s
     text, sig = envelope.get("payload"), envelope.get("sig")
     if not isinstance(text, str) or not isinstance(sig, str):
         raise MessageError("envelope: unsigned")
-    if not _HEX_SHA256_RE.fullmatch(sig):
+    if not HEX_SHA256_RE.fullmatch(sig):
         raise MessageError("envelope: the signature is not a hex HMAC-SHA256")
     _utf8(text, "payload")
     payload = _json(text, "payload")
@@ -384,7 +400,7 @@ def open_result(
     """A result checked with the key the executor derives from ``secret`` for the dispatch the result names:
     a key held by one dispatch's run signs nothing another dispatch accepts."""
     text, sig, payload = _read_envelope(body)
-    _check(text, sig, result_key(secret, _str(payload, "dispatch_id")))
+    _check(text, sig, result_key(secret, required_str(payload, "dispatch_id")))
     result = ResultMessage.from_payload(payload)
     now = time.time() if now is None else now
     if now - result.sent_at > max_age_s:

@@ -16,7 +16,8 @@ each message it asks its ``classify`` callback what to do:
 
 A malformed message is a ``MessageError`` that ``classify`` answers with ``DELETE``. Should ``classify`` raise
 anything else (a bug), the message is released, its traceback logged once, and it is deleted once it has been
-received ``max_sightings`` times: no message circulates forever.
+received ``max_sightings`` times: no message circulates forever. A delete that fails (expired credentials, an
+SQS outage) is tried again with the next one, so that no message is classified (and logged) twice for it.
 
 When the reader stops, the delivered messages not acknowledged yet are made visible again at once (visibility
 timeout 0): the executor that adopts their tasks reads them without waiting out ``OWNED_VISIBILITY_TIMEOUT_S``.
@@ -53,6 +54,9 @@ ERROR_PAUSE_S = 1.0
 GATHER_S = 0.1
 # How many ids of messages that ``classify`` failed on a reader remembers, to log each traceback once.
 FAILED_IDS_KEPT = 1000
+# How many receipt handles of failed deletes a reader keeps to try again (a receive's worth each second for the
+# owned visibility timeout); past that the oldest are dropped: their messages are received, and deleted, again.
+DELETES_DUE_KEPT = 10 * OWNED_VISIBILITY_TIMEOUT_S
 # A released message is visible again at once for its first receives; from then on it is hidden 1, 2, 4...
 # seconds, up to the cap. Live readers hand a message over within a receive or two (a message picked by a
 # reader that is not its owner ten times running, at even odds, is one in a thousand); one whose owner is gone
@@ -110,11 +114,17 @@ class QueueReader:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         # Receipt handles delivered and not acknowledged yet; touched by the reader thread only.
         self._unacked: set[str] = set()
+        # Receipt handles whose delete failed, tried again with the next one; reader thread only.
+        self._deletes_due: list[str] = []
         self.received = 0
         self._clock = clock
         # When the last receive that worked began (``clock`` time), its messages classified: the executor's
         # watchdog infers nothing from a missing message until a receive that began after its deadline worked.
         self.receive_ok_at: float | None = None
+        # When the last receive that worked and came back empty began. A receive returns at most a batch, so only
+        # an empty one says that every message sent before it has been received (long polling queries every
+        # SQS server); a run's silence is read against this one (``liveness``).
+        self.drained_at: float | None = None
 
     # -- control (scheduler thread) --------------------------------------------------------------------------
 
@@ -215,8 +225,13 @@ class QueueReader:
                 )
         # Deletes of messages delivered in earlier batches ride along with this batch's.
         self.receive_ok_at = began  # every message of this receive is classified (a kept one is delivered)
-        self._delete(to_delete + self._drain_acks())
-        self._release(to_release)
+        if not messages:
+            self.drained_at = began
+        try:
+            self._delete(to_delete + self._drain_acks())
+        finally:
+            # Even when the deletes failed: a released message's owner must not wait for the visibility timeout.
+            self._release(to_release)
         return len(messages), len(to_release)
 
     def _unhandled(self, message: QueueMessage) -> Disposition:
@@ -248,7 +263,16 @@ class QueueReader:
             handles.append(handle)
 
     def _delete(self, handles: list[str]) -> None:
-        for failure in aws.delete_messages(self._sqs, self._queue_url, handles):
+        # A delete that fails (expired credentials, an SQS outage) is tried again with the next one: a receipt
+        # handle stays valid while its message is hidden. Dropped, the message would come back after the owned
+        # visibility timeout, to be classified (a malformed one logged) again.
+        handles, self._deletes_due = self._deletes_due + handles, []
+        try:
+            failures = aws.delete_messages(self._sqs, self._queue_url, handles)
+        except Exception:
+            self._deletes_due = handles[-DELETES_DUE_KEPT:]
+            raise
+        for failure in failures:
             log.warning("%s: could not delete a message: %s", self.name, failure)
 
     def _drain_reveals(self) -> list[str]:

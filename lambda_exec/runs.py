@@ -14,15 +14,12 @@ import logging
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage
+from hybrid_router.lambda_exec.protocol import UNCLAIMED_OUTCOMES, Outcome, Phase, ResultMessage
 
 if TYPE_CHECKING:
     from hybrid_router.lambda_exec.dispatch import Dispatch
 
 log = logging.getLogger(__name__)
-
-# Outcomes of a run that never held the task: it refused the event (too late) or /run refused it.
-UNCLAIMED_OUTCOMES = frozenset({Outcome.NOT_CLAIMED, Outcome.EVENT_EXPIRED})
 
 
 class Verdict(str, Enum):

@@ -139,6 +139,10 @@ class SharedReader:
         return self._reader.receive_ok_at
 
     @property
+    def drained_at(self) -> float | None:
+        return self._reader.drained_at
+
+    @property
     def alive(self) -> bool:
         return self._reader.alive
 

@@ -11,6 +11,13 @@ STARTED also says "this run holds the task" (``claimed``): it waits for the exec
 never stopped as unreported: it ends by itself and reports ``NOT_CLAIMED``. A run whose answer has not come by
 ``confirm_by`` is stopped like one that cannot send STARTED.
 
+Once STARTED is out, an event that asks for it (``heartbeat_s``, ``lease_s``) gets a lease: STARTED is sent again
+every ``heartbeat_s``, and a run that could send none for ``lease_s`` is stopped (``UNREPORTED``) so that it has
+stopped by the time its lease ends. The executor can then read a run's silence, while its own receives work, as
+a positive sign that the run no longer acts: its sandbox died without a word (killed, crashed, frozen), or it
+fenced itself (``liveness``). Without the lease a killed sandbox with no dead letter is only noticed once the
+function's timeout has passed.
+
 Standard library only: the handler imports this module on every cold start.
 """
 
@@ -24,7 +31,8 @@ from typing import Any, Protocol
 
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.claim import CLAIMED, REFUSED
-from hybrid_router.lambda_exec.protocol import Phase
+from hybrid_router.lambda_exec.process_tree import FREEZE_TIMEOUT_S, POLL_INTERVAL_S, TERMINATE_GRACE_S
+from hybrid_router.lambda_exec.protocol import InvokeEvent, Phase
 
 log = logging.getLogger(__name__)
 # Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
@@ -37,6 +45,9 @@ FIRST_RETRY_DELAY_S = 0.5
 MAX_RETRY_DELAY_S = 5.0
 # How often the notice looks for the run's claim once STARTED is due.
 CLAIM_POLL_S = 0.05
+# How long before its lease ends a run that could not renew it is stopped: the handler's stop (freeze the
+# supervisor, the task's on_kill, kill the tree) must be over by then, and noticed within a poll.
+LEASE_STOP_S = FREEZE_TIMEOUT_S + TERMINATE_GRACE_S + 10 * POLL_INTERVAL_S
 
 
 class Reporter(Protocol):
@@ -59,6 +70,11 @@ class StartedNotice:
     unconfirmed. Without ``claim`` the run counts as claimed from the start. With ``grace_s == 0`` STARTED is
     sent as soon as the run claimed the task; if that is known already, ``arm`` sends it, with the same retries,
     and raises if it cannot be sent (then nothing should run).
+
+    With ``heartbeat_s`` and ``lease_s`` STARTED is sent again every ``heartbeat_s`` once sent (a failed send is
+    tried again sooner), and ``unconfirmed()`` turns true ``LEASE_STOP_S`` before ``lease_s`` has passed since
+    the start of the last send that worked. The lease counts from a send's start, before the message exists, so
+    the executor, counting from when it took the message, never sees the lease end before the run stopped.
     """
 
     def __init__(
@@ -70,6 +86,8 @@ class StartedNotice:
         not_after: float | None = None,
         confirm_window_s: float | None = None,
         claim: Callable[[], str | None] | None = None,
+        heartbeat_s: float = 0.0,
+        lease_s: float = 0.0,
     ):
         self._reporter = reporter
         self._started_at = started_at
@@ -81,20 +99,35 @@ class StartedNotice:
         self._gave_up = threading.Event()
         self._thread: threading.Thread | None = None
         self._claim = claim or (lambda: CLAIMED)
+        self._heartbeat_s = heartbeat_s
+        self._lease_s = lease_s if heartbeat_s > 0 else 0.0
+        self._renewed_at: float | None = None  # monotonic start of the last STARTED sent
         self.sent = False
+        self.renewals = 0
 
     def arm(self) -> None:
+        target = self._send_after_grace
         if self._grace_s <= 0 and self._claim() == CLAIMED:
             error = self._send_until_confirmed()
             if error is not None:
                 raise error
-            return
-        self._thread = threading.Thread(target=self._send_after_grace, name="started-notice", daemon=True)
+            if not self._lease_s:
+                return
+            target = self._renew
+        self._thread = threading.Thread(target=target, name="started-notice", daemon=True)
         self._thread.start()
 
     def unconfirmed(self) -> bool:
-        """True once the run must be stopped: STARTED is due and could not be sent in time, or ever."""
-        if self.sent or time.time() < self._due_at or self._claim() == REFUSED:
+        """True once the run must be stopped: STARTED is due and could not be sent in time, or ever; or its lease
+        is about to end unrenewed."""
+        if self.sent:
+            renewed_at = self._renewed_at
+            return (
+                bool(self._lease_s)
+                and renewed_at is not None
+                and (time.monotonic() >= renewed_at + self._lease_s - LEASE_STOP_S)
+            )
+        if time.time() < self._due_at or self._claim() == REFUSED:
             return False
         return self._gave_up.is_set() or time.time() >= self.confirm_by
 
@@ -111,17 +144,41 @@ class StartedNotice:
             if state == REFUSED or self._cancelled.wait(CLAIM_POLL_S):
                 return  # another run holds the task, or this one ended: FINISHED says all there is to say
         self._send_until_confirmed()
+        if self.sent:
+            self._renew()
+
+    def _renew(self) -> None:
+        """Send STARTED again every heartbeat until the run ends; a failed send is tried again sooner, as the
+        lease runs on. The reporter logs each failure."""
+        if not self._lease_s:
+            return
+        delay = FIRST_RETRY_DELAY_S
+        wait = self._heartbeat_s
+        while not self._cancelled.wait(max(0.0, wait)):
+            began = time.monotonic()
+            try:
+                self._reporter.send(Phase.STARTED, started_at=self._started_at, claimed=True)
+            except Exception:
+                wait = min(delay, self._heartbeat_s)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                continue
+            self._renewed_at = began
+            self.renewals += 1
+            delay = FIRST_RETRY_DELAY_S
+            wait = began + self._heartbeat_s - time.monotonic()
 
     def _send_until_confirmed(self) -> Exception | None:
         """Send STARTED, trying again until ``confirm_by``; the last error if it could not be sent."""
         delay = FIRST_RETRY_DELAY_S
         while True:
+            began = time.monotonic()
             try:
                 # The reporter logs its own failures.
                 self._reporter.send(Phase.STARTED, started_at=self._started_at, claimed=True)
             except Exception as exc:
                 error = exc
             else:
+                self._renewed_at = began  # before ``sent``: unconfirmed() reads them in that order
                 self.sent = True
                 return None
             wait = min(delay, self.confirm_by - time.time())
@@ -149,3 +206,8 @@ def _worth_retrying(error: Exception) -> bool:
     code = str(response.get("Error", {}).get("Code", ""))
     refused = isinstance(status, int) and 400 <= status < 500 and status != 429
     return not refused or "Throttl" in code
+
+
+def notice_terms(invoke: InvokeEvent) -> dict[str, float]:
+    """What an event asks of its run's notice: no STARTED after ``not_after``; the heartbeat and lease it wants."""
+    return {"not_after": invoke.not_after, "heartbeat_s": invoke.heartbeat_s, "lease_s": invoke.lease_s}

@@ -6,6 +6,7 @@ cannot start (an expired token on a health check) never stops the scheduler.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -14,7 +15,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hybrid_router.child_protocol import CapacityAware, InfrastructureFailure, ReportsInfrastructureFailures
+from hybrid_router.child_protocol import (
+    CapacityAware,
+    InfrastructureFailure,
+    ReportsInfrastructureFailures,
+    ReportsRunMeasurements,
+    RunMeasurement,
+)
 from hybrid_router.redaction import error_text, secret_values, shown_options, traceback_text
 
 if TYPE_CHECKING:
@@ -22,6 +29,7 @@ if TYPE_CHECKING:
     from airflow.models.taskinstancekey import TaskInstanceKey
 
     from hybrid_router.router.provider_config import ProviderSection
+    from hybrid_router.router.shared_capacity import SharedLimits
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +186,10 @@ class Child:
     masked_values: frozenset[str] = frozenset()
     # Set while the child is unavailable: its start() failed, and it has no room until a retry succeeds.
     start_failure: StartFailure | None = None
+    # The policy's ``limits.max_memory_mb``: for a Lambda child, its function's memory size.
+    max_memory_mb: int | None = None
+    # Set when the child may share its capacity with other schedulers' children (a Lambda function's concurrency).
+    shared_limits: SharedLimits | None = None
 
     @property
     def limit(self) -> int:
@@ -264,24 +276,32 @@ class Child:
                     self.traceback_text(err),
                 )
                 return 0
+        if self.shared_limits is not None:
+            shared = self.shared_limits.room(self)
+            free = free if shared is None else min(free, shared)
         return max(free, 0)
 
     def pop_infrastructure_failure(self, key: TaskInstanceKey) -> InfrastructureFailure | None:
-        if not isinstance(self.executor, ReportsInfrastructureFailures):
+        failure = self._ask(ReportsInfrastructureFailures, "pop_infrastructure_failure", key)
+        if failure is not None and not failure.executor:
+            failure = dataclasses.replace(failure, executor=self.name)
+        return failure
+
+    def pop_run_measurement(self, key: TaskInstanceKey) -> RunMeasurement | None:
+        return self._ask(ReportsRunMeasurements, "pop_run_measurement", key)
+
+    def _ask(self, interface: type, method: str, key: TaskInstanceKey) -> Any:
+        """``method(key)`` of a child that offers ``interface`` (``child_protocol``); None from any other child,
+        or when it raises (logged): a child's bug must not stop the router from forwarding its events."""
+        if not isinstance(self.executor, interface):
             return None
         try:
-            failure = self.executor.pop_infrastructure_failure(key)
+            return getattr(self.executor, method)(key)
         except Exception as err:
             log.error(
-                "pop_infrastructure_failure() of executor %s failed for %s: %s",
-                self.name,
-                key,
-                self.traceback_text(err),
+                "%s() of executor %s failed for %s: %s", method, self.name, key, self.traceback_text(err)
             )
             return None
-        if failure is not None and not failure.executor:
-            failure = InfrastructureFailure(reason=failure.reason, detail=failure.detail, executor=self.name)
-        return failure
 
 
 def default_prefetch(executor: BaseExecutor, limit: int) -> int:
@@ -312,8 +332,12 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             executor=executor,
             max_concurrency=spec.max_concurrency,
             masked_values=secret_values(spec.options or {}),
+            max_memory_mb=getattr(getattr(spec, "limits", None), "max_memory_mb", None),
         )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)
         children[name] = child
+    from hybrid_router.router.shared_capacity import link_shared_limits
+
+    link_shared_limits(children)
     return children

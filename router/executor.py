@@ -29,7 +29,7 @@ from airflow.utils.state import TaskInstanceState
 
 from hybrid_router.redaction import scrub
 from hybrid_router.router import audit, metrics
-from hybrid_router.router.adoption import offer_to_children
+from hybrid_router.router.adoption import keep_owned, offer_to_children, queue_again
 from hybrid_router.router.child_logs import read_child_log
 from hybrid_router.router.children import Child, build_children
 from hybrid_router.router.external_id import join_child_id, router_held_id
@@ -43,8 +43,10 @@ from hybrid_router.router.fallback import (
     redispatch_same_try,
     refresh_queued_dttm,
 )
+from hybrid_router.router.measured_runs import RunRecorder
 from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
 from hybrid_router.router.policy_file import PolicyFile
+from hybrid_router.router.shared_capacity import hand_over
 from hybrid_router.router.task_timeouts import ExecutionTimeouts
 from hybrid_router.router.waiting import (
     KEEP_WAITING_ALIVE_EVERY_S,
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
 
     from hybrid_router.child_protocol import InfrastructureFailure
     from hybrid_router.router.config import RouterConfig
-    from hybrid_router.router.policy import Decision, Policy
+    from hybrid_router.router.policy import Decision, MemoryLookup, Policy
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class RoutingExecutor(BaseExecutor):
         config: RouterConfig | None = None,
         children: dict[str, Child] | None = None,
         history: Callable[[str, str], float | None] | None = None,
+        memory: MemoryLookup | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(parallelism=parallelism, team_name=team_name)
@@ -116,12 +119,14 @@ class RoutingExecutor(BaseExecutor):
         self._config = config
         self._children: dict[str, Child] = children or {}
         self._history = history
+        self._memory = memory
         self._clock = clock
         self._waiting: dict[TaskInstanceKey, Pending] = {}
         self._assignments: dict[TaskInstanceKey, Assignment] = {}
         self._next_try_routes = NextTryRoutes()
         self._execution_timeouts = ExecutionTimeouts()
         self._audit = audit.AuditLog()
+        self._runs = RunRecorder(self._audit)
         self._audit_enabled = True
         self._policy_file: PolicyFile | None = None  # set when the policy comes from a file (``config``)
         self._started = False
@@ -152,6 +157,7 @@ class RoutingExecutor(BaseExecutor):
             self._policy_file.start_watching()
             if self._history is None and self._config.history_enabled:
                 self._history = self._build_history()
+                self._memory = self._build_memory_history()
         if not self._children:
             self._children = build_children(self._policy.executors, team_name=self.team_name)
         for child in self._children.values():
@@ -241,6 +247,11 @@ class RoutingExecutor(BaseExecutor):
             ttl=self._config.history_cache_ttl,
         )
 
+    def _build_memory_history(self) -> MemoryLookup:
+        from hybrid_router.router.measured_runs import memory_lookup
+
+        return memory_lookup(self._runs, days=self._config.history_days, ttl=self._config.history_cache_ttl)
+
     # -- queueing and routing --------------------------------------------------------------------------------
 
     def queue_workload(self, workload: ExecutorWorkload, session: Session | None) -> None:
@@ -315,7 +326,7 @@ class RoutingExecutor(BaseExecutor):
     def _decide(self, **facts: Any) -> Decision:
         from hybrid_router.router.policy import resolve_facts
 
-        return self._policy.decide(resolve_facts(**facts, history=self._history))
+        return self._policy.decide(resolve_facts(**facts, history=self._history, memory=self._memory))
 
     def _decide_from_row(self, ti_id: Any) -> Decision | None:
         """The decision for a task adopted after a restart (its own was lost with the old scheduler)."""
@@ -378,7 +389,7 @@ class RoutingExecutor(BaseExecutor):
         if not self._waiting:
             return set()
         room = Room(self._children, self._prefetch_room)
-        used: set[str] = set()
+        chosen: list[tuple[TaskInstanceKey, workloads.ExecuteTask, Pending, str]] = []
         for key, workload in self.order_queued_tasks_by_priority():
             pending = self._waiting[key]
             target = room.take(pending.candidates)
@@ -387,9 +398,18 @@ class RoutingExecutor(BaseExecutor):
                     pending.announced_wait = True
                     self._announce_wait(key, workload, pending)
                 continue
+            chosen.append((key, workload, pending, target))
+        # Stored before any child has them (adoption.py); without a scheduler job nobody adopts them.
+        if chosen and self.job_id is not None:
+            kept = hand_over(self._children, chosen, self._assignments) and keep_owned(
+                chosen, self._assignments, self.job_id, self.revoke_task
+            )
+            if not kept:
+                return set()
+            chosen = kept
+        for key, workload, pending, target in chosen:
             self._dispatch(key, workload, pending, target)
-            used.add(target)
-        return used
+        return {target for *_, target in chosen}
 
     def _announce_wait(self, key: TaskInstanceKey, workload: workloads.ExecuteTask, pending: Pending) -> None:
         log.info(
@@ -477,6 +497,7 @@ class RoutingExecutor(BaseExecutor):
         return drained
 
     def _flush_audit(self) -> None:
+        self._runs.flush()
         self._audit.flush()
 
     def _heartbeat_child(self, child: Child) -> None:
@@ -504,10 +525,10 @@ class RoutingExecutor(BaseExecutor):
             if state in (TaskInstanceState.QUEUED, TaskInstanceState.RUNNING):
                 self.event_buffer[key] = (state, join_child_id(child.name, info, try_number=key.try_number))
                 continue
-            if state == TaskInstanceState.FAILED:
-                failure = child.pop_infrastructure_failure(key)
-                if failure is not None and self._on_infrastructure_failure(key, child, assignment, failure):
-                    continue
+            failure = child.pop_infrastructure_failure(key) if state == TaskInstanceState.FAILED else None
+            self._runs.finished(key, child, assignment.ti_id, state, failure)
+            if failure is not None and self._on_infrastructure_failure(key, child, assignment, failure):
+                continue
             self._finish(key, child, state, info)
 
     def _keep_waiting_alive(self) -> None:
@@ -547,17 +568,12 @@ class RoutingExecutor(BaseExecutor):
                 assignment.decision = self._decide_from_row(assignment.ti_id)
             except Exception:
                 log.exception("Could not decide the fallback of adopted task %s", key)
-        log.warning(
-            "Run of %s on %s died for infrastructure reasons (%s: %s)",
-            key,
-            child.name,
-            failure.reason,
-            failure.detail,
-        )
+        what = (key, child.name, failure.reason, failure.detail)
+        log.warning("Run of %s on %s died for infrastructure reasons (%s: %s)", *what)
         next_step = decide_fallback(
             failure,
             failed_on=child.name,
-            fallback=assignment.decision.fallback if assignment.decision else (),
+            fallback=assignment.decision.fallback_lists() if assignment.decision else (),
             tried=assignment.tried,
             fallbacks_used=assignment.fallbacks_used,
             available=self._children.keys(),
@@ -586,17 +602,19 @@ class RoutingExecutor(BaseExecutor):
     ) -> bool:
         """Reset the try to QUEUED to wait for the first of ``candidates`` with room; False if it moved on."""
         try:
-            workload = redispatch_same_try(assignment.ti_id, key.try_number, self.jwt_generator)
+            workload = redispatch_same_try(assignment.ti_id, key.try_number, self.jwt_generator, failure.held)
         except Exception:
             log.exception("Could not reset %s for a fallback run; failing the try as reported", key)
             return False
-        if workload is None:
-            log.warning(
-                "%s is no longer running or queued at try %s; not re-dispatching it", key, key.try_number
-            )
-            return False
         child.in_flight.discard(key)
         self.running.discard(key)
+        if workload is None:
+            # A run that never held the try must not fail it: another run of it holds it, or it moved on.
+            where = "running or queued" if failure.held else "queued"
+            log.warning("%s is no longer %s at try %s; not re-dispatching it", key, where, key.try_number)
+            if not failure.held:
+                self._assignments.pop(key, None)
+            return not failure.held
         assignment.child = None
         assignment.fallbacks_used += 1
         self.queued_tasks[key] = workload
@@ -640,8 +658,9 @@ class RoutingExecutor(BaseExecutor):
             log.exception("Revoking %s failed", key)
 
     def try_adopt_task_instances(self, tis: Sequence[TaskInstance]) -> Sequence[TaskInstance]:
-        """Hand each task instance to the child named in its ``external_executor_id``; return the rest."""
-        adopted, not_adopted = offer_to_children(self._children, tis)
+        """Hand each task instance to the child named in its ``external_executor_id``, queue again the tries the
+        dead router held (never handed to a child); return the rest, for the scheduler to reset."""
+        adopted, held, not_adopted = offer_to_children(self._children, tis)
         for ti, child in adopted:
             key = ti.key
             self._assignments[key] = Assignment(
@@ -649,8 +668,9 @@ class RoutingExecutor(BaseExecutor):
             )
             child.in_flight.add(key)
             self.running.add(key)
+        not_adopted += queue_again(held, self.jwt_generator, self._queue_task)
         if tis:
-            log.info("Adopted %d of %d task instances", len(adopted), len(tis))
+            log.info("Adopted %d of %d task instances", len(tis) - len(not_adopted), len(tis))
         return not_adopted
 
     def get_task_log(self, ti: TaskInstance, try_number: int) -> tuple[list[str], list[str]]:

@@ -13,8 +13,11 @@ from hybrid_router.router.external_id import split_child_id
 
 MAIN_DAG = "hybrid_router_demo"
 FAILURE_DAG = "hybrid_router_demo_own_failure"
+MEMORY_DAG = "hybrid_router_demo_memory"  # run twice: the second run shows what the router learned
 FUNCTION_NAME = "hybrid-router-demo"  # the policy's `lambda` executor names this function
+BIG_FUNCTION_NAME = "hybrid-router-demo-3g"  # and its `lambda_3g` executor this one
 LAMBDA = "lambda"
+LAMBDA_3G = "lambda_3g"
 LOCAL = "local"
 
 # The demo function. A normal demo task peaks at about 285 MB inside a sandbox (handler, Airflow's supervisor and
@@ -25,6 +28,11 @@ LOCAL = "local"
 FUNCTION_MEMORY_MB = 512
 FUNCTION_TIMEOUT_S = 15
 RESERVED_CONCURRENCY = 3
+# The bigger function: the memory hog's 1.2 GB fits it. One task at a time is all the demo needs of it, and no
+# task outlives it: its timeout leaves a cold start on a loaded machine all the room it needs.
+BIG_FUNCTION_MEMORY_MB = 3008
+BIG_FUNCTION_TIMEOUT_S = 60
+BIG_RESERVED_CONCURRENCY = 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class Expected:
     fallback_reason: str | None = None
     mapped: bool = False
     why: str = ""
+    run: int = 1  # which run of its DAG, in the order the demo triggers them
+    memory_source: str | None = None  # where the router took the task's memory need from, when it matters
 
 
 # Declared, not inferred: the report's observations come from Airflow and are compared with this table.
@@ -74,13 +84,24 @@ EXPECTED: tuple[Expected, ...] = (
         why="outlives the function timeout -> fallback",
     ),
     Expected(
-        MAIN_DAG,
+        MEMORY_DAG,
         "memory_hog",
-        ((LAMBDA, LOCAL),),
+        ((LAMBDA, LAMBDA_3G),),
         "success",
         "short and small",
         fallback_reason="out_of_memory",
-        why="exceeds the function memory -> fallback",
+        memory_source="policy_default",
+        why="exceeds the small function's memory -> the same try on lambda_3g",
+    ),
+    Expected(
+        MEMORY_DAG,
+        "memory_hog",
+        ((LAMBDA_3G,),),
+        "success",
+        "short and small",
+        run=2,
+        memory_source="out_of_memory",
+        why="ran out of memory on lambda before -> lambda_3g directly",
     ),
     Expected(
         FAILURE_DAG,
@@ -91,8 +112,13 @@ EXPECTED: tuple[Expected, ...] = (
         why="its own bug: fails, no fallback",
     ),
 )
-# The DAG runs' final states: the main DAG's tasks all end in success, the other DAG's one task fails.
-EXPECTED_RUN_STATES = {MAIN_DAG: "success", FAILURE_DAG: "failed"}
+# Each DAG's runs' final states, in the order the demo triggers them: the main DAG's tasks all end in success,
+# the failing task's DAG fails, the memory hog's DAG succeeds both times.
+EXPECTED_RUN_STATES = {
+    MAIN_DAG: ["success"],
+    FAILURE_DAG: ["failed"],
+    MEMORY_DAG: ["success", "success"],
+}
 # The burst is larger than the function's reserved concurrency, so some of it must overflow, and some of it
 # must still have run on Lambda (the DAG orders its tasks so that Lambda has free slots when the burst starts).
 BURST_TASK = "burst"
@@ -112,25 +138,26 @@ class Verdict:
 def check(
     expected: Sequence[Expected],
     observed: Sequence[Observed],
-    run_states: dict[str, str | None],
-    expected_run_states: dict[str, str] = EXPECTED_RUN_STATES,
+    run_states: dict[str, list[str | None]],
+    expected_run_states: dict[str, list[str]] = EXPECTED_RUN_STATES,
 ) -> tuple[list[Verdict], list[str]]:
     """Compare observations with the declared expectations.
 
-    Returns one verdict per observed task instance and the problems that belong to no single task (a missing
-    task, a DAG run in the wrong state, a burst that did not overflow).
+    ``run_states`` has each DAG's runs' final states in the order they were triggered. Returns one verdict per
+    observed task instance and the problems that belong to no single task (a missing task, a DAG run in the
+    wrong state, a burst that did not overflow).
     """
     general: list[str] = []
-    for dag_id, state in expected_run_states.items():
-        if run_states.get(dag_id) != state:
-            general.append(f"DAG run of {dag_id} ended {run_states.get(dag_id)!r}, expected {state!r}")
-    by_task = {(e.dag_id, e.task_id): e for e in expected}
-    verdicts = [_check_one(by_task.get((o.dag_id, o.task_id)), o) for o in observed]
-    seen = {(o.dag_id, o.task_id) for o in observed}
+    for dag_id, states in expected_run_states.items():
+        if run_states.get(dag_id) != states:
+            general.append(f"DAG runs of {dag_id} ended {run_states.get(dag_id)!r}, expected {states!r}")
+    by_task = {(e.dag_id, e.task_id, e.run): e for e in expected}
+    verdicts = [_check_one(by_task.get((o.dag_id, o.task_id, o.run)), o) for o in observed]
+    seen = {(o.dag_id, o.task_id, o.run) for o in observed}
     general.extend(
-        f"{e.dag_id}.{e.task_id} did not run (no task instance)"
+        f"{e.dag_id}.{e.task_id} did not run{f' in run {e.run}' if e.run > 1 else ''} (no task instance)"
         for e in expected
-        if (e.dag_id, e.task_id) not in seen
+        if (e.dag_id, e.task_id, e.run) not in seen
     )
     burst = [o for o in observed if o.task_id == BURST_TASK and o.dag_id == MAIN_DAG]
     if burst:
@@ -182,6 +209,8 @@ def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
         problems.append(f"ran on {' -> '.join(path) or 'nothing'}, expected {shown}")
     if seen.rule != expected.rule:
         problems.append(f"rule {seen.rule!r}, expected {expected.rule!r}")
+    if expected.memory_source is not None and seen.memory_source != expected.memory_source:
+        problems.append(f"memory from {seen.memory_source!r}, expected {expected.memory_source!r}")
     if path == (LOCAL,) and expected.mapped and seen.how != ["overflow"]:
         # A burst task on Local is only right as an overflow from Lambda, not as a policy decision.
         problems.append(f"went to Local by {seen.how}, expected an overflow")

@@ -7,15 +7,19 @@ table), and each task's ``external_executor_id`` from the metadata database (SQL
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from devtools.devstack import AirflowStack
-from hybrid_router.router.audit import AUDIT_OWNER, EVENT_FALLBACK, EVENT_ROUTED
+from hybrid_router.router.audit import AUDIT_OWNER, EVENT_FALLBACK, EVENT_ROUTED, EVENT_RUN_FINISHED
 
 ROUTING_EVENTS = (EVENT_ROUTED, EVENT_FALLBACK)
+# Rows every run gets (what it used): no sign of anything unexpected.
+EXPECTED_EVENTS = (*ROUTING_EVENTS, EVENT_RUN_FINISHED)
 
 
 @dataclass
@@ -39,6 +43,14 @@ class Observed:
     run_s: float | None
     start_date: str | None = None  # of the last run of the try (the fallback's, after a fallback)
     end_date: str | None = None
+    queued_by: str | None = None  # the scheduler that queued the try (its process name, or its job id)
+    run: int = 1  # which run of its DAG, in the order the demo triggered them
+    run_id: str | None = None
+    # The memory need the router routed the try by, where it came from and, when learned from measured runs,
+    # how ("more than 512 MB: out of memory on lambda at ...").
+    memory_mb: int | None = None
+    memory_source: str | None = None
+    memory_basis: str | None = None
 
     @property
     def label(self) -> str:
@@ -56,20 +68,26 @@ def parse_timestamp(text: str) -> datetime:
     return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
 
-def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], dict[str, str | None]]:
-    """Task instances (REST API), the router's audit rows (REST event logs) and external executor ids (SQL)."""
+def observe(
+    stack: AirflowStack, runs: Sequence[tuple[str, str]]
+) -> tuple[list[Observed], dict[str, list[str | None]]]:
+    """Task instances (REST API), the router's audit rows (REST event logs), external executor ids and the
+    schedulers that queued them (SQL, and the schedulers' logs for their names), of the DAG runs ``runs``
+    ((dag_id, run_id) in the order they were triggered); and each DAG's runs' final states, in that order."""
     observed: list[Observed] = []
-    run_states: dict[str, str | None] = {}
-    for dag_id, run_id in runs.items():
-        run_states[dag_id] = stack.dag_run(dag_id, run_id)["state"]
+    run_states: dict[str, list[str | None]] = {}
+    schedulers = schedulers_by_job(stack)
+    for dag_id, run_id in runs:
+        run_states.setdefault(dag_id, []).append(stack.dag_run(dag_id, run_id)["state"])
+        run = len(run_states[dag_id])
         audit = audit_rows(stack, dag_id, run_id)
-        external = {
-            (task_id, map_index): value
-            for task_id, map_index, value in stack.sql(
-                "SELECT task_id, map_index, external_executor_id FROM task_instance WHERE dag_id = ? AND run_id = ?",
-                (dag_id, run_id),
-            )
-        }
+        stored = stack.sql(
+            "SELECT task_id, map_index, external_executor_id, queued_by_job_id FROM task_instance "
+            "WHERE dag_id = ? AND run_id = ?",
+            (dag_id, run_id),
+        )
+        external = {(task_id, map_index): value for task_id, map_index, value, _ in stored}
+        queued_by = {(task_id, map_index): job for task_id, map_index, _, job in stored}
         for ti in sorted(stack.task_instances(dag_id, run_id), key=lambda t: (t["task_id"], t["map_index"])):
             key = (ti["task_id"], ti["map_index"])
             rows = [
@@ -96,16 +114,36 @@ def observe(stack: AirflowStack, runs: dict[str, str]) -> tuple[list[Observed], 
                     other_events=[
                         f"{event}: {json.dumps(extra, sort_keys=True)}"
                         for event, extra in rows
-                        if event not in ROUTING_EVENTS
+                        if event not in EXPECTED_EVENTS
                     ],
                     external_executor_id=external.get(key),
                     queued_to_running_s=_seconds_between(ti.get("queued_when"), ti.get("start_date")),
                     run_s=_seconds_between(ti.get("start_date"), ti.get("end_date")),
                     start_date=ti.get("start_date"),
                     end_date=ti.get("end_date"),
+                    queued_by=_scheduler_name(queued_by.get(key), schedulers),
+                    run=run,
+                    run_id=run_id,
+                    memory_mb=routed.get("memory_mb"),
+                    memory_source=routed.get("memory_source"),
+                    memory_basis=routed.get("memory_basis"),
                 )
             )
     return observed, run_states
+
+
+def schedulers_by_job(stack: AirflowStack) -> dict[int, str]:
+    """Which scheduler process ran each scheduler job: a scheduler names its job in its log when it queues tasks."""
+    found: dict[int, str] = {}
+    for name in stack.scheduler_names:
+        log = stack.process_log(name)
+        text = log.read_text(errors="replace") if log.exists() else ""
+        found.update((int(job), name) for job in set(re.findall(r"scheduler job_id=(\d+)\)", text)))
+    return found
+
+
+def _scheduler_name(job: int | None, schedulers: dict[int, str]) -> str | None:
+    return None if job is None else schedulers.get(job, f"job {job}")
 
 
 def audit_rows(

@@ -19,22 +19,28 @@ from typing import Any
 
 import devtools.demo
 from devtools.demo.expected import (
+    BIG_FUNCTION_MEMORY_MB,
+    BIG_FUNCTION_NAME,
+    BIG_FUNCTION_TIMEOUT_S,
+    BIG_RESERVED_CONCURRENCY,
     EXPECTED,
     FAILURE_DAG,
     FUNCTION_MEMORY_MB,
     FUNCTION_NAME,
     FUNCTION_TIMEOUT_S,
     MAIN_DAG,
+    MEMORY_DAG,
     RESERVED_CONCURRENCY,
     check,
 )
 from devtools.demo.observed import audit_rows, observe
-from devtools.demo.report import display_path, print_intro, print_report, report_dict
+from devtools.demo.report import display_path, print_intro, print_report, print_simulation, report_dict
 from devtools.devstack import LOOPBACK, AirflowStack, MotoServer, StackError, free_port, wait_until
 from devtools.lambda_settings import local_lambda_settings
 from devtools.postgres import PostgresServer
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.router.audit import EVENT_FALLBACK
+from hybrid_router.router.shared_capacity import COUNT_EVERY_S, RUN_END_GRACE_S
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 RUN_TIMEOUT_S = 300.0
@@ -42,8 +48,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SLOW_TASK = "too_slow"
 # The main DAG's tasks that run on Lambda before the burst (with SLOW_TASK), and how long the router may take to
 # sync a result the Lambda executor has read (its scheduler heartbeat is 1 s).
-LAMBDA_FIRST_TASKS = ("short_task", "pinned_task", "memory_hog")
+LAMBDA_FIRST_TASKS = ("short_task", "pinned_task")
 ROUTER_SYNC_S = 2.5
+HA_TASKS_PER_PASS = 3
+HA_HISTORY_CACHE_TTL_S = 2
+# The policy `simulate --compare` sets beside the demo's, when the examples folder has it.
+COMPARED_POLICY = "policy-one-size.yaml"
+MEMORY_TASK = "memory_hog"
 
 
 def airflow_config(
@@ -80,9 +91,8 @@ def _lambda_work_done(
 ) -> bool:
     """True once the main DAG's tasks before the burst are off Lambda and the router has every result.
 
-    Off Lambda: short_task, pinned_task and memory_hog ended, too_slow timed out (its fallback is recorded). The
-    function then runs nothing, and the results queue is empty, so the Lambda executor has read every result: the
-    router frees a slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited on top).
+    Off Lambda: short_task and pinned_task ended, too_slow timed out (its fallback is recorded); then
+    ``_lambda_idle``.
     """
     stack.check_alive()  # a dead scheduler or API server fails at once, with the tail of its log
     ended = {
@@ -94,8 +104,15 @@ def _lambda_work_done(
         task_id == SLOW_TASK and event == EVENT_FALLBACK
         for task_id, _, _, event, _ in audit_rows(stack, MAIN_DAG, run_id)
     )
+    return slow_moved_on and _lambda_idle(service, sqs, results_queue)
+
+
+def _lambda_idle(service: LocalLambdaService, sqs: Any, results_queue: str) -> bool:
+    """True once the small function runs nothing and the results queue is empty, so the Lambda executor has read
+    every result: the router frees a slot when it syncs that result, within a heartbeat (ROUTER_SYNC_S is waited
+    on top). A task is marked done a few seconds before its Lambda run ends (the task runner winds down)."""
     function = service.stats()["functions"].get(FUNCTION_NAME, {})
-    if not slow_moved_on or function.get("in_flight") or function.get("queued"):
+    if function.get("in_flight") or function.get("queued"):
         return False
     attributes = sqs.get_queue_attributes(
         QueueUrl=results_queue,
@@ -105,27 +122,51 @@ def _lambda_work_done(
 
 
 def _run_dags(
-    stack: AirflowStack, service: LocalLambdaService, sqs: Any, results_queue: str, began: float
-) -> tuple[dict[str, str], str | None]:
-    """Trigger the demo DAGs and wait for their runs; returns the run ids and why waiting stopped early, if it did."""
-    runs: dict[str, str] = {}
+    stack: AirflowStack,
+    service: LocalLambdaService,
+    sqs: Any,
+    results_queue: str,
+    began: float,
+    settle_s: float = ROUTER_SYNC_S,
+) -> tuple[list[tuple[str, str]], str | None]:
+    """Trigger the demo DAGs and wait for their runs; returns (dag_id, run_id) in the order they were triggered
+    and why waiting stopped early, if it did. ``settle_s``: how long every router takes to see the small function
+    idle once it is."""
+    runs: list[tuple[str, str]] = []
+
+    def trigger(dag_id: str, what: str = "") -> tuple[str, str]:
+        runs.append((dag_id, stack.trigger(dag_id)))
+        _step(f"{what}triggered {dag_id}", began)
+        return runs[-1]
+
+    def wait(dag_id: str, run_id: str) -> None:
+        state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
+        _step(f"{dag_id} finished: {state}", began)
+
     try:
-        runs[MAIN_DAG] = stack.trigger(MAIN_DAG)
-        _step(f"triggered {MAIN_DAG}", began)
+        _, main_run = trigger(MAIN_DAG)
         # The failing task must find a free Lambda slot without taking one from the tasks the main DAG expects on
         # Lambda: run it once those are done with Lambda, while too_slow runs on Local.
         wait_until(
-            lambda: _lambda_work_done(stack, runs[MAIN_DAG], service, sqs, results_queue),
+            lambda: _lambda_work_done(stack, main_run, service, sqs, results_queue),
             RUN_TIMEOUT_S,
             f"{MAIN_DAG}'s first Lambda runs to end",
             interval=0.5,
         )
-        time.sleep(ROUTER_SYNC_S)
-        runs[FAILURE_DAG] = stack.trigger(FAILURE_DAG)
-        _step(f"Lambda idle; triggered {FAILURE_DAG}", began)
-        for dag_id, run_id in runs.items():
-            state = stack.wait_run(dag_id, run_id, timeout=RUN_TIMEOUT_S)
-            _step(f"{dag_id} finished: {state}", began)
+        time.sleep(settle_s)
+        trigger(FAILURE_DAG, "Lambda idle; ")
+        for dag_id, run_id in list(runs):
+            wait(dag_id, run_id)
+        # The memory hog's death on the small function ends its sandbox: after the burst, so that the burst
+        # finds warm sandboxes there (a cold one can outlast the short timeout on a loaded machine), and once
+        # the burst's runs there have ended, so that it finds a free slot.
+        wait_until(
+            lambda: _lambda_idle(service, sqs, results_queue), RUN_TIMEOUT_S, "Lambda idle", interval=0.5
+        )
+        time.sleep(settle_s)
+        wait(*trigger(MEMORY_DAG, "Lambda idle; "))
+        # Its next run goes where the first one finished, by what the router learned from its death.
+        wait(*trigger(MEMORY_DAG, "again: "))
     except StackError as error:
         # Report what did happen (and stop everything) rather than only a traceback.
         _step(f"gave up waiting: {error}", began)
@@ -133,7 +174,22 @@ def _run_dags(
     return runs, None
 
 
-def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
+def _compare_policies(stack: AirflowStack, policy: Path, other: Path, html: Path) -> dict[str, Any]:
+    """``simulate --from-db --compare`` on the demo's history, with its HTML report written to ``html``."""
+    # Relative to the working directory, which the command shares, where they can be: its report names them.
+    options = {"--policy": policy, "--compare": other, "--html": html}
+    args = [part for option, path in options.items() for part in (option, display_path(path, Path.cwd()))]
+    result = stack.cli("hybrid-router", "simulate", "--from-db", *args)
+    return {
+        "command": " ".join(["airflow hybrid-router simulate --from-db", *args]),
+        "returncode": result.returncode,
+        "output": result.stdout,
+        "errors": result.stderr,
+        "html": str(html),
+    }
+
+
+def run_demo(output: Path, examples: Path, *, postgres: bool = False, schedulers: int = 1) -> int:
     began = time.monotonic()
     dags = examples / "dags"
     policy = examples / "policy.yaml"
@@ -147,6 +203,9 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
     shutil.rmtree(home, ignore_errors=True)
     report_file = output / "report.json"
     report_file.unlink(missing_ok=True)
+    simulation_html = output / "simulate.html"
+    simulation_html.unlink(missing_ok=True)
+    compared = examples / COMPARED_POLICY
     print_intro(home, policy)
 
     secret = secrets.token_hex(32)
@@ -167,20 +226,29 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
             database_url = database.start().url
             _step(f"PostgreSQL at {LOOPBACK}:{database.port}: Airflow's metadata database", began)
 
+        config = airflow_config(
+            policy=policy.resolve(),
+            results_queue_url=results_queue,
+            dead_letter_queue_url=dead_letter_queue,
+            signing_secret=secret,
+            lambda_endpoint_url=f"http://{LOOPBACK}:{lambda_port}",
+            sqs_endpoint_url=moto.url,
+            local_log_dir=lambda_logs,
+        )
+        if schedulers > 1:
+            # A few tasks per scheduling pass, so that every scheduler queues some of the DAGs' tasks: with
+            # Airflow's default (16) the first scheduler to reach them often queues them all.
+            config["scheduler"] = {"max_tis_per_query": HA_TASKS_PER_PASS}
+            # A router counts the deaths it saw at once, another scheduler's at its next read of the history: the
+            # memory hog's second run may be queued by the scheduler that did not see the first one die.
+            config["hybrid_router"]["history_cache_ttl"] = HA_HISTORY_CACHE_TTL_S
         stack = AirflowStack(
             home=home,
             dags_folder=dags,
             executor=ROUTER,
             database_url=database_url,
-            config=airflow_config(
-                policy=policy.resolve(),
-                results_queue_url=results_queue,
-                dead_letter_queue_url=dead_letter_queue,
-                signing_secret=secret,
-                lambda_endpoint_url=f"http://{LOOPBACK}:{lambda_port}",
-                sqs_endpoint_url=moto.url,
-                local_log_dir=lambda_logs,
-            ),
+            schedulers=schedulers,
+            config=config,
         )
         function = FunctionConfig(
             name=FUNCTION_NAME,
@@ -193,8 +261,14 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
             # No signing secret: each event carries the key that signs its own results.
             environment={**stack.env, "AWS_ENDPOINT_URL_SQS": moto.url},
         )
+        big_function = function.replace(
+            name=BIG_FUNCTION_NAME,
+            memory_mb=BIG_FUNCTION_MEMORY_MB,
+            timeout_s=BIG_FUNCTION_TIMEOUT_S,
+            reserved_concurrency=BIG_RESERVED_CONCURRENCY,
+        )
         service = LocalLambdaService(
-            functions=[function],
+            functions=[function, big_function],
             env=stack.env,
             sqs_endpoint_url=moto.url,
             port=lambda_port,
@@ -204,7 +278,9 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
         service.start()
         _step(
             f"local Lambda service at {service.url}: function {FUNCTION_NAME} ({FUNCTION_MEMORY_MB} MB, "
-            f"{FUNCTION_TIMEOUT_S}s timeout, reserved concurrency {RESERVED_CONCURRENCY})",
+            f"{FUNCTION_TIMEOUT_S}s timeout, reserved concurrency {RESERVED_CONCURRENCY}) and "
+            f"{BIG_FUNCTION_NAME} ({BIG_FUNCTION_MEMORY_MB} MB, {BIG_FUNCTION_TIMEOUT_S}s timeout, reserved "
+            f"concurrency {BIG_RESERVED_CONCURRENCY})",
             began,
         )
 
@@ -212,19 +288,35 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False) -> int:
         stack.start()
         timings["stack_ready"] = round(time.monotonic() - began, 1)
         _step(f"Airflow API server at {stack.api_url} (executor {ROUTER}); logs in {stack.log_dir}", began)
+        if schedulers > 1:
+            _step(
+                f"{schedulers} schedulers ({', '.join(stack.scheduler_names)}), each with its router", began
+            )
 
-        runs, waiting_problem = _run_dags(stack, service, moto.client("sqs"), results_queue, began)
+        # Another scheduler's router counts a run on the function until RUN_END_GRACE_S after its task ended.
+        settle_s = ROUTER_SYNC_S + (RUN_END_GRACE_S + COUNT_EVERY_S if schedulers > 1 else 0.0)
+        runs, waiting_problem = _run_dags(
+            stack, service, moto.client("sqs"), results_queue, began, settle_s=settle_s
+        )
         timings["runs_done"] = round(time.monotonic() - began, 1)
         observed, run_states = observe(stack, runs)
+        simulation = None
+        if compared.exists():
+            _step(f"simulate: the demo's history under {policy.name} and {compared.name}", began)
+            simulation = _compare_policies(stack, policy, compared, simulation_html)
         _step("stopping every process the demo started", began)
     timings["total"] = round(time.monotonic() - began, 1)
 
     verdicts, general = check(EXPECTED, observed, run_states)
     if waiting_problem:
         general.insert(0, waiting_problem)
-    report = report_dict(verdicts, general, run_states, timings)
+    if simulation is not None and simulation["returncode"] != 0:
+        general.append(f"simulate --compare failed with exit code {simulation['returncode']}")
+    report = report_dict(verdicts, general, run_states, timings, simulation)
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    print_report(verdicts, general)
+    print_report(verdicts, general, by_scheduler=schedulers > 1)
+    if simulation is not None:
+        print_simulation(simulation, Path.cwd())
     print(
         f"Report written to {display_path(report_file, Path.cwd())}; Airflow's logs are in {display_path(home, Path.cwd())}"
     )
@@ -265,10 +357,26 @@ def main(argv: Iterable[str] | None = None) -> int:
         help="keep Airflow's metadata in a PostgreSQL cluster of the demo's own (needs PostgreSQL's server "
         "programs) instead of SQLite",
     )
+    parser.add_argument(
+        "--schedulers",
+        type=int,
+        default=1,
+        help="run this many schedulers, each with its router (Airflow's HA topology; needs --postgres)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.schedulers < 1:
+        parser.error("--schedulers must be at least 1")
+    if args.schedulers > 1 and not args.postgres:
+        # argparse's error exits 2 with the usage line, before anything is started.
+        parser.error(
+            f"--schedulers {args.schedulers} needs --postgres: SQLite allows one scheduler only. "
+            f'Run: make demo DEMO_ARGS="--postgres --schedulers {args.schedulers}"'
+        )
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        return run_demo(args.output.resolve(), args.examples.resolve(), postgres=args.postgres)
+        return run_demo(
+            args.output.resolve(), args.examples.resolve(), postgres=args.postgres, schedulers=args.schedulers
+        )
     except KeyboardInterrupt:
         print("interrupted; every process the demo started was stopped", file=sys.stderr)
         return 130

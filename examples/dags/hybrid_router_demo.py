@@ -17,6 +17,8 @@ START = pendulum.datetime(2024, 1, 1, tz="UTC")
 BURST_SIZE = 8
 # Longer than the demo function's timeout (15 s, set by `make demo`), so that Lambda stops the task.
 TOO_SLOW_S = 20
+# More than the small demo function's 512 MB, well within the bigger one's 3008 MB.
+HOG_MB = 1200
 
 
 @dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
@@ -49,27 +51,31 @@ def hybrid_router_demo():
         time.sleep(TOO_SLOW_S)
         return "finished on the fallback"
 
-    @task(executor_config={"hybrid_router": {"expected_duration": "30s", "memory_mb": 512}})
-    def memory_hog() -> int:
-        """Allocates more than the demo function's memory: Lambda kills it, Local finishes it."""
-        block = bytearray(1200 * 1024 * 1024)
-        for offset in range(0, len(block), 4096):
-            block[offset] = 1
-        return len(block)
-
     # The order keeps the demo's outcome independent of timing. Airflow marks a task done a few seconds before its
     # Lambda run ends (the task runner winds down), and only then is the function's slot free again. The function
-    # has 3 slots: too_slow, memory_hog and short_task take them at the start; pinned_task starts once memory_hog
-    # has died on Lambda (which frees its slot at once) and finished on Local; the burst waits until too_slow is
+    # has 3 slots: too_slow, short_task and pinned_task take them at the start; the burst waits until too_slow is
     # done, long after every other Lambda run, so it finds the slots free and the rest of it overflows.
-    # (`make demo` runs hybrid_router_demo_own_failure while too_slow runs on Local, when Lambda is idle.)
-    hog = memory_hog()
+    # (`make demo` runs the other two DAGs while too_slow runs on Local, when the small function is idle.)
     slow = too_slow()
     short = short_task()
     pinned = pinned_task()
-    hog >> pinned
     [slow, short, pinned] >> burst.expand(i=list(range(BURST_SIZE)))
     long_task()
+
+
+@dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
+def hybrid_router_demo_memory():
+    @task
+    def memory_hog() -> int:
+        """No memory hint: the policy's default (512 MB) sends it to the small function, where it runs out of
+        memory; the same try finishes on the bigger one, and the router sends its next runs there directly."""
+        block = bytearray(HOG_MB * 1024 * 1024)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        time.sleep(1)  # held a moment: the local Lambda service samples a run's memory every 0.1 s
+        return len(block)
+
+    memory_hog()
 
 
 @dag(schedule=None, start_date=START, catchup=False, tags=["hybrid-router-demo"])
@@ -84,3 +90,4 @@ def hybrid_router_demo_own_failure():
 
 hybrid_router_demo()
 hybrid_router_demo_own_failure()
+hybrid_router_demo_memory()

@@ -71,6 +71,7 @@ COUNTERS = (
     "dropped",
     "duplicates_delivered",
     "init_errors",
+    "concurrency_waits",
     *(ending.value for ending in Ending),
 )
 
@@ -84,6 +85,7 @@ class AsyncEvent:
     ran: bool = False  # reached a sandbox at least once
     redeliver_after_run: bool = False  # at-least-once delivery: runs again once this run has ended
     unreserved: bool = False  # its current run holds a slot of the unreserved pool
+    waited: bool = False  # found the function at its concurrency limit and waited for a slot (counted once)
     last_error: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,6 +99,7 @@ class FunctionState:
         self.pending: collections.deque[AsyncEvent] = collections.deque()  # due, in arrival order
         self.delayed: list[tuple[float, int, AsyncEvent]] = []  # (due time, seq, event): retries waiting
         self.in_flight = 0
+        self.max_in_flight = 0
         self.idle: list[Sandbox] = []  # warm sandboxes, most recently used last
         self.sandboxes: set[Sandbox] = set()
         self.deleted = False
@@ -418,6 +421,7 @@ class LambdaBackend:
     def _claim(self, state: FunctionState) -> bool:
         """Take one concurrency slot (under the lock). Returns whether it came from the unreserved pool."""
         state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
         unreserved = state.config.reserved_concurrency is None
         if unreserved:
             self._unreserved_in_flight += 1
@@ -513,6 +517,9 @@ class LambdaBackend:
                             continue
                         event.unreserved = self._claim(state)
                         to_run.append((state, event))
+                    for event in state.pending:
+                        state.counters["concurrency_waits"] += not event.waited
+                        event.waited = True
                     if state.pending:
                         wake_at = min(wake_at, now + EXPIRY_SCAN_INTERVAL_S)
                 if not expired and not to_run:
@@ -650,6 +657,7 @@ class LambdaBackend:
                 entry.update(
                     queued=len(state.pending) + len(state.delayed),
                     in_flight=state.in_flight,
+                    max_in_flight=state.max_in_flight,
                     sandboxes=len(state.sandboxes),
                     idle_sandboxes=len(state.idle),
                     log_streams=sorted(s.stream_name for s in state.sandboxes),

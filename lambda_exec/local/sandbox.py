@@ -6,8 +6,10 @@ process group with the function's environment, and its output goes to its own lo
 service also writes Lambda's ``START`` / ``END`` / ``REPORT`` lines.
 
 Limits are enforced from outside, as Lambda does: at the function's timeout the whole process tree is killed
-(``Sandbox.Timedout``); a watchdog samples the tree's resident memory and kills it above the function's memory
-size (``Runtime.OutOfMemory``). A sandbox that was killed or crashed is discarded; the next invocation is cold.
+(``Sandbox.Timedout``); a watchdog samples the tree's memory and kills it above the function's memory size
+(``Runtime.OutOfMemory``). The memory is counted as Lambda counts it, with the measure the handler reports its
+own peak with (``tree_memory``): the ``REPORT`` line's ``Max Memory Used`` is the peak of the same samples. A
+sandbox that was killed or crashed is discarded; the next invocation is cold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any
 import psutil
 
 from hybrid_router.lambda_exec.local.config import FunctionConfig
+from hybrid_router.lambda_exec.protocol import RunUsage
+from hybrid_router.lambda_exec.tree_memory import TreeMemory, run_usage
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,6 @@ MIB = 1024 * 1024
 # Lambda gives a function's initialisation at most 10 s of its own (outside the invocation's timeout).
 INIT_TIMEOUT_S = 10.0
 WATCH_INTERVAL_S = 0.1
-# Finding a tree's processes scans /proc; the processes' memory is read every tick, the tree less often.
-TREE_REFRESH_TICKS = 5
-PSS_CHECK_INTERVAL_S = 0.3
 
 
 class Ending(str, enum.Enum):
@@ -59,8 +60,7 @@ class InvocationResult:
     ending: Ending
     payload: str | None = None  # the handler's return value as JSON text, on success
     error: dict[str, Any] = field(default_factory=dict)  # errorMessage / errorType, on failure
-    duration_ms: float = 0.0
-    max_memory_mb: int = 0
+    usage: RunUsage | None = None  # the REPORT line's figures, once the invocation has ended
     init_ms: float | None = None  # set on a cold start
     log_tail: bytes = b""  # the end of this invocation's log lines (for X-Amz-Log-Type: Tail)
 
@@ -101,11 +101,10 @@ class Sandbox:
         self._control_in = -1  # our end: replies from the runtime
         self._buffer = b""
         self._lock = threading.Lock()
-        self._tree: list[psutil.Process] = []
-        self._ticks = 0
+        self._memory: TreeMemory | None = None
+        # The watchdog samples while the invocation's own thread starts a new peak and reads it at the end.
+        self._memory_lock = threading.Lock()
         self.kill_reason: Ending | None = None
-        self.peak_rss = 0
-        self._next_pss_check = 0.0
         self.busy = False
         self.last_used = time.monotonic()
         self.init_ms: float | None = None
@@ -166,7 +165,7 @@ class Sandbox:
                 os.close(request_read)
                 os.close(reply_write)
         self._control_out, self._control_in = request_write, reply_read
-        self._tree = [psutil.Process(self._proc.pid)]
+        self._memory = TreeMemory(self._proc.pid)
         try:
             ready = self._read_message(time.monotonic() + INIT_TIMEOUT_S)
         except TimeoutError:
@@ -230,9 +229,10 @@ class Sandbox:
         self.write_log(f"START RequestId: {request_id} Version: $LATEST\n")
         begin = time.monotonic()
         deadline = time.time() + timeout_s
+        with self._memory_lock:
+            self._memory.reset()
         with self._lock:
             self.busy = True
-            self.peak_rss = 0
         request = {
             "request_id": request_id,
             "payload": payload,
@@ -248,17 +248,17 @@ class Sandbox:
         except OSError:  # the runtime died and closed its end
             reply = None
         duration_ms = (time.monotonic() - begin) * 1000
-        self.sample_memory(refresh_tree=False)
+        with self._memory_lock:
+            self._memory.sample(final=True)
+            peak = self._memory.peak
         with self._lock:
             self.busy = False
         self.last_used = time.monotonic()
         result = self._interpret(reply, timeout_s)
-        result.duration_ms = duration_ms
-        result.init_ms = self.init_ms if cold else None
-        # As in Lambda's REPORT line, never more than the memory size (a resident sum can be: shared pages).
-        result.max_memory_mb = max(1, min(round(self.peak_rss / MIB), fn.memory_mb))
         if result.ending is Ending.OUT_OF_MEMORY:
-            result.max_memory_mb = fn.memory_mb
+            peak = fn.memory_mb * MIB  # Lambda's report of a sandbox it killed for memory
+        result.usage = run_usage(duration_ms, peak, fn.memory_mb)
+        result.init_ms = self.init_ms if cold else None
         self._write_report(request_id, result)
         result.log_tail = self._read_log_tail(log_offset)
         return result
@@ -327,10 +327,12 @@ class Sandbox:
         elif result.ending in (Ending.OUT_OF_MEMORY, Ending.CRASH):
             lines.append(f"RequestId: {request_id} Error: {result.error['errorMessage']}\n")
         lines.append(f"END RequestId: {request_id}\n")
+        usage = result.usage
+        assert usage is not None  # set by invoke() before the report
         report = (
-            f"REPORT RequestId: {request_id}\tDuration: {result.duration_ms:.2f} ms\t"
-            f"Billed Duration: {max(1, int(result.duration_ms + 0.999))} ms\tMemory Size: {fn.memory_mb} MB\t"
-            f"Max Memory Used: {result.max_memory_mb} MB"
+            f"REPORT RequestId: {request_id}\tDuration: {usage.duration_ms:.2f} ms\t"
+            f"Billed Duration: {usage.billed_duration_ms} ms\tMemory Size: {fn.memory_mb} MB\t"
+            f"Max Memory Used: {usage.peak_memory_mb} MB"
         )
         if result.init_ms is not None:
             report += f"\tInit Duration: {result.init_ms:.2f} ms"
@@ -346,50 +348,14 @@ class Sandbox:
 
     # -- memory -------------------------------------------------------------------------------------------
 
-    def sample_memory(self, refresh_tree: bool) -> int:
-        """Resident memory of the sandbox's process tree, in bytes; updates the invocation's peak."""
-        proc = self._proc
-        if proc is None:
-            return 0
-        if refresh_tree:
-            try:
-                root = psutil.Process(proc.pid)
-                self._tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                return 0
-        total = 0
-        for member in self._tree:
-            try:
-                total += member.memory_info().rss
-            except psutil.Error:
-                continue
-        with self._lock:
-            self.peak_rss = max(self.peak_rss, total)
-        return total
-
     def watch_tick(self) -> None:
-        """One watchdog sample: kill the tree when it holds more memory than the function has.
-
-        Resident sizes are cheap to read but count pages shared between processes (Airflow's supervisor forks
-        the task runner) once per process; Lambda counts the sandbox's memory once. So a sum over the limit is
-        confirmed with the proportional set size (each shared page split between its users), which costs
-        milliseconds per process and is read at most every PSS_CHECK_INTERVAL_S.
-        """
-        if not self.busy or self.kill_reason is not None:
+        """One watchdog sample: kill the tree when it uses more memory than the function has."""
+        if not self.busy or self.kill_reason is not None or self._memory is None:
             return
-        self._ticks += 1
+        with self._memory_lock:
+            used = self._memory.sample()
         limit = self.function.memory_mb * MIB
-        rss = self.sample_memory(refresh_tree=self._ticks % TREE_REFRESH_TICKS == 1)
-        if rss <= limit:
-            return
-        now = time.monotonic()
-        if now < self._next_pss_check:
-            return
-        self._next_pss_check = now + PSS_CHECK_INTERVAL_S
-        used = self._tree_pss()
-        if used is None:
-            used = rss  # no smaps_rollup (old kernel): the resident sum is all we have
-        if used > limit and self.busy:
+        if used is not None and used > limit and self.busy:
             log.info(
                 "Sandbox %s of %s uses %d MB > %d MB: killing it",
                 self.stream_name,
@@ -398,22 +364,6 @@ class Sandbox:
                 self.function.memory_mb,
             )
             self.kill(Ending.OUT_OF_MEMORY)
-
-    def _tree_pss(self) -> int | None:
-        total = 0
-        for member in list(self._tree):
-            try:
-                with open(f"/proc/{member.pid}/smaps_rollup", "rb") as rollup:
-                    for line in rollup:
-                        if line.startswith(b"Pss:"):
-                            total += int(line.split()[1]) * 1024
-                            break
-            except FileNotFoundError:
-                if not os.path.exists("/proc/self/smaps_rollup"):
-                    return None
-            except (OSError, ValueError, IndexError):
-                continue
-        return total
 
     # -- pipe ---------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-from devtools.aws_faults import SqsFaults, injected, install, process_env
+from devtools.aws_faults import FaultsFile, SqsFaults, injected, install, process_env
 from devtools.devstack import FAKE_AWS_ENV
 
 
@@ -77,4 +77,81 @@ def test_another_process_gets_the_faults_through_its_environment(moto_server, tm
     assert result["failed"] == 1
     # 20 calls at a 20 ms median latency each: at least 0.2 s in all, whatever the machine's speed.
     assert result["seconds"] >= 0.2
+    assert injected(tmp_path / "f.jsonl") == {"send_failed": 1}
+
+
+def _unreachable_client(service: str):
+    """A client whose calls never leave the process when a fault answers them (nothing listens there)."""
+    import boto3
+
+    return boto3.client(service, endpoint_url="http://127.0.0.1:9", region_name="us-east-1", **_credentials())
+
+
+def _credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "aws_session_token": FAKE_AWS_ENV["AWS_SESSION_TOKEN"],
+    }
+
+
+def test_expired_credentials_refuse_lambda_and_sqs_calls_as_aws_does(tmp_path):
+    from hybrid_router.lambda_exec.aws import AwsErrorKind, classify_error
+
+    log = tmp_path / "faults.jsonl"
+    faults = SqsFaults(credentials_expired_at=time.time(), credentials_expired_s=60, log_file=str(log))
+    lambda_client, sqs = _unreachable_client("lambda"), _unreachable_client("sqs")
+    install(lambda_client.meta.events, faults)
+    install(sqs.meta.events, faults)
+    with pytest.raises(ClientError) as invoke:
+        lambda_client.invoke(FunctionName="f", InvocationType="Event", Payload=b"{}")
+    with pytest.raises(ClientError) as receive:
+        sqs.receive_message(QueueUrl="http://127.0.0.1:9/123456789012/q", WaitTimeSeconds=0)
+    assert invoke.value.response["Error"]["Code"] == "ExpiredTokenException"
+    assert receive.value.response["Error"]["Code"] == "ExpiredToken"
+    # The product takes both for what they are: refused for the credentials, so nothing was accepted.
+    assert classify_error(invoke.value).kind is AwsErrorKind.CREDENTIALS
+    assert classify_error(receive.value).kind is AwsErrorKind.CREDENTIALS
+    assert injected(log) == {"credentials_expired": 2}
+    assert injected(log, by="operation") == {"lambda.Invoke": 1, "sqs.ReceiveMessage": 1}
+
+
+def test_the_one_off_windows_cover_their_seconds_only():
+    now = time.time()
+    faults = SqsFaults(outage_at=now, outage_s=5, credentials_expired_at=now + 10, credentials_expired_s=2)
+    assert [faults.in_outage(now + dt) for dt in (-0.1, 0, 4.9, 5)] == [False, True, True, False]
+    assert [faults.credentials_expired(now + dt) for dt in (9.9, 10, 11.9, 12)] == [False, True, True, False]
+
+
+def test_a_faults_file_switches_the_faults_of_running_clients(moto_server, tmp_path):
+    queue = moto_server.create_queue(f"switch-{time.monotonic_ns()}")
+    control = FaultsFile(tmp_path / "faults.json")
+    client = moto_server.client("sqs")
+    install(client.meta.events, control)
+    client.send_message(QueueUrl=queue, MessageBody="no file: no faults")
+    control.write(SqsFaults(send_failure_rate=1.0))
+    with pytest.raises(ClientError):
+        client.send_message(QueueUrl=queue, MessageBody="lost")
+    control.write(SqsFaults(outage_at=time.time(), outage_s=60))
+    client.send_message(QueueUrl=queue, MessageBody="sent again")
+    with pytest.raises(ClientError):
+        client.receive_message(QueueUrl=queue, WaitTimeSeconds=0)
+    control.write(SqsFaults())
+    bodies = {m["Body"] for m in client.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]}
+    assert bodies == {"no file: no faults", "sent again"}
+
+
+def test_another_process_follows_a_faults_file(moto_server, tmp_path):
+    queue = moto_server.create_queue(f"child-file-{time.monotonic_ns()}")
+    control = FaultsFile(tmp_path / "faults.json")
+    control.write(SqsFaults(send_failure_rate=1.0, log_file=str(tmp_path / "f.jsonl")))
+    env = {**FAKE_AWS_ENV, **process_env(control)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, moto_server.url, queue],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1])["failed"] == 1
     assert injected(tmp_path / "f.jsonl") == {"send_failed": 1}

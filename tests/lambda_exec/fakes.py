@@ -30,13 +30,20 @@ class FakeLambda:
     ``failing`` maps a start-up operation's name (``get_function``...) to the exception it raises.
     """
 
-    def __init__(self, timeout_s: int = 60, reserved: int | None = None, retry_attempts: int = 0):
+    def __init__(
+        self,
+        timeout_s: int = 60,
+        reserved: int | None = None,
+        retry_attempts: int = 0,
+        memory_mb: int | None = None,
+    ):
         self.invokes: list[dict[str, Any]] = []
         self._answers: deque[BaseException | None] = deque()
         self._lock = threading.Lock()
         self.timeout_s = timeout_s
         self.reserved = reserved
         self.retry_attempts = retry_attempts
+        self.memory_mb = memory_mb
         self.failing: dict[str, BaseException] = {}
 
     def answer(self, *answers: BaseException | None) -> None:
@@ -63,7 +70,10 @@ class FakeLambda:
 
     def get_function(self, **kwargs: Any) -> dict[str, Any]:
         self._fail_if_asked("get_function")
-        return {"Configuration": {"FunctionName": kwargs["FunctionName"], "Timeout": self.timeout_s}}
+        configuration = {"FunctionName": kwargs["FunctionName"], "Timeout": self.timeout_s}
+        if self.memory_mb is not None:
+            configuration["MemorySize"] = self.memory_mb
+        return {"Configuration": configuration}
 
     def get_function_concurrency(self, **kwargs: Any) -> dict[str, Any]:
         self._fail_if_asked("get_function_concurrency")

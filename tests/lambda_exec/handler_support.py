@@ -29,6 +29,7 @@ FAKE_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0aSJ9.c2lnbmF0dXJl"
 # Like Airflow's supervisor with the claim hook, it records the execution API's answer to its /run in the claim
 # file the handler names: `claim` in the spec is that answer ("claimed" by default; "refused" is a 409, after
 # which the supervisor exits 1; "none": the answer never comes), given after `claim_after` seconds.
+# It holds `alloc_mb` megabytes while it sleeps `sleep` seconds.
 FAKE_WORKLOAD = r"""
 import json, os, subprocess, sys, time
 path = sys.argv[1]
@@ -48,6 +49,7 @@ if record:
     with open(record, "w") as out:
         json.dump({"pid": os.getpid(), "grandchild": grandchild.pid, "argv": sys.argv, "environ": dict(os.environ)}, out)
 print("workload output line", spec.get("token", ""), flush=True)
+ballast = b"x" * (spec.get("alloc_mb", 0) * 1024 * 1024)
 time.sleep(spec.get("sleep", 0))
 sys.exit(spec.get("exit", 0))
 """
@@ -138,6 +140,8 @@ def run_past_the_deadline(
     started, finished = until_finished(moto, results_queue)
     assert started.phase is Phase.STARTED
     assert finished.outcome is Outcome.TIMEOUT
+    # A run stopped at the deadline is billed all the same, for the time up to its report.
+    assert finished.usage is not None and finished.usage.billed_duration_ms >= 1000
     pids = json.loads(record.read_text())
     assert wait_gone(pids["pid"]) and wait_gone(pids["grandchild"])
     return finished

@@ -35,6 +35,9 @@ FUNCTION_TIMEOUT_S = 30
 SHORT_FUNCTION = "airflow-task-5s"
 SHORT_TIMEOUT_S = 5
 OK_TASKS = 20
+# A run sends STARTED again this often and stops itself after three without one: a sandbox that stops without a
+# word (the `frozen` task) is declared dead about 15 s after it stopped, half the function's timeout.
+RUN_HEARTBEAT_S = 3
 
 # Importable by every Airflow process (PYTHONPATH): the second executor instance, bound to the 5 s function.
 # Its own results queue: on a shared one, each instance first releases the other's results (a visibility
@@ -83,6 +86,19 @@ def lambda_e2e():
     def fails():
         raise RuntimeError("the task's own failure")
 
+    # After `fails`, in a sandbox that imported Airflow's task runner already: a cold one can spend half the
+    # function's timeout on that import under load, leaving the heartbeat too little time to beat the timeout.
+    @task(priority_weight=100, trigger_rule="all_done")
+    def frozen():
+        import os, signal, psutil
+        time.sleep(1)
+        # The whole sandbox stops without a word, as one the host lost: the handler (its heartbeats with it),
+        # Airflow's supervisor (its heartbeats to the API) and this task. Nothing reaches the DLQ before the
+        # function's timeout kills it.
+        supervisor = psutil.Process(os.getppid())
+        for pid in (supervisor.ppid(), supervisor.pid, os.getpid()):
+            os.kill(pid, signal.SIGSTOP)
+
     @task
     def ok(i):
         print("ok task", i, "ran on Lambda")
@@ -91,7 +107,7 @@ def lambda_e2e():
     warm_up() >> sleeper()
     forge_target()
     hog()
-    fails()
+    fails() >> frozen()
     for i in range(%(ok_tasks)d):
         ok.override(task_id=f"ok_{i}")(i)
 
@@ -149,7 +165,8 @@ def stack(tmp_path_factory, request) -> Iterator[SimpleNamespace]:
             env={"PYTHONPATH": str(modules)},
             database_url=database_url,
             config={
-                "lambda_executor": local_lambda_settings(
+                "lambda_executor": {"run_heartbeat_seconds": RUN_HEARTBEAT_S}
+                | local_lambda_settings(
                     function_name="airflow-task",
                     results_queue_url=results,
                     dead_letter_queue_url=dlq,
@@ -241,7 +258,9 @@ def test_lambda_dag_outcomes(stack):
     assert airflow.wait_run("lambda_e2e", run_id, timeout=150) == "failed"
     tis = {ti["task_id"]: ti for ti in airflow.task_instances("lambda_e2e", run_id)}
     assert {tis[f"ok_{i}"]["state"] for i in range(OK_TASKS)} == {"success"}
-    assert {tis[name]["state"] for name in ("fails", "forge_target", "sleeper", "hog")} == {"failed"}
+    assert {tis[name]["state"] for name in ("fails", "forge_target", "sleeper", "hog", "frozen")} == {
+        "failed"
+    }
     assert all(ti["try_number"] == 1 for ti in tis.values())
     assert "ran on Lambda" in airflow.task_log("lambda_e2e", run_id, "ok_3")
 
@@ -249,6 +268,15 @@ def test_lambda_dag_outcomes(stack):
     infra = [line for line in scheduler_log.splitlines() if "lambda infrastructure failure" in line]
     assert any("task_id='sleeper'" in line and "failure: timeout" in line for line in infra), infra
     assert any("task_id='hog'" in line and "failure: out_of_memory" in line for line in infra), infra
+    # The frozen sandbox: its heartbeat stopped while results were read, well before the function's timeout
+    # (which would have given a dead letter, `timeout`).
+    assert any(
+        "task_id='frozen'" in line and "failure: runtime_crash" in line and "no heartbeat" in line
+        for line in infra
+    ), infra
+    frozen_start = _handler_start(stack.log_dir, "airflow-task", "lambda_e2e.frozen")
+    frozen_end = datetime.fromisoformat(tis["frozen"]["end_date"])
+    assert (frozen_end - frozen_start).total_seconds() < FUNCTION_TIMEOUT_S - 5, (frozen_start, frozen_end)
     # The task's own failure is not infrastructure.
     assert not any("task_id='fails'" in line or "task_id='forge_target'" in line for line in infra), infra
     # The forged results were dropped with a log line and did not make their task succeed.

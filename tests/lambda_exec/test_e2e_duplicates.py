@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 from devtools.devstack import wait_until
-from devtools.lambda_settings import airflow_with_local_lambda
+from devtools.lambda_settings import airflow_with_local_lambda, all_deliveries_ended
 from hybrid_router.lambda_exec.local.faults import FaultSettings
-from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
+from hybrid_router.lambda_exec.local.launcher import FunctionConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,6 @@ SECRET = "e2e-duplicates-secret"
 FUNCTION = "airflow-task"
 # Well above a task's few seconds on a loaded two-core machine, cold sandbox included.
 FUNCTION_TIMEOUT_S = 30
-ENDINGS = ("success", "handled_error", "timeout", "out_of_memory", "crash", "init_error")
 
 # Each task appends a start line and an end line: `start|end dag task map_index try lambda_run`.
 DAGS = """
@@ -108,22 +107,14 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
         )
 
 
-def _all_deliveries_ended(service: LocalLambdaService) -> bool:
-    """Every accepted event and every duplicate has run to its end (a copy delivered after the first run's end
-    too), and nothing waits or runs."""
-    stats = service.stats()
-    counts = stats["functions"][FUNCTION]
-    ended = sum(counts.get(ending, 0) for ending in ENDINGS)
-    expected = counts["async_accepted"] + stats["faults"]["duplicates_delivered"]
-    return counts["queued"] == 0 and counts["in_flight"] == 0 and ended >= expected
-
-
 def test_every_event_delivered_twice_runs_each_try_once(stack):
     airflow, service = stack.airflow, stack.service
     # Warm three sandboxes first (Airflow's task runner imported once in each), with faithful delivery.
     warm_run = airflow.trigger("lambda_warm_up")
     assert airflow.wait_run("lambda_warm_up", warm_run, timeout=180) == "success"
-    wait_until(lambda: _all_deliveries_ended(service), 60, "the warm-up's invocations to end", interval=0.2)
+    wait_until(
+        lambda: all_deliveries_ended(service, FUNCTION), 60, "the warm-up's invocations to end", interval=0.2
+    )
 
     service.set_delivery_faults(
         settings=FaultSettings(duplicate_rate=1.0, duplicate_after_end_share=0.5, seed=1)
@@ -131,7 +122,7 @@ def test_every_event_delivered_twice_runs_each_try_once(stack):
     run_id = airflow.trigger("lambda_duplicates")
     assert airflow.wait_run("lambda_duplicates", run_id, timeout=240) == "success"
     # The copies delivered after their first run's end come later: wait until every copy has run.
-    wait_until(lambda: _all_deliveries_ended(service), 120, "every duplicate to end", interval=0.2)
+    wait_until(lambda: all_deliveries_ended(service, FUNCTION), 120, "every duplicate to end", interval=0.2)
 
     tis = airflow.task_instances("lambda_duplicates", run_id)
     assert len(tis) == 6

@@ -21,6 +21,7 @@ from hybrid_router.lambda_exec.config import LambdaConfigError
 from hybrid_router.lambda_exec.executor import LambdaExecutor, LambdaHealthError
 from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.protocol import Outcome, Phase, ResultMessage, TaskRef
+from hybrid_router.lambda_exec.shared_readers import SharedQueues
 
 from .executor_support import SECRET, drive
 from .fakes import FakeClock, FakeLambda, FakeSqs, client_error, fake_clients
@@ -97,12 +98,20 @@ def result(
     return protocol.seal_result(message, protocol.result_key(secret, event.dispatch_id))
 
 
+def accepted(events, key) -> bool:
+    """Whether Lambda's answer to the invoke of ``key`` is in: its QUEUED id then names the request."""
+    state, info = events.get(key, (None, None))
+    return state == TaskInstanceState.QUEUED and bool(parse_lambda_external_id(info).request_id)
+
+
+def states(events) -> dict:
+    return {key: state for key, (state, _) in events.items()}
+
+
 def invoke_and_accept(executor, lambda_, workload):
     executor.queue_workload(workload, session=None)
-    events = drive(executor, lambda ev: workload.ti.key in ev)
-    state, info = events[workload.ti.key]
-    assert state == TaskInstanceState.QUEUED
-    return sent_event(lambda_), info
+    events = drive(executor, lambda ev: accepted(ev, workload.ti.key))
+    return sent_event(lambda_), events[workload.ti.key][1]
 
 
 # -- external ids ------------------------------------------------------------------------------------------------
@@ -550,7 +559,7 @@ def test_credentials_refused_on_invoke_pause_the_executor_until_they_come_back(s
     executor.queue_workload(workload, session=None)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 1)
-    assert executor.get_event_buffer() == {}  # no FAILED: no retry is spent
+    assert states(executor.get_event_buffer()) == {key: TaskInstanceState.QUEUED}  # no FAILED: no retry spent
     assert executor.free_capacity() == 0
     later = make_workload("later")
     executor.queue_workload(later, session=None)
@@ -608,7 +617,8 @@ def test_credentials_refused_beyond_the_bound_is_a_never_started_infrastructure_
     clock.advance(21)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 2)
-    assert executor.get_event_buffer() == {}  # within the bound: still waiting, no FAILED
+    # Within the bound: still waiting, no FAILED (its dispatch id only, recorded when it was queued).
+    assert states(executor.get_event_buffer()) == {workload.ti.key: TaskInstanceState.QUEUED}
     clock.advance(21)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 3)
@@ -654,7 +664,7 @@ def test_reserved_concurrency_bounds_runs_in_flight(started):
     loads = [make_workload(f"t{i}") for i in range(3)]
     for workload in loads:
         executor.queue_workload(workload, session=None)
-    drive(executor, lambda ev: len(ev) == 2)
+    drive(executor, lambda ev: sum(accepted(ev, w.ti.key) for w in loads) == 2)
     time.sleep(0.1)
     executor.heartbeat()
     assert len(lambda_.invokes) == 2
@@ -729,6 +739,33 @@ def test_adopts_own_tasks_and_reports_a_result_left_in_the_queue(started):
     sqs.send(RESULTS, result(old_event, Phase.FINISHED, Outcome.SUCCESS))
     events = drive(executor, lambda ev: key in ev)
     assert events[key][0] == TaskInstanceState.SUCCESS
+
+
+def test_the_dispatch_id_is_reported_before_the_invoke_so_a_scheduler_dying_meanwhile_leaves_it_adoptable(
+    started,
+):
+    lambda_ = FakeLambda()
+    lambda_.gate = threading.Event()  # Lambda has the event, its answer has not come back yet
+    dying, _, sqs = started(lambda_=lambda_, queues=SharedQueues())  # each scheduler has its own readers
+    workload = make_workload("in_the_air")
+    key = workload.ti.key
+    dying.queue_workload(workload, session=None)
+    dying.heartbeat()
+    wait_invokes(dying, lambda_, 1)
+    state, stored = dying.get_event_buffer()[key]
+    event = sent_event(lambda_)
+    assert (state, stored) == (
+        TaskInstanceState.QUEUED,
+        lambda_external_id("airflow-task", "", event.dispatch_id),
+    )
+
+    survivor, _, _ = started(sqs=sqs, queues=SharedQueues())
+    row = SimpleNamespace(key=key, state=TaskInstanceState.QUEUED, external_executor_id=stored)
+    assert survivor.try_adopt_task_instances([row]) == []
+    lambda_.gate.set()  # the answer comes, but no heartbeat of the dead scheduler collects it
+    dying.terminate()
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.SUCCESS))
+    drive(survivor, lambda ev: ev.get(key, (None,))[0] == TaskInstanceState.SUCCESS)
 
 
 def test_end_and_terminate_leave_no_thread(no_thread_leak):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from hybrid_router.lambda_exec.handler import (
     handle,
 )
 from hybrid_router.lambda_exec.protocol import Outcome, Phase
+from hybrid_router.lambda_exec.tree_memory import MIB, TreeMemory
 
 from .handler_support import (
     FAKE_TOKEN,
@@ -86,6 +88,30 @@ def test_a_run_longer_than_the_grace_reports_started_then_finished(
     assert not os.path.exists(workload_path)
 
 
+def test_finished_carries_the_runs_billed_duration_and_the_sandboxs_peak_memory(
+    results_queue: str, moto_server: Moto, fake_command: FakeCommand
+) -> None:
+    # The sandbox is this process and everything below it (the workload's processes); the workload holds
+    # 200 MB of its own for a while.
+    before_mb = TreeMemory(os.getpid()).sample() / MIB
+    context = FakeContext(60)
+    context.memory_limit_in_mb = "10240"  # a string, as Lambda's runtime gives it
+    event = make_event(results_queue, {"exit": 0, "alloc_mb": 200, "sleep": 0.8})
+    sandbox = make_sandbox({STARTED_GRACE_ENV: "0.2"}, workload_command=fake_command)
+
+    begin = time.monotonic()
+    handle(sealed(event), context, sandbox)
+    elapsed_ms = (time.monotonic() - begin) * 1000
+
+    started, finished = until_finished(moto_server, results_queue)
+    assert started.usage is None  # the figures are the whole run's: FINISHED only
+    usage = finished.usage
+    assert usage is not None and usage.memory_size_mb == 10240
+    assert 800 < usage.duration_ms < elapsed_ms
+    assert usage.billed_duration_ms == math.ceil(usage.duration_ms)
+    assert usage.peak_memory_mb >= before_mb + 190
+
+
 def test_string_event_and_nonzero_exit_is_failed(
     results_queue: str, moto_server: Moto, fake_command: FakeCommand
 ) -> None:
@@ -127,6 +153,7 @@ def test_expired_event_reports_and_does_not_run(
     (finished,) = results(moto_server, results_queue, 1)
     assert finished.phase is Phase.FINISHED
     assert finished.outcome is Outcome.EVENT_EXPIRED
+    assert finished.usage is not None and finished.usage.billed_duration_ms >= 1  # an invocation Lambda bills
 
 
 @pytest.mark.parametrize("tamper", ["old_version", "no_result_key", "garbage", "wrong_kind"])
@@ -351,6 +378,8 @@ def test_handler_modules_import_only_the_standard_library_and_the_wire_module() 
         "hybrid_router.lambda_exec.protocol",
         "hybrid_router.lambda_exec.started_notice",
         "hybrid_router.lambda_exec.task_runner",
+        "hybrid_router.lambda_exec.tree_memory",
+        "hybrid_router.lambda_exec.wire_fields",
     ]
 
 
@@ -372,6 +401,32 @@ def test_a_copy_refused_by_run_reports_not_claimed_and_never_started(
     assert finished.phase is Phase.FINISHED and finished.outcome is Outcome.NOT_CLAIMED
     assert not finished.claimed and finished.run_id
     assert not finished.outcome.is_infrastructure and "409" in finished.detail
+
+
+@pytest.mark.parametrize(
+    ("spec", "not_after_in", "answer"),
+    [
+        ({"claim": "refused"}, 600.0, {"status": "not_claimed", "return_code": 1}),
+        ({"exit": 0}, -5.0, {"status": "event_expired"}),
+    ],
+    ids=["not_claimed", "event_expired"],
+)
+def test_a_run_that_never_held_the_task_does_not_fail_its_invocation_when_it_cannot_report(
+    spec: dict[str, Any],
+    not_after_in: float,
+    answer: dict[str, Any],
+    results_queue: str,
+    fake_command: FakeCommand,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A failed invocation puts the event in the DLQ under the request id every delivered copy shares: the
+    # executor took that dead letter for the death of the copy holding the task, and the router ran the try again
+    # on the fallback while that copy ran it (seen in benchmarks/chaos_soak.py).
+    event = make_event(results_queue + "-does-not-exist", spec, not_after_in=not_after_in)
+
+    with caplog.at_level(logging.WARNING, logger=handler_mod.log.name):
+        assert handle(sealed(event), FakeContext(60), make_sandbox(workload_command=fake_command)) == answer
+    assert "this run never held the task" in caplog.text
 
 
 def test_a_claimed_run_says_so_in_started_and_finished(

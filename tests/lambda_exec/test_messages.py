@@ -21,12 +21,14 @@ from hypothesis import strategies as st
 from devtools.workloads import make_workload
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.executor import LambdaExecutor
+from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
 from hybrid_router.lambda_exec.protocol import (
     InvokeEvent,
     MessageError,
     Outcome,
     Phase,
     ResultMessage,
+    RunUsage,
     TaskRef,
 )
 
@@ -122,6 +124,38 @@ def test_numbers_must_be_finite():
             protocol.read_event(protocol.seal(late, protocol.event_key(SECRET)))
 
 
+def test_a_result_carries_what_its_run_used():
+    key = protocol.result_key(SECRET, "dispatch-a")
+
+    def usage_read_back(usage: RunUsage | None) -> RunUsage | None:
+        body = protocol.seal_result(replace(make_result("dispatch-a"), usage=usage), key)
+        return protocol.open_result(body, SECRET, now=NOW).usage
+
+    usage = RunUsage(duration_ms=1234.56, billed_duration_ms=1235, memory_size_mb=512, peak_memory_mb=187)
+    assert usage_read_back(usage) == usage
+    assert replace(make_result("dispatch-a"), usage=usage).to_payload()["usage"] == {
+        "duration_ms": 1234.56,
+        "billed_duration_ms": 1235,
+        "memory_size_mb": 512,
+        "peak_memory_mb": 187,
+    }
+    # From a handler older than run measurements, or a function whose runtime does not say its size.
+    assert usage_read_back(None) is None
+    assert usage_read_back(replace(usage, memory_size_mb=None)) == replace(usage, memory_size_mb=None)
+    fields = {"duration_ms": 1.0, "billed_duration_ms": 1, "memory_size_mb": 512, "peak_memory_mb": 1}
+    for bad, named in (
+        ("1 MB", "usage"),
+        (fields | {"billed_duration_ms": -1}, "billed_duration_ms"),
+        (fields | {"peak_memory_mb": True}, "peak_memory_mb"),
+        (fields | {"memory_size_mb": 1.5}, "memory_size_mb"),
+        (fields | {"duration_ms": math.nan}, "duration_ms"),
+        ({k: v for k, v in fields.items() if k != "peak_memory_mb"}, "peak_memory_mb"),
+    ):
+        payload = make_result("dispatch-a").to_payload() | {"usage": bad}
+        with pytest.raises(MessageError, match=named):
+            protocol.open_result(protocol.seal(payload, key), SECRET, now=NOW)
+
+
 # -- fuzzing the opener ------------------------------------------------------------------------------------------
 
 # Characters that upset encoders and comparisons: lone surrogates, non-ASCII, NUL, JSON's own.
@@ -140,7 +174,7 @@ structures = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(odd_text, children, max_size=4),
     max_leaves=20,
 )
-RESULT_PAYLOAD = make_result("dispatch-a").to_payload()
+RESULT_PAYLOAD = replace(make_result("dispatch-a"), usage=RunUsage(812.5, 813, 512, 190)).to_payload()
 
 
 @functools.cache
@@ -204,6 +238,12 @@ def assert_only_message_errors(body: Any) -> None:
         if isinstance(message, ResultMessage):
             assert math.isfinite(message.sent_at) and isinstance(message.phase, Phase)
             assert message.started_at is None or math.isfinite(message.started_at)
+            usage = message.usage
+            assert usage is None or (
+                math.isfinite(usage.duration_ms)
+                and usage.billed_duration_ms >= 0
+                and usage.peak_memory_mb >= 0
+            )
         else:
             assert len(message.result_signing_key()) == 32
             assert math.isfinite(message.not_after) and math.isfinite(message.issued_at)
@@ -263,8 +303,15 @@ def _accepted(executor: LambdaExecutor, lambda_: FakeLambda, name: str) -> str:
     """Queue a task named ``name`` until Lambda accepted its event; the event sent."""
     workload = make_workload(name)
     executor.queue_workload(workload, session=None)
-    drive(executor, lambda events: workload.ti.key in events)
-    return next(i["Payload"] for i in lambda_.invokes if name in i["Payload"].decode()).decode()
+    sent = lambda: [i["Payload"].decode() for i in lambda_.invokes if name in i["Payload"].decode()]  # noqa: E731
+
+    def accepted(events) -> bool:
+        # The external id names Lambda's request once the invoke was accepted (before: the dispatch id alone).
+        info = events.get(workload.ti.key, (None, None))[1]
+        return bool(sent()) and isinstance(info, str) and bool(parse_lambda_external_id(info).request_id)
+
+    drive(executor, accepted)
+    return sent()[0]
 
 
 def test_poison_messages_are_deleted_at_once_and_logged_once(executor_on_fakes, caplog):
@@ -308,5 +355,9 @@ def test_a_result_signed_with_one_dispatchs_key_changes_no_other_dispatch(execut
     events = drive(executor, lambda ev: ev.get(key_a, (None,))[0] == TaskInstanceState.SUCCESS)
 
     assert f"rh-{forged_id}" in sqs.deleted  # refused as forged, not kept for an owner
-    assert not any(k.task_id == "victim" for k in events)
+    # The victim's only event is the QUEUED that records its dispatch id when it is invoked.
+    assert [state for k, (state, _) in events.items() if k.task_id == "victim"] in (
+        [],
+        [TaskInstanceState.QUEUED],
+    )
     assert any(k.task_id == "victim" for k in executor.running)

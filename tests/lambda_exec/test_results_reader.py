@@ -10,7 +10,7 @@ import pytest
 
 from hybrid_router.lambda_exec.results import Disposition, QueueReader
 
-from .fakes import FakeSqs
+from .fakes import FakeSqs, client_error
 
 QUEUE = "http://sqs.local/123456789012/results"
 
@@ -177,3 +177,52 @@ def test_a_message_classify_fails_on_is_logged_once_and_deleted_after_bounded_si
     assert sqs.released == [f"rh-{poison}"] * 3
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and poison in tracebacks[0].getMessage()
+
+
+class ExpiringSqs(FakeSqs):
+    """Deletes fail (credentials expired) until ``renew()``; every other call works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expired = True
+        self.failed_deletes = 0
+
+    def delete_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+        if self.expired:
+            self.failed_deletes += 1
+            raise client_error("ExpiredToken", 403, operation="DeleteMessageBatch")
+        return super().delete_message_batch(**kwargs)
+
+
+def test_a_failed_delete_is_tried_again_so_the_message_is_not_seen_again():
+    # Dropped, the receipt handles would leave the messages hidden for the owned visibility timeout, then
+    # classified (a malformed one logged) a second time; a message for another owner would wait as long.
+    sqs = ExpiringSqs()
+    seen: list[str] = []
+
+    def classify(message: Any) -> Disposition:
+        seen.append(message.body)
+        return Disposition.RELEASE if message.body == "theirs" else Disposition.DELETE
+
+    reader = QueueReader(
+        name="test-reader",
+        sqs=sqs,
+        queue_url=QUEUE,
+        classify=classify,
+        is_active=lambda: True,
+        wait_seconds=0,
+        max_sightings=10,
+        gather_s=0,
+    )
+    malformed = sqs.send(QUEUE, "malformed")
+    theirs = sqs.send(QUEUE, "theirs")
+    reader.start()
+    try:
+        _wait_for(lambda: sqs.failed_deletes >= 2)
+        assert sqs.release_timeouts == [(f"rh-{theirs}", 0)]  # released at once all the same
+        sqs.expired = False  # the credentials are fresh again
+        _wait_for(lambda: sqs.deleted)
+    finally:
+        reader.stop(timeout=5)
+    assert sqs.deleted == [f"rh-{malformed}"]
+    assert seen == ["malformed", "theirs"]

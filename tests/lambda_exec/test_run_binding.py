@@ -179,3 +179,30 @@ def test_the_run_id_reaches_the_external_id_for_a_run_shorter_than_a_heartbeat(s
     executor.heartbeat()
     assert executor.get_event_buffer()[key][0] == TaskInstanceState.SUCCESS
     assert key not in executor.running
+
+
+def test_a_copy_that_ended_unreported_without_claiming_says_it_never_held_the_try(started):
+    # Another copy (an after-end duplicate, a re-invoke after a lost answer) may claim the try later: the
+    # router must not take it from that run, nor fail it.
+    executor, lambda_, sqs = started()
+    workload = make_workload("slow-cold-start")
+    key = workload.ti.key
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    sqs.send(
+        RESULTS, result(event, Phase.FINISHED, Outcome.UNREPORTED, run_id=RUN_B, detail="no /run answer")
+    )
+    drive(executor, lambda ev: state_of(ev, key) == TaskInstanceState.FAILED)
+    failure = executor.pop_infrastructure_failure(key)
+    assert failure is not None and failure.reason == "unreported" and failure.held is False
+
+
+def test_a_bound_run_that_timed_out_held_the_try(started):
+    executor, lambda_, sqs = started()
+    workload = make_workload("too-long")
+    key = workload.ti.key
+    event, _ = invoke_and_accept(executor, lambda_, workload)
+    sqs.send(RESULTS, result(event, Phase.STARTED, run_id=RUN_A, request_id="req-A"))
+    sqs.send(RESULTS, result(event, Phase.FINISHED, Outcome.TIMEOUT, run_id=RUN_A, claimed=True))
+    drive(executor, lambda ev: state_of(ev, key) == TaskInstanceState.FAILED)
+    failure = executor.pop_infrastructure_failure(key)
+    assert failure is not None and failure.reason == "timeout" and failure.held is True

@@ -286,16 +286,24 @@ def test_a_forked_run_refused_by_run_reports_not_claimed(
 
 class ExecutionApi:
     """A stand-in for Airflow's execution API that answers the supervisor's ``/run`` with ``status`` and its
-    heartbeats with ``heartbeat``."""
+    heartbeats with ``heartbeat``. The first ``lose_runs`` ``/run`` requests get no answer: the connection is
+    closed once the request is read, as when a network loses the answer to a request the server carried out."""
 
-    def __init__(self, status: int, body: dict[str, object], heartbeat: int = 204):
+    def __init__(self, status: int, body: dict[str, object], heartbeat: int = 204, lose_runs: int = 0):
         import http.server
 
         self.requests: list[str] = []
         api = self
+        lost = [0]
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_PATCH(self) -> None:
+                if lost[0] < lose_runs:
+                    lost[0] += 1
+                    api.requests.append(f"{self.command} {self.path} (answer lost)")
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    self.close_connection = True
+                    return
                 self.answer(status, body)
 
             def do_PUT(self) -> None:
@@ -399,7 +407,8 @@ RUN_CONTEXT_DAG_RUN = {
         (200, {"max_tries": 0, "dag_run": RUN_CONTEXT_DAG_RUN}, 204, claim.CLAIMED),
         # Another run's /run took the task after ours (two /run at once on SQLite): the heartbeat says so.
         (200, {"max_tries": 0, "dag_run": RUN_CONTEXT_DAG_RUN}, 409, claim.REFUSED),
-        (200, {"unreadable": True}, 204, claim.CLAIMED),  # taken by the server, though the supervisor fails
+        # Taken by the server, but the supervisor cannot start the task without the answer's context.
+        (200, {"unreadable": True}, 204, claim.STRANDED),
         (409, {"detail": {"reason": "invalid_state", "previous_state": "success"}}, 204, claim.REFUSED),
         (409, {"detail": {"reason": "invalid_state", "previous_state": "running"}}, 204, claim.REFUSED),
         (404, {"detail": "no such task instance"}, 204, None),
@@ -438,3 +447,67 @@ def test_the_claim_hook_records_the_answer_to_run(
     confirmed = status == 200 and "dag_run" in body
     assert [request.split()[0] for request in api.requests] == (["PATCH", "PUT"] if confirmed else ["PATCH"])
     assert (path.read_text() if path.exists() else None) == recorded
+
+
+@pytest.mark.parametrize(
+    ("status", "heartbeat", "recorded", "requests"),
+    [
+        # What Airflow 3.3 answers a retry from the same process (same host and pid): 200, the task is this run's.
+        (200, 204, claim.CLAIMED, ["PATCH", "PATCH", "PUT"]),
+        # A server that refuses the retry because the lost attempt took the task: the heartbeat (this pid) gets
+        # through, so the run holds the task it could not start.
+        (409, 204, claim.STRANDED, ["PATCH", "PATCH", "PUT"]),
+        # The lost attempt did not take it (another run did): the heartbeat is refused too.
+        (409, 409, claim.REFUSED, ["PATCH", "PATCH", "PUT"]),
+    ],
+)
+def test_a_lost_run_answer_then_a_409_is_settled_by_a_heartbeat(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    heartbeat: int,
+    recorded: str,
+    requests: list[str],
+) -> None:
+    import uuid
+    from datetime import datetime, timezone
+
+    from airflow.sdk.api.client import Client, TaskInstanceOperations
+
+    monkeypatch.setattr(TaskInstanceOperations, "start", TaskInstanceOperations.start)
+    path = tmp_path / "claim"
+    claim.install_hook(str(path))
+    body = (
+        {"max_tries": 0, "dag_run": RUN_CONTEXT_DAG_RUN}
+        if status == 200
+        else {"detail": {"reason": "invalid_state", "previous_state": "running"}}
+    )
+    api = ExecutionApi(status, body, heartbeat, lose_runs=1)
+    try:
+        client = Client(base_url=api.url, token=FAKE_TOKEN)
+        call = lambda: client.task_instances.start(uuid.uuid4(), 1234, datetime.now(tz=timezone.utc))  # noqa: E731
+        if status == 200:
+            call()
+        else:
+            with pytest.raises(Exception):  # noqa: B017 - Airflow's own errors, passed on unchanged
+                call()
+    finally:
+        api.close()
+    assert [request.split()[0] for request in api.requests] == requests
+    assert path.read_text() == recorded
+
+
+def test_a_stranded_run_reports_an_infrastructure_failure_it_holds(
+    results_queue: str, moto_server: Moto
+) -> None:
+    """The run holds the task but never ran it: the executor must hand the try elsewhere at once (no retry
+    spent), which a claimed UNREPORTED does; NOT_CLAIMED would leave the task running for nobody."""
+    sandbox = make_sandbox({FORK_ENV: "false"}, workload_command=FakeCommand())
+    answer = handle(
+        sealed(make_event(results_queue, {"claim": "stranded", "exit": 1})), FakeContext(60), sandbox
+    )
+
+    assert answer["status"] == Outcome.UNREPORTED.value
+    (finished,) = until_finished(moto_server, results_queue)
+    assert finished.outcome is Outcome.UNREPORTED and finished.claimed
+    assert "its supervisor did not start it" in finished.detail

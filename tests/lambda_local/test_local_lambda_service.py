@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -107,6 +108,13 @@ def gone(pid: int) -> bool:
         return True
 
 
+def report_of(stream: str, request_id: str) -> dict[str, float]:
+    """The figures of the REPORT line of ``request_id`` in a log stream: ``{"Duration": 12.3, ...}``."""
+    (line,) = [line for line in stream.splitlines() if line.startswith(f"REPORT RequestId: {request_id}\t")]
+    fields = dict(field.split(": ", 1) for field in line.split("\t")[1:])
+    return {name: float(value.split()[0]) for name, value in fields.items() if value.endswith(("ms", "MB"))}
+
+
 def request_id_of(answer: dict[str, Any]) -> str:
     return answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
 
@@ -159,13 +167,21 @@ def test_async_invoke_runs_the_handler_and_the_result_reaches_sqs_signed(
     assert finished.dispatch_id == event.dispatch_id
     assert finished.request_id == request_id
     assert finished.function_name == "airflow-task"
-    # The log stream named in the result exists and holds Lambda's lines and the task's output.
-    stream = service.log_stream_path("airflow-task", finished.log_stream).read_text()
+    # The log stream named in the result exists and holds Lambda's lines and the task's output. The service
+    # writes END and REPORT once the handler has returned, which is just after it sent its result.
+    path = service.log_stream_path("airflow-task", finished.log_stream)
+    reported = f"REPORT RequestId: {request_id}\t"
+    stream = wait_for(lambda: reported in path.read_text() and path.read_text(), what="the REPORT line")
     assert f"START RequestId: {request_id} Version: $LATEST" in stream
     assert "fake task ran" in stream
     assert f"END RequestId: {request_id}" in stream
-    assert f"REPORT RequestId: {request_id}\tDuration: " in stream
-    assert "Max Memory Used: " in stream
+    # The result carries the figures of Lambda's REPORT line, measured the way the service measures its own:
+    # the memory size, the sandbox's peak (the same process tree), and a duration within the service's.
+    report = report_of(stream, request_id)
+    usage = finished.usage
+    assert usage is not None and usage.memory_size_mb == report["Memory Size"] == 256
+    assert usage.duration_ms <= report["Duration"] and usage.billed_duration_ms <= report["Billed Duration"]
+    assert abs(usage.peak_memory_mb - report["Max Memory Used"]) <= 0.1 * report["Max Memory Used"]
 
 
 def test_a_task_cannot_sign_a_result_the_executor_accepts_for_another_dispatch(
@@ -357,7 +373,10 @@ def test_reserved_concurrency_queues_async_events(start_service: StartService, t
     runs.sort(key=lambda r: r["start"])
     for earlier, later in itertools.pairwise(runs):
         assert later["start"] >= earlier["end"] - 0.01, "never two runs at once with reserved concurrency 1"
-    assert service.stats()["functions"]["serial"]["throttles"] == 0
+    counts = service.stats()["functions"]["serial"]
+    assert counts["throttles"] == 0
+    # Each event that found the one slot taken waited for it, counted once (at least those queued above).
+    assert 2 <= counts["concurrency_waits"] <= 3 and counts["max_in_flight"] == 1
 
 
 def test_raising_reserved_concurrency_starts_queued_events(
@@ -525,12 +544,15 @@ def test_pages_shared_by_forked_processes_count_once(start_service: StartService
     service = start_service(fixture_fn("forks", "fork_sharing_memory", memory_mb=320, timeout_s=30))
 
     answer = lambda_client(service).invoke(
-        FunctionName="forks", Payload=json.dumps({"mb": 200, "seconds": 1.5})
+        FunctionName="forks", Payload=json.dumps({"mb": 200, "seconds": 1.5}), LogType="Tail"
     )
 
     assert "FunctionError" not in answer, answer["Payload"].read()
     assert json.loads(answer["Payload"].read()) == {"bytes": 200 * 1024 * 1024}
     assert service.stats()["functions"]["forks"]["out_of_memory"] == 0
+    # The REPORT line's Max Memory Used is the same measure: the 200 MB once (and a Python runtime).
+    tail = base64.b64decode(answer["LogResult"]).decode()
+    assert 200 <= report_of(tail, request_id_of(answer))["Max Memory Used"] < 260
 
 
 # -- management API -----------------------------------------------------------------------------------------

@@ -70,8 +70,14 @@ class DyingChild(FakeChild):
         super().__init__(*args, **kwargs)
         self._failures: dict[Any, InfrastructureFailure] = {}
 
-    def die(self, key, reason: str = "timeout", detail: str = "Task timed out after 3.00 seconds") -> None:
-        self._failures[key] = InfrastructureFailure(reason=reason, detail=detail)
+    def die(
+        self,
+        key,
+        reason: str = "timeout",
+        detail: str = "Task timed out after 3.00 seconds",
+        held: bool = True,
+    ) -> None:
+        self._failures[key] = InfrastructureFailure(reason=reason, detail=detail, held=held)
         self.fail(key)
 
     def pop_infrastructure_failure(self, key) -> InfrastructureFailure | None:

@@ -18,6 +18,8 @@ import pytest
 
 from devtools.devstack import AirflowStack, wait_until
 from devtools.lambda_settings import airflow_with_local_lambda
+from hybrid_router.lambda_exec.external_id import parse_lambda_external_id
+from hybrid_router.router.external_id import split_child_id
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +63,47 @@ def test_a_lambda_timeout_runs_the_same_try_on_the_local_fallback(tmp_path):
         assert min(latencies.values()) > 0, latencies
         # Generous for a loaded 2-core machine; the benchmark reports the real figures.
         assert max(latencies.values()) < 10, latencies
+        assert_runs_left_what_they_used(scenario, tmp_path / "lambda-logs")
+
+
+def assert_runs_left_what_they_used(scenario, lambda_logs: Path) -> None:
+    """One row per run in Airflow's log table: a Lambda run's with the figures its handler's final result
+    carried, which are those of the REPORT line the local Lambda service wrote for it; a local run's with its
+    duration."""
+
+    def run_rows() -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {}
+        for event, task_id, extra in scenario.audit():
+            if event == "hybrid_router.run_finished":
+                found.setdefault(task_id, []).append(extra)
+        return found
+
+    # The DAG run is over once the tasks said so; the router writes its rows when it hears of it, a moment later.
+    wait_until(lambda: len(run_rows().get("too_slow_0", [])) == 2, 30, "the rows of too_slow_0's two runs")
+    runs = run_rows()
+    (quick,) = runs["quick_0"]
+    assert (quick["executor"], quick["outcome"], quick["memory_size_mb"]) == ("lambda", "success", 512)
+    # Airflow's task runner and supervisor, forked from the handler: well over 100 MB, counted once.
+    assert 100 < quick["peak_mb"] <= 512 and quick["billed_ms"] >= quick["duration_ms"] > 0
+    on_lambda, on_local = runs["too_slow_0"]
+    assert (on_lambda["executor"], on_lambda["outcome"], on_lambda["memory_size_mb"]) == (
+        "lambda",
+        "timeout",
+        512,
+    )
+    assert on_lambda["billed_ms"] > 0 and on_lambda["peak_mb"] > 0  # the handler stopped it and reported
+    assert (on_local["executor"], on_local["outcome"], on_local["peak_mb"]) == ("local", "success", None)
+    assert on_local["duration_ms"] >= 0  # from the task instance's start and end
+    request_id = parse_lambda_external_id(split_child_id(scenario.external_ids()["quick_0"])[1]).request_id
+    streams = "".join(path.read_text(errors="replace") for path in lambda_logs.glob("airflow-task/*.log"))
+    (report,) = [
+        line for line in streams.splitlines() if line.startswith(f"REPORT RequestId: {request_id}\t")
+    ]
+    figures = {name: value.split()[0] for name, value in (f.split(": ", 1) for f in report.split("\t")[1:])}
+    assert figures["Memory Size"] == "512"
+    assert int(figures["Billed Duration"]) >= quick["billed_ms"]
+    # The same measure of the same process tree, sampled by two watchers at their own moments.
+    assert abs(int(figures["Max Memory Used"]) - quick["peak_mb"]) <= 0.25 * quick["peak_mb"]
 
 
 ON_KILL_SECRET = "on-kill-e2e-secret"

@@ -206,7 +206,7 @@ def test_infrastructure_failure_hands_the_same_try_to_the_fallback(
     )
     resets = []
 
-    def redispatch(ti_id, try_number, generator):
+    def redispatch(ti_id, try_number, generator, running_too=True):
         resets.append((ti_id, try_number))
         return fresh
 
@@ -287,7 +287,7 @@ def test_a_lambda_child_refused_for_its_credentials_hands_the_same_try_to_the_fa
     monkeypatch.setattr(
         executor_module,
         "redispatch_same_try",
-        lambda ti_id, try_number, _: resets.append(try_number) or fresh,
+        lambda ti_id, try_number, *_: resets.append(try_number) or fresh,
     )
     monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
     seen: list = []
@@ -379,6 +379,25 @@ def test_a_try_that_moved_on_is_not_re_dispatched(make_router, monkeypatch):
     fake(router, "lambda").die(workload.ti.key)
     router.heartbeat()
     assert events(router) == {workload.ti.key: (TaskInstanceState.FAILED, None)}
+    assert fake(router, "local_b").dispatched == []
+
+
+def test_a_run_that_never_held_the_try_does_not_fail_it_when_another_run_holds_it(make_router, monkeypatch):
+    # A copy that ended without claiming (its sibling claimed the try since): the reset of a QUEUED try
+    # misses, and the FAILED must not reach the scheduler, which would fail the sibling's running try.
+    router = make_router()
+    calls = []
+    monkeypatch.setattr(executor_module, "redispatch_same_try", lambda *a: calls.append(a) and None)
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    workload = make_workload("short", queue="lambda")
+    router.queue_workload(workload, session=None)
+    router.heartbeat()
+    events(router)
+    fake(router, "lambda").die(workload.ti.key, "unreported", "no /run answer", held=False)
+    router.heartbeat()
+    assert calls and calls[0][-1] is False  # reset only while QUEUED
+    assert events(router) == {}
+    assert not router.has_task(workload.ti)
     assert fake(router, "local_b").dispatched == []
 
 
@@ -825,7 +844,128 @@ def adopting_lambda(router: RoutingExecutor) -> list:
     return offered
 
 
-def test_a_later_try_is_never_adopted_through_the_previous_runs_external_id(make_router):
+@pytest.fixture
+def rebuilt(monkeypatch) -> dict:
+    """Task instance id -> the workload adoption rebuilds from its row (no database: tests put them here)."""
+    from hybrid_router.router import fallback
+
+    workloads: dict = {}
+    monkeypatch.setattr(fallback, "fresh_workload", lambda session, ti_id, generator: workloads.get(ti_id))
+    monkeypatch.setattr("airflow.utils.session.create_session", lambda scoped=True: contextlib.nullcontext())
+    monkeypatch.setattr(RoutingExecutor, "jwt_generator", None)
+    return workloads
+
+
+def held_row(workload, external_executor_id, state=TaskInstanceState.QUEUED):
+    return SimpleNamespace(
+        id=workload.ti.id, key=workload.ti.key, state=state, external_executor_id=external_executor_id
+    )
+
+
+def test_tries_a_dead_router_held_wait_in_the_new_one_and_run_once_in_the_same_try(make_router, rebuilt):
+    refusing = FakeChild(parallelism=2, label="a")
+    refusing.try_adopt_task_instances = lambda tis: list(tis)  # like LocalExecutor: adopts nothing
+    router = make_router(local_a=refusing)
+    offered = adopting_lambda(router)
+    own_id = make_workload("own_id", queue="lambda", try_number=2)
+    no_id = make_workload("no_id", queue="b")
+    earlier_try = make_workload("earlier_try", queue="lambda", try_number=3)
+    on_local = make_workload("on_local")
+    claimed = make_workload("claimed")  # RUNNING: some run holds it, whatever the id says
+    for workload in (own_id, no_id, earlier_try):
+        rebuilt[workload.ti.id] = workload
+    rows = [
+        held_row(own_id, "(router)@2"),
+        held_row(no_id, None),
+        held_row(earlier_try, "lambda@2|lambda:airflow-task:req:d2"),
+        held_row(on_local, "local_a@1"),  # handed to a LocalExecutor: in its orphaned workers' hands
+        held_row(claimed, "(router)@1", state=TaskInstanceState.RUNNING),
+    ]
+
+    not_adopted = router.try_adopt_task_instances(rows)
+
+    assert {row.key.task_id for row in not_adopted} == {"on_local", "claimed"}
+    assert offered == []
+    assert all(row.queued_dttm is not None for row in rows[:3])  # the stuck-in-queued clock restarts
+    assert events(router) == {
+        own_id.ti.key: (TaskInstanceState.QUEUED, "(router)@2"),
+        no_id.ti.key: (TaskInstanceState.QUEUED, "(router)@1"),
+        earlier_try.ti.key: (TaskInstanceState.QUEUED, "(router)@3"),
+    }
+    router.heartbeat()
+    assert [w.ti.key for w in fake(router, "lambda").dispatched] == [own_id.ti.key, earlier_try.ti.key]
+    assert [w.ti.key for w in fake(router, "local_b").dispatched] == [no_id.ti.key]
+    assert all(router.has_task(w.ti) for w in (own_id, no_id, earlier_try))
+
+
+def test_a_held_try_whose_row_is_gone_is_left_to_the_scheduler(make_router, rebuilt):
+    router = make_router()
+    gone = make_workload("gone")
+    row = held_row(gone, "(router)@1")
+    assert router.try_adopt_task_instances([row]) == [row]
+    assert not router.has_task(row) and router.queued_tasks == {}
+
+
+def test_each_hand_over_is_recorded_before_the_child_gets_the_task(make_router, monkeypatch):
+    router = make_router()
+    router.job_id = 7  # run by a scheduler, whose task instances another one may adopt
+    child = fake(router, "local_a")
+    recorded: list = []
+    # A heartbeat hands tasks out twice (before and after its children's): the database is away for both.
+    database_up = [False, False, True]
+    workloads = [make_workload("first"), make_workload("second")]
+
+    class Database:
+        def execute(self, statement, rows):
+            if not database_up.pop(0):
+                raise RuntimeError("the database is away")
+            recorded.append(
+                (sorted((row["ti_id"], row["external_id"]) for row in rows), len(child.dispatched))
+            )
+
+        def scalars(self, statement):  # the task instances this scheduler job still owns
+            return [w.ti.id for w in workloads]
+
+    monkeypatch.setattr(
+        "airflow.utils.session.create_session", lambda scoped=True: contextlib.nullcontext(Database())
+    )
+    for workload in workloads:
+        router.queue_workload(workload, session=None)
+
+    router.heartbeat()  # nothing recorded: nobody has them, they wait
+    assert child.dispatched == [] and set(router.queued_tasks) == {w.ti.key for w in workloads}
+    router.heartbeat()
+    assert [w.ti.key for w in child.dispatched] == [w.ti.key for w in workloads]
+    assert recorded == [(sorted((w.ti.id, "local_a@1") for w in workloads), 0)]
+
+
+def test_a_try_another_scheduler_adopted_while_this_one_counted_as_dead_is_left_to_it(
+    make_router, monkeypatch
+):
+    # This scheduler stalled past the health threshold: another one adopted a try it held, and runs it.
+    router = make_router()
+    router.job_id = 7
+    mine, adopted = make_workload("mine"), make_workload("adopted_elsewhere")
+
+    class Database:
+        def execute(self, statement, rows):
+            pass
+
+        def scalars(self, statement):
+            return [mine.ti.id]
+
+    monkeypatch.setattr(
+        "airflow.utils.session.create_session", lambda scoped=True: contextlib.nullcontext(Database())
+    )
+    for workload in (mine, adopted):
+        router.queue_workload(workload, session=None)
+    router.heartbeat()
+
+    assert [w.ti.key for w in fake(router, "local_a").dispatched] == [mine.ti.key]
+    assert not router.has_task(adopted.ti) and adopted.ti.key not in router.queued_tasks
+
+
+def test_a_later_try_is_never_adopted_through_the_previous_runs_external_id(make_router, rebuilt):
     router = make_router()
     first = make_workload("retried", queue="lambda", try_number=1)
     router.queue_workload(first, session=None)
@@ -839,13 +979,16 @@ def test_a_later_try_is_never_adopted_through_the_previous_runs_external_id(make
     restarted = make_router()
     offered = adopting_lambda(restarted)
     second = make_workload("retried", queue="lambda", try_number=2)
+    rebuilt[second.ti.id] = second
     row = SimpleNamespace(
         id=second.ti.id, key=second.ti.key, state=TaskInstanceState.QUEUED, external_executor_id=stored
     )
 
-    assert restarted.try_adopt_task_instances([row]) == [row]  # the scheduler resets it; no child watches it
+    # No child watches try 1's run for it: try 2 was never handed to a child (that would have stored
+    # "lambda@2"), so it waits in the new router.
+    assert restarted.try_adopt_task_instances([row]) == []
 
-    assert offered == [] and not restarted.has_task(row)
+    assert offered == [] and restarted.has_task(row) and second.ti.key in restarted.queued_tasks
     assert row.external_executor_id == stored
     # The try the id was written for is still adopted, and its child sees only its own id.
     same_try = SimpleNamespace(
@@ -880,7 +1023,7 @@ def test_an_id_written_before_tries_were_recorded_is_trusted_only_for_a_running_
 
 
 def test_the_router_writes_its_own_id_when_it_takes_a_try_and_adoption_never_hands_that_to_a_child(
-    make_router,
+    make_router, rebuilt
 ):
     router = make_router()
     running = [make_workload(f"t{i}") for i in range(2)]  # local_a's two slots
@@ -892,9 +1035,18 @@ def test_the_router_writes_its_own_id_when_it_takes_a_try_and_adoption_never_han
 
     restarted = make_router()
     offered = adopting_lambda(restarted)
-    row = SimpleNamespace(id=waiting.ti.id, key=waiting.ti.key, external_executor_id="(router)@2")
-    assert restarted.try_adopt_task_instances([row]) == [row]
-    assert offered == [] and fake(restarted, "local_a").dispatched == []
+    rebuilt[waiting.ti.id] = waiting.model_copy(update={"token": "fresh"})
+    row = SimpleNamespace(
+        id=waiting.ti.id,
+        key=waiting.ti.key,
+        state=TaskInstanceState.QUEUED,
+        external_executor_id="(router)@2",
+    )
+    assert restarted.try_adopt_task_instances([row]) == []
+    assert offered == []
+    restarted.heartbeat()
+    # It ran from the new router, in the same try, with a workload (and token) made for it now.
+    assert [(w.ti.key, w.token) for w in fake(restarted, "local_a").dispatched] == [(waiting.ti.key, "fresh")]
 
 
 def test_a_try_waiting_for_its_fallback_no_longer_names_its_dead_run(make_router, monkeypatch):

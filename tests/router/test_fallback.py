@@ -54,6 +54,14 @@ def test_a_try_that_moved_on_is_left_alone(session, state):
     assert row(session, ti_id) == (state, None)
 
 
+def test_a_run_that_never_held_the_try_resets_it_only_while_queued(session):
+    # Running: another run of the try claimed it; that run keeps it.
+    running, queued = add_ti(session, "running"), add_ti(session, "queued", task_id="q")
+    assert reset_to_queued(session, running, 1, running_too=False) is False
+    assert row(session, running) == ("running", None)
+    assert reset_to_queued(session, queued, 1, running_too=False) is True
+
+
 def external_id(session: Session, ti_id: uuid.UUID, value: str | None = None) -> str | None:
     table = TaskInstance.__table__
     if value is not None:

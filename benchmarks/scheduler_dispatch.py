@@ -1,0 +1,805 @@
+"""Dispatch through a real scheduler: one DAG of mapped ~1 s tasks under four executors, with AWS-like latency.
+
+A real Airflow (API server, DAG processor, scheduler; ``devtools.devstack.AirflowStack``) runs the same DAG
+(``--tasks`` mapped tasks, each sleeping ``--task-seconds``) under each of:
+
+- ``provider``: the Amazon provider's ``AwsLambdaExecutor``;
+- ``ours``: this project's ``LambdaExecutor``;
+- ``router``: the ``RoutingExecutor``, every task to Lambda (``ours``' function) with Local as overflow;
+- ``local``: a bare ``LocalExecutor`` (``dispatch_local_executor.SizedLocalExecutor``: its own worker count).
+
+One local Lambda service and one moto SQS serve every run, with the same latency model (``devtools.latency``:
+async Invoke 25 ms median, every SQS call 8 ms median, p99 3x, in every process) unless ``--no-latency``. Same
+settings for all: ``[core] parallelism`` 32, ``max_tis_per_query`` at its default, Airflow's default
+``scheduler_idle_sleep_time`` (1 s), function concurrency 16 (each function's reserved concurrency), 16 Local
+workers (bare, and the router's child with its default prefetch), ``max_active_tasks`` = the task count.
+Airflow's metadata database is PostgreSQL (``--database``; SQLite's single writer stalled the API server past
+its callers' timeouts when 32 task runners called it at once, under the router). Only the scheduler is restarted
+between runs. Each Lambda function is warmed first (a run of ``--warmup-tasks``), so every measured run finds
+warm sandboxes, as a busy deployment does.
+
+Two handler modes (``--handlers``), each its own JSON line:
+
+- ``full``: each side's real handler. The provider's is its documented example, run unchanged
+  (``airflow/providers/amazon/aws/executors/aws_lambda/docker/app.py``: the task's command in a new Python
+  process, then ``{task_key, return_code}`` to SQS); ours is ``hybrid_router.lambda_exec.handler.handler``
+  (Airflow's task runner forked from a warm sandbox). Both run Airflow's task runner in the sandboxes, on the
+  same two cores as everything else;
+- ``api_only``: the same handler for both sides (``dispatch_handlers.py``): the task runner's execution-API
+  calls only (``/run`` to claim, the task's duration asleep, ``/state`` success), each reporting in its executor's
+  format. The sandboxes then cost next to no CPU and the executors are what is measured. ``local`` runs once per
+  round and counts for both lines (it has no handler); the router's overflow runs real tasks on Local.
+
+The order alternates by round (forwards, then backwards). Per run:
+
+- wall time: the DAG run's ``end_date - start_date`` (set by the scheduler);
+- queued -> running: from the scheduler's first queueing of the try to the task instance's ``start_date`` (its
+  ``/run``). The first queueing is the scheduler's own log line ("Setting the following tasks to queued state",
+  with each task instance's id and try): the router moves ``queued_dttm`` (a same-try fallback, a long wait) and
+  Airflow keeps no history row for a first try, but it cannot move a line the scheduler already wrote;
+- scheduler CPU (user + system) and peak RSS (``VmHWM``) of the scheduler's main process only;
+- task-body CPU apart: Local workers (the scheduler's descendants and its reaped children) and Lambda sandboxes
+  (the local service's descendants), with the CPU of moto, the local service itself, the API server, the DAG
+  processor and the whole machine (``/proc/stat``) during the run, which says where the time goes;
+- AWS calls made by the scheduler's process (its executors), counted by the fault layer's ``calls_log``.
+
+    python benchmarks/scheduler_dispatch.py [--tasks 200] [--rounds 3] [--handlers full,api_only]
+                                            [--executors provider,ours,router,local] [--no-latency]
+                                            [--database postgres|sqlite] [--keep]
+
+Each JSON line holds, per executor ``e`` in ``provider``, ``ours``, ``router``, ``local``: ``wall_s_<e>``,
+``queued_to_running_p50_s_<e>``, ``queued_to_running_p99_s_<e>``, ``scheduler_cpu_s_<e>``,
+``scheduler_peak_rss_mb_<e>``, ``task_body_cpu_s_<e>``, ``stack_cpu_share_<e>`` (the benchmark's processes' CPU
+over both cores' time: near 100% says the machine's CPU bounds the run), ``machine_busy_share_<e>`` (anything's,
+other load included) (medians over the rounds),
+``speedup_vs_provider`` (the provider's median wall time / ours), ``aws_calls_per_task`` (ours),
+``latency_model`` and the machine. The last line is ``api_only`` when it ran: the variant where the executors
+are what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+# devtools/ lives in the checkout, not the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devtools.aws_faults import SqsFaults, process_env
+from devtools.devstack import (
+    FAKE_AWS_ENV,
+    LOOPBACK,
+    AirflowStack,
+    MotoServer,
+    StackError,
+    free_port,
+    wait_until,
+)
+from devtools.lambda_settings import local_lambda_settings
+from devtools.latency import AWS_LIKE, LatencyModel
+from devtools.machine import describe_machine, machine_line
+
+HERE = Path(__file__).resolve().parent
+EXECUTORS = ("provider", "ours", "router", "local")
+HANDLERS = ("full", "api_only")
+EXECUTOR_CLASSES = {
+    "provider": "airflow.providers.amazon.aws.executors.aws_lambda.lambda_executor.AwsLambdaExecutor",
+    "ours": "hybrid_router.lambda_exec.LambdaExecutor",
+    "router": "hybrid_router.router.RoutingExecutor",
+    "local": "dispatch_local_executor.SizedLocalExecutor",
+}
+DAG_ID = "scheduler_dispatch"
+WARMUP_DAG_ID = "scheduler_dispatch_warm_up"
+SECRET = "scheduler-dispatch-secret"
+CORE_PARALLELISM = 32
+AIRFLOW_DEFAULT_IDLE_SLEEP_S = 1.0
+
+DAG = """
+import time
+
+import pendulum
+from airflow.sdk import dag, task
+
+
+def build(dag_id, tasks):
+    @dag(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=pendulum.datetime(2024, 1, 1),
+        catchup=False,
+        max_active_tasks=tasks,
+        default_args={{"retries": 0}},
+    )
+    def mapped():
+        @task
+        def work(i):
+            time.sleep({task_seconds})
+            return None
+
+        work.expand(i=list(range(tasks)))
+
+    return mapped()
+
+
+build({dag_id!r}, {tasks})
+build({warmup_dag_id!r}, {warmup_tasks})
+"""
+
+POLICY = """
+version: 1
+executors:
+  lambda:
+    class: hybrid_router.lambda_exec.LambdaExecutor
+    max_concurrency: {concurrency}
+    limits: {{max_duration: 15m, max_memory_mb: 10240}}
+  local: {{class: LocalExecutor, max_concurrency: {local_workers}}}
+defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}
+rules:
+  - name: lambda, local as overflow
+    run_on: lambda
+    overflow: [local]
+"""
+
+QUEUED_LINE = re.compile(r"^(\S+Z) .*Setting the following tasks to queued state")
+QUEUED_TI = re.compile(r"\(id=([0-9a-f-]+), try_number=(\d+)\)")
+
+
+# -- what one run measures ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    executor: str
+    handler: str | None  # None: no Lambda handler (local)
+    round: int
+    wall_s: float = 0.0
+    queued_to_running_s: list[float] = field(default_factory=list)
+    scheduler_cpu_s: float = 0.0
+    scheduler_peak_rss_mb: float = 0.0
+    local_workers_cpu_s: float = 0.0
+    sandboxes_cpu_s: float = 0.0
+    lambda_service_cpu_s: float = 0.0
+    moto_cpu_s: float = 0.0
+    api_server_cpu_s: float = 0.0
+    dag_processor_cpu_s: float = 0.0
+    machine_busy_cpu_s: float = 0.0
+    measured_s: float = 0.0  # between the CPU snapshots: the DAG run and the wait to see its end
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    aws_calls: dict[str, int] = field(default_factory=dict)
+    handler_aws_calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def task_body_cpu_s(self) -> float:
+        return self.local_workers_cpu_s + self.sandboxes_cpu_s
+
+    @property
+    def stack_cpu_s(self) -> float:
+        """CPU of every process of the benchmark's stack (not of other load on the machine)."""
+        return (
+            self.scheduler_cpu_s
+            + self.task_body_cpu_s
+            + self.lambda_service_cpu_s
+            + self.moto_cpu_s
+            + self.api_server_cpu_s
+            + self.dag_processor_cpu_s
+        )
+
+    def line(self) -> str:
+        label = self.executor + (f" ({self.handler})" if self.handler else "")
+        q2r = self.queued_to_running_s
+        return (
+            f"round {self.round} {label:20s} wall {self.wall_s:7.2f} s; queued->running p50"
+            f" {percentile(q2r, 50):6.2f} s p99 {percentile(q2r, 99):6.2f} s; scheduler CPU"
+            f" {self.scheduler_cpu_s:6.2f} s, peak RSS {self.scheduler_peak_rss_mb:5.0f} MB; task bodies CPU"
+            f" {self.task_body_cpu_s:6.1f} s (local {self.local_workers_cpu_s:.1f}, sandboxes"
+            f" {self.sandboxes_cpu_s:.1f}); moto {self.moto_cpu_s:.1f} s, Lambda service"
+            f" {self.lambda_service_cpu_s:.1f} s, API server {self.api_server_cpu_s:.1f} s; machine busy"
+            f" {self.machine_busy_cpu_s:.0f} CPU-s ({self.busy_share():.0%} of both cores; the stack"
+            f" {self.stack_cpu_s:.0f} CPU-s, {self.stack_share():.0%}); AWS calls"
+            f" {sum(self.aws_calls.values())}; load {self.load_average[0]:.1f}"
+        )
+
+    def stack_share(self) -> float:
+        """The share of both cores the stack's own processes used while the run was measured."""
+        cores = os.cpu_count() or 1
+        return self.stack_cpu_s / (self.measured_s * cores) if self.measured_s else 0.0
+
+    def busy_share(self) -> float:
+        """How busy both cores were (by anything: this benchmark or other load) while the run was measured."""
+        cores = os.cpu_count() or 1
+        return self.machine_busy_cpu_s / (self.measured_s * cores) if self.measured_s else 0.0
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (p99 of 200 values is the 198th smallest)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+def first_queued(log_text: str) -> dict[tuple[str, int], float]:
+    """When the scheduler first set each (task instance id, try) to queued, from its log (epoch seconds)."""
+    found: dict[tuple[str, int], float] = {}
+    at: float | None = None
+    for line in log_text.splitlines():
+        header = QUEUED_LINE.match(line)
+        if header:
+            at = datetime.fromisoformat(header.group(1).replace("Z", "+00:00")).timestamp()
+        elif not line.startswith("\t"):
+            at = None
+        if at is None:
+            continue
+        for ti_id, try_number in QUEUED_TI.findall(line):
+            found.setdefault((ti_id.replace("-", ""), int(try_number)), at)
+    return found
+
+
+def _db_time(value: str | datetime) -> float:
+    """A timestamp as the database gives it: a datetime (PostgreSQL) or naive UTC text (SQLite)."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+# -- CPU of process trees ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuSnapshot:
+    own: dict[str, float]  # per role: the root process's own user + system
+    reaped: dict[str, float]  # per role: the root's reaped children
+    tree: dict[str, dict[int, float]]  # per role: each live descendant's own and reaped CPU
+    machine_busy: float
+
+
+def _cpu_total(times: Any, with_children: bool) -> float:
+    total = times.user + times.system
+    if with_children:
+        total += times.children_user + times.children_system
+    return total
+
+
+def snapshot(roots: dict[str, int | None]) -> CpuSnapshot:
+    own: dict[str, float] = {}
+    reaped: dict[str, float] = {}
+    tree: dict[str, dict[int, float]] = {}
+    for role, pid in roots.items():
+        own[role], reaped[role], tree[role] = 0.0, 0.0, {}
+        if pid is None:
+            continue
+        try:
+            root = psutil.Process(pid)
+            times = root.cpu_times()
+            own[role] = _cpu_total(times, False)
+            reaped[role] = times.children_user + times.children_system
+            children = root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                tree[role][child.pid] = _cpu_total(child.cpu_times(), True)
+            except psutil.NoSuchProcess:
+                pass
+    return CpuSnapshot(own, reaped, tree, machine_busy_s())
+
+
+def descendants_cpu(before: CpuSnapshot, after: CpuSnapshot, role: str) -> float:
+    """CPU the root's descendants used between the snapshots: the live ones' own and reaped children's, and the
+    root's children reaped meanwhile."""
+    spent = after.reaped[role] - before.reaped[role]
+    for pid, total in after.tree[role].items():
+        spent += total - before.tree[role].get(pid, 0.0)
+    return max(spent, 0.0)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot (``/proc/stat``: all but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(value) for value in fields]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- the stack -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    stack: AirflowStack
+    service: Any
+    moto: MotoServer
+    calls_log: Path
+    queues: dict[str, str]
+    args: argparse.Namespace
+
+
+def function_configs(queues: dict[str, str], args: argparse.Namespace) -> list[Any]:
+    """The four functions: each side's real handler and the API-only one, 16 (``--concurrency``) at once each."""
+    import airflow.providers.amazon.aws.executors.aws_lambda as provider_lambda
+
+    from hybrid_router.lambda_exec.local.launcher import FunctionConfig
+
+    common = {
+        "memory_mb": 2048,  # the provider's handler starts a new Python process per task: room for two
+        "timeout_s": 600,
+        "reserved_concurrency": args.concurrency,
+        "maximum_retry_attempts": 0,
+        "maximum_event_age_s": 3600,  # a run on a loaded machine must not expire events the executor waits on
+    }
+    provider_env = {
+        "QUEUE_URL": queues["provider-results"],
+        # The example handler runs its command's bare ``python``: this interpreter, as in its image.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    task_seconds = {"DISPATCH_TASK_SECONDS": str(args.task_seconds)}
+    return [
+        FunctionConfig(
+            name="provider-full",
+            code_path=str(Path(provider_lambda.__file__).parent / "docker"),
+            handler="app.lambda_handler",
+            environment=provider_env,
+            dead_letter_queue_url=queues["provider-dlq"],
+            **common,
+        ),
+        FunctionConfig(name="ours-full", dead_letter_queue_url=queues["ours-dlq"], **common),
+        FunctionConfig(
+            name="provider-api_only",
+            code_path=str(HERE),
+            handler="dispatch_handlers.provider_api_only",
+            environment={**provider_env, **task_seconds},
+            dead_letter_queue_url=queues["provider-dlq"],
+            **common,
+        ),
+        FunctionConfig(
+            name="ours-api_only",
+            code_path=str(HERE),
+            handler="dispatch_handlers.hybrid_api_only",
+            environment=task_seconds,
+            dead_letter_queue_url=queues["ours-dlq"],
+            **common,
+        ),
+    ]
+
+
+@contextmanager
+def bench_stack(root: Path, args: argparse.Namespace, latency: LatencyModel | None) -> Iterator[Bench]:
+    """moto, the local Lambda service (four functions) and Airflow, all with the latency model; stop all after."""
+    from hybrid_router.lambda_exec.local.faults import FaultSettings
+    from hybrid_router.lambda_exec.local.launcher import LocalLambdaService
+
+    dags = root / "dags"
+    dags.mkdir(parents=True)
+    (dags / "scheduler_dispatch.py").write_text(
+        textwrap.dedent(
+            DAG.format(
+                dag_id=DAG_ID,
+                tasks=args.tasks,
+                warmup_dag_id=WARMUP_DAG_ID,
+                warmup_tasks=max(args.warmup_tasks, 1),
+                task_seconds=args.task_seconds,
+            )
+        )
+    )
+    policy = root / "policy.yaml"
+    policy.write_text(
+        textwrap.dedent(POLICY.format(concurrency=args.concurrency, local_workers=args.local_workers))
+    )
+    calls_log = root / "aws-calls.jsonl"
+    # The checkout's benchmarks folder: the scheduler imports the sized LocalExecutor from it.
+    extra_paths = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    if latency is None:
+        fault_env = process_env(SqsFaults(calls_log=str(calls_log)), extra_paths)
+    else:
+        fault_env = latency.process_env(extra_paths, calls_log=str(calls_log))
+    lambda_port = free_port()
+    lambda_url = f"http://{LOOPBACK}:{lambda_port}"
+    with database(args.database) as database_url, MotoServer(log_dir=root) as moto:
+        names = ("provider-results", "provider-dlq", "ours-results", "ours-dlq")
+        queues = {name: moto.create_queue(name) for name in names}
+        ours = local_lambda_settings(
+            function_name="ours-full",
+            results_queue_url=queues["ours-results"],
+            dead_letter_queue_url=queues["ours-dlq"],
+            signing_secret=SECRET,
+            lambda_endpoint_url=lambda_url,
+            sqs_endpoint_url=moto.url,
+            local_log_dir=root / "lambda-logs",
+        )
+        env = {
+            **fault_env,
+            "AWS_ENDPOINT_URL_LAMBDA": lambda_url,
+            "AWS_ENDPOINT_URL_SQS": moto.url,
+            "AIRFLOW_CONN_AWS_DEFAULT": "aws://",
+            "DISPATCH_LOCAL_WORKERS": str(args.local_workers),
+        }
+        stack = AirflowStack(
+            home=root / "airflow",
+            dags_folder=dags,
+            executor=EXECUTOR_CLASSES["local"],
+            parallelism=CORE_PARALLELISM,
+            database_url=database_url,
+            env=env,
+            config={
+                "lambda_executor": ours,
+                "aws_lambda_executor": {
+                    "function_name": "provider-full",
+                    "queue_url": queues["provider-results"],
+                    "dead_letter_queue_url": queues["provider-dlq"],
+                    "region_name": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+                    "check_health_on_startup": True,
+                },
+                "hybrid_router": {"policy_file": policy},
+                "scheduler": {"scheduler_idle_sleep_time": args.idle_sleep},
+            },
+        )
+        service_env = {**stack.env, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL_SQS": moto.url}
+        service = LocalLambdaService(
+            functions=function_configs(queues, args),
+            env=service_env,
+            sqs_endpoint_url=moto.url,
+            port=lambda_port,
+            log_dir=root / "lambda-logs",
+            account_concurrency=4 * args.concurrency,
+            # Warm sandboxes stay warm between a function's runs, however long the other variants take.
+            idle_sandbox_ttl_s=6 * 3600,
+            faults=FaultSettings() if latency is None else latency.lambda_faults(),
+            log_level="WARNING",
+        )
+        with service, stack:
+            stack.wait_dag(DAG_ID, timeout=180)
+            stack.wait_dag(WARMUP_DAG_ID, timeout=180)
+            yield Bench(stack, service, moto, calls_log, queues, args)
+
+
+@contextmanager
+def database(kind: str) -> Iterator[str | None]:
+    """Airflow's metadata database: None for a SQLite file in the stack's home, or a PostgreSQL cluster's URL."""
+    if kind == "sqlite":
+        yield None
+        return
+    from devtools.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server.url
+
+
+def use_executor(bench: Bench, executor: str, handler: str | None) -> int:
+    """Restart only the scheduler, with ``executor`` (and the functions of ``handler``); its main process id."""
+    stack = bench.stack
+    stack.kill_scheduler(signal.SIGTERM, group=True)
+    running_jobs = "FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'"
+    try:
+        # SQLite allows one scheduler: the old one must have closed its job.
+        wait_until(
+            lambda: stack.sql(f"SELECT count(*) {running_jobs}") == [(0,)], 120, "the scheduler to stop"
+        )
+    except StackError:
+        # Its end() stuck on a worker (seen on a loaded machine): it schedules nothing more; its group is swept
+        # when the stack stops.
+        print("previous scheduler did not stop within 120 s; closing its job and going on", flush=True)
+        stack.sql(f"UPDATE job SET state = 'failed' WHERE id IN (SELECT id {running_jobs})")
+    suffix = handler or "full"
+    changes = {
+        "AIRFLOW__CORE__EXECUTOR": EXECUTOR_CLASSES[executor],
+        "AIRFLOW__LAMBDA_EXECUTOR__FUNCTION_NAME": f"ours-{suffix}",
+        "AIRFLOW__AWS_LAMBDA_EXECUTOR__FUNCTION_NAME": f"provider-{suffix}",
+    }
+    stack.env.update(changes)
+    began = time.time()
+    stack.start_scheduler()
+    # Measured runs start once the scheduler loops (its executor started, its workers forked): a heartbeat
+    # of the new job after its start.
+    wait_until(
+        lambda: (
+            stack.check_alive()
+            and stack.sql(
+                f"SELECT count(*) {running_jobs} AND latest_heartbeat > start_date AND start_date >= ?",
+                (datetime.fromtimestamp(began - 1, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),),
+            )
+            != [(0,)]
+        ),
+        180,
+        "the new scheduler to loop",
+        interval=0.5,
+    )
+    time.sleep(1.0)
+    pid = stack.pid("scheduler")
+    assert pid is not None
+    return pid
+
+
+def wait_lambda_idle(bench: Bench, timeout: float = 600) -> None:
+    """Nothing queued or running in any function: a run's leftovers never spend the next run's CPU."""
+
+    def idle() -> bool:
+        functions = bench.service.stats()["functions"]
+        return all(f.get("queued", 0) == 0 and f.get("in_flight", 0) == 0 for f in functions.values())
+
+    wait_until(idle, timeout, "the local Lambda service to go idle", interval=0.5)
+
+
+def wait_run(stack: AirflowStack, dag_id: str, run_id: str, timeout: float) -> str:
+    """The run's final state, read from the database: the API server of a loaded machine can take longer than a
+    REST call's timeout to answer while 16 task runners call it."""
+
+    def finished() -> str | None:
+        stack.check_alive()
+        rows = stack.sql("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
+        return rows[0][0] if rows and rows[0][0] in ("success", "failed") else None
+
+    return wait_until(finished, timeout, f"run {run_id!r} of {dag_id!r} to finish", interval=0.5)
+
+
+def measure(
+    bench: Bench, executor: str, handler: str | None, round_number: int, dag_id: str, warm_up: bool = False
+) -> Run:
+    stack = bench.stack
+    scheduler_pid = use_executor(bench, executor, handler)
+    roots = {
+        "scheduler": scheduler_pid,
+        "lambda": bench.service.pid,
+        "moto": bench.moto.pid,
+        "api": stack.pid("api-server"),
+        "dag_processor": stack.pid("dag-processor"),
+    }
+    log_path = stack.process_log("scheduler")
+    log_offset = log_path.stat().st_size
+    calls_offset = bench.calls_log.stat().st_size if bench.calls_log.exists() else 0
+    load_before = os.getloadavg()
+    before = snapshot(roots)
+    began = time.monotonic()
+    run_id = stack.trigger(dag_id)
+    state = wait_run(stack, dag_id, run_id, bench.args.timeout)
+    after = snapshot(roots)
+    measured_s = time.monotonic() - began
+    load_after = os.getloadavg()
+    if state != "success" and not warm_up:
+        raise SystemExit(f"{executor} ({handler}): run {run_id} ended {state}; see {stack.log_dir}")
+    (start, end), *_ = stack.sql(
+        "SELECT start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
+    )
+    tis = stack.sql(
+        "SELECT id, try_number, start_date FROM task_instance WHERE dag_id = ? AND run_id = ?",
+        (dag_id, run_id),
+    )
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        log.seek(log_offset)
+        queued = first_queued(log.read())
+    # SQLite keeps a UUID as 32 hex digits, PostgreSQL as a UUID: compare both without hyphens.
+    tis = [(str(ti_id).replace("-", ""), tries, started) for ti_id, tries, started in tis]
+    q2r = [
+        _db_time(started) - queued[(ti_id, tries)]
+        for ti_id, tries, started in tis
+        if (ti_id, tries) in queued and started is not None
+    ]
+    if len(q2r) != len(tis):
+        missing = len(tis) - len(q2r)
+        print(f"  ({missing} of {len(tis)} task instances never started or had no queued line in the log)")
+    all_calls = _calls_since(bench.calls_log, calls_offset)
+    run = Run(
+        executor=executor,
+        handler=handler,
+        round=round_number,
+        wall_s=_db_time(end) - _db_time(start),
+        queued_to_running_s=q2r,
+        scheduler_cpu_s=after.own["scheduler"] - before.own["scheduler"],
+        scheduler_peak_rss_mb=peak_rss_mb(scheduler_pid),
+        local_workers_cpu_s=descendants_cpu(before, after, "scheduler"),
+        sandboxes_cpu_s=descendants_cpu(before, after, "lambda"),
+        lambda_service_cpu_s=after.own["lambda"] - before.own["lambda"],
+        moto_cpu_s=after.own["moto"] - before.own["moto"],
+        api_server_cpu_s=after.own["api"] - before.own["api"] + descendants_cpu(before, after, "api"),
+        dag_processor_cpu_s=after.own["dag_processor"]
+        - before.own["dag_processor"]
+        + descendants_cpu(before, after, "dag_processor"),
+        machine_busy_cpu_s=after.machine_busy - before.machine_busy,
+        measured_s=measured_s,
+        load_average=tuple(max(a, b) for a, b in zip(load_before, load_after, strict=True)),  # type: ignore[arg-type]
+        aws_calls=_count(call for call in all_calls if call["pid"] == scheduler_pid),
+        handler_aws_calls=_count(call for call in all_calls if call["pid"] != scheduler_pid),
+    )
+    wait_lambda_idle(bench)
+    return run
+
+
+def _calls_since(calls_log: Path, offset: int) -> list[dict[str, Any]]:
+    if not calls_log.exists():
+        return []
+    with open(calls_log, encoding="utf-8") as log:
+        log.seek(offset)
+        return [json.loads(line) for line in log.read().splitlines() if line]
+
+
+def _count(found: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for call in found:
+        counts[call["operation"]] = counts.get(call["operation"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# -- rounds and the report ---------------------------------------------------------------------------------------
+
+
+def plan(executors: list[str], handlers: list[str]) -> list[tuple[str, str | None]]:
+    """One round's runs, in order: each Lambda executor with each handler, ``local`` once."""
+    runs: list[tuple[str, str | None]] = []
+    for handler in handlers:
+        runs += [(e, handler) for e in executors if e != "local"]
+        if "local" in executors and ("local", None) not in runs:
+            runs.append(("local", None))
+    return runs
+
+
+def summary(
+    variant: str, runs: list[Run], args: argparse.Namespace, latency: LatencyModel | None
+) -> dict[str, Any]:
+    """The JSON line of one handler mode: medians over the rounds, per executor."""
+    figures: dict[str, Any] = {"variant": variant}
+    by_executor = {e: [r for r in runs if r.executor == e] for e in EXECUTORS}
+
+    def median(values: Iterable[float], digits: int = 2) -> float | None:
+        values = list(values)
+        return round(statistics.median(values), digits) if values else None
+
+    for e, mine in by_executor.items():
+        figures[f"wall_s_{e}"] = median(r.wall_s for r in mine)
+        figures[f"queued_to_running_p50_s_{e}"] = median(
+            (percentile(r.queued_to_running_s, 50) for r in mine), 3
+        )
+        figures[f"queued_to_running_p99_s_{e}"] = median(
+            (percentile(r.queued_to_running_s, 99) for r in mine), 3
+        )
+        figures[f"scheduler_cpu_s_{e}"] = median(r.scheduler_cpu_s for r in mine)
+        figures[f"scheduler_peak_rss_mb_{e}"] = median((r.scheduler_peak_rss_mb for r in mine), 0)
+        figures[f"task_body_cpu_s_{e}"] = median((r.task_body_cpu_s for r in mine), 1)
+        figures[f"sandboxes_cpu_s_{e}"] = median((r.sandboxes_cpu_s for r in mine), 1)
+        figures[f"local_workers_cpu_s_{e}"] = median((r.local_workers_cpu_s for r in mine), 1)
+        figures[f"moto_cpu_s_{e}"] = median((r.moto_cpu_s for r in mine), 1)
+        figures[f"lambda_service_cpu_s_{e}"] = median((r.lambda_service_cpu_s for r in mine), 1)
+        figures[f"api_server_cpu_s_{e}"] = median((r.api_server_cpu_s for r in mine), 1)
+        figures[f"machine_busy_share_{e}"] = median(r.busy_share() for r in mine)
+        figures[f"stack_cpu_s_{e}"] = median((r.stack_cpu_s for r in mine), 1)
+        figures[f"stack_cpu_share_{e}"] = median(r.stack_share() for r in mine)
+        figures[f"aws_calls_per_task_{e}"] = median((sum(r.aws_calls.values()) / args.tasks for r in mine), 3)
+        figures[f"walls_s_{e}"] = [round(r.wall_s, 2) for r in mine]
+    provider, ours = figures["wall_s_provider"], figures["wall_s_ours"]
+    figures["speedup_vs_provider"] = round(provider / ours, 2) if provider and ours else None
+    figures["aws_calls_per_task"] = figures["aws_calls_per_task_ours"]
+    figures["aws_calls_by_operation_ours"] = _median_counts([r.aws_calls for r in by_executor["ours"]])
+    figures["aws_calls_by_operation_provider"] = _median_counts(
+        [r.aws_calls for r in by_executor["provider"]]
+    )
+    figures["handler_aws_calls_per_task"] = {
+        e: median((sum(r.handler_aws_calls.values()) / args.tasks for r in by_executor[e]), 3)
+        for e in ("provider", "ours")
+    }
+    figures["latency_model"] = "none" if latency is None else latency.to_dict()
+    figures.update(
+        {
+            "tasks": args.tasks,
+            "task_seconds": args.task_seconds,
+            "rounds": args.rounds,
+            "order": "alternating (forwards, then backwards)",
+            "core_parallelism": CORE_PARALLELISM,
+            "function_concurrency": args.concurrency,
+            "local_workers": args.local_workers,
+            "scheduler_idle_sleep_time": args.idle_sleep,
+            "database": args.database,
+            "load_average_max": max((max(r.load_average) for r in runs), default=None),
+            "machine": describe_machine(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    return figures
+
+
+def _median_counts(counts: list[dict[str, int]]) -> dict[str, float]:
+    operations = sorted({op for c in counts for op in c})
+    return {op: statistics.median(c.get(op, 0) for c in counts) for op in operations} if counts else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=200, help="mapped tasks in the measured DAG")
+    parser.add_argument("--task-seconds", type=float, default=1.0, help="how long each task sleeps")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the order alternates between them")
+    parser.add_argument("--handlers", default=",".join(HANDLERS), help="full, api_only or both")
+    parser.add_argument("--executors", default=",".join(EXECUTORS))
+    parser.add_argument("--concurrency", type=int, default=16, help="each function's reserved concurrency")
+    parser.add_argument(
+        "--local-workers", type=int, default=16, help="LocalExecutor workers (bare and child)"
+    )
+    parser.add_argument(
+        "--idle-sleep", type=float, default=AIRFLOW_DEFAULT_IDLE_SLEEP_S, help="scheduler_idle_sleep_time"
+    )
+    parser.add_argument(
+        "--warmup-tasks", type=int, default=32, help="tasks of each function's warm-up run (0: none)"
+    )
+    parser.add_argument("--no-latency", action="store_true", help="without the AWS-like latency model")
+    parser.add_argument(
+        "--database",
+        choices=("postgres", "sqlite"),
+        default="postgres",
+        help="Airflow's metadata database (SQLite locks up under 32 task runners at once: the router's runs)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600, help="give up on a run after this long")
+    parser.add_argument("--keep", action="store_true", help="keep the stack's logs after a successful run")
+    args = parser.parse_args(argv)
+    handlers = [h for h in args.handlers.split(",") if h]
+    executors = [e for e in args.executors.split(",") if e]
+    unknown = sorted(set(handlers) - set(HANDLERS)) + sorted(set(executors) - set(EXECUTORS))
+    if unknown:
+        parser.error(f"unknown handler or executor: {unknown}")
+    latency = None if args.no_latency else AWS_LIKE
+
+    print(machine_line())
+    print(f"latency model: {'none' if latency is None else latency.describe()}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    runs: list[Run] = []
+    # Kept when a run fails or with --keep: the logs of every process are there.
+    root = Path(tempfile.mkdtemp(prefix="scheduler-dispatch-"))
+    with bench_stack(root, args, latency) as bench:
+        one_round = plan(executors, handlers)
+        if args.warmup_tasks:
+            for executor, handler in one_round:
+                if executor in ("provider", "ours"):
+                    # A failed warm-up task still warmed its sandbox (a cold one imports Airflow meanwhile).
+                    warm = measure(bench, executor, handler, 0, WARMUP_DAG_ID, warm_up=True)
+                    print(f"warm-up {executor} ({handler}): {warm.wall_s:.1f} s", flush=True)
+        for number in range(1, args.rounds + 1):
+            ordered = one_round if number % 2 else list(reversed(one_round))
+            for executor, handler in ordered:
+                run = measure(bench, executor, handler, number, DAG_ID)
+                runs.append(run)
+                print(run.line(), flush=True)
+    if args.keep:
+        print(f"logs kept in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    lines = []
+    for handler in handlers:
+        mine = [r for r in runs if r.handler in (handler, None)]
+        figures = summary(f"{handler}_handler", mine, args, latency)
+        lines.append(figures)
+        shares = [
+            f"{e}: stack {figures[f'stack_cpu_share_{e}']:.0%} of both cores (task bodies"
+            f" {figures[f'task_body_cpu_s_{e}']} CPU-s in {figures[f'wall_s_{e}']} s), machine"
+            f" {figures[f'machine_busy_share_{e}']:.0%} busy"
+            for e in executors
+            if figures.get(f"stack_cpu_share_{e}") is not None
+        ]
+        print(f"{handler} handler, medians: " + "; ".join(shares))
+    for figures in lines:
+        print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
