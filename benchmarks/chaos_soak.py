@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devtools.aws_faults import SqsFaults, injected, process_env
 from devtools.devstack import StackError, wait_until
 from devtools.lambda_settings import airflow_with_local_lambda, all_deliveries_ended
+from devtools.machine import machine_line
 from devtools.run_journal import JOURNAL_DAG_HELPERS, check_journal, read_journal
 from hybrid_router.lambda_exec.local.faults import FaultSettings, Latency
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig
@@ -110,28 +111,6 @@ rules:
     overflow: [local]
     fallback: [local]
 """
-
-
-def machine() -> str:
-    """Cores, CPU model and memory of this machine, read now."""
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f", {int(line.split()[1]) / 1024 / 1024:.1f} GiB RAM"
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    load = ", load average " + " ".join(f"{value:.2f}" for value in os.getloadavg())
-    return f"{os.cpu_count()} cores, {model}{memory}{load}"
 
 
 def outage_seconds(log_file: Path, every_s: float, epoch: float) -> tuple[float, int]:
@@ -224,7 +203,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         maximum_retry_attempts=0,
         environment=process_env(sandbox_faults, base_pythonpath),
     )
-    print(f"machine: {machine()}", flush=True)
+    print(f"{machine_line()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     print(
         f"latency model: async Invoke log-normal median {INVOKE_LATENCY_MS:g} ms, each SQS call median "
         f"{SQS_LATENCY_MS:g} ms, p99 {LATENCY_P99_FACTOR:g}x the median",
