@@ -352,6 +352,11 @@ class LambdaExecutor(BaseExecutor):
                 continue
             request_id, dispatch_id = parsed.request_id, parsed.dispatch_id
             started = ti.state == TaskInstanceState.RUNNING
+            if not request_id and not started:
+                # Recorded before its invoke, never known accepted nor claimed: it may never have been sent,
+                # and no run would ever report. Airflow resets it; a copy that was sent finds its try gone.
+                not_adopted.append(ti)
+                continue
             dispatch = Dispatch(
                 key=ti.key,
                 dispatch_id=dispatch_id,

@@ -760,7 +760,11 @@ def test_the_dispatch_id_is_reported_before_the_invoke_so_a_scheduler_dying_mean
     )
 
     survivor, _, _ = started(sqs=sqs, queues=SharedQueues())
-    row = SimpleNamespace(key=key, state=TaskInstanceState.QUEUED, external_executor_id=stored)
+    # Still QUEUED with no request: maybe never sent, so not adopted (Airflow resets it). Once its run claimed
+    # the task (RUNNING), the dispatch id alone is enough to adopt it.
+    queued = SimpleNamespace(key=key, state=TaskInstanceState.QUEUED, external_executor_id=stored)
+    assert survivor.try_adopt_task_instances([queued]) == [queued]
+    row = SimpleNamespace(key=key, state=TaskInstanceState.RUNNING, external_executor_id=stored)
     assert survivor.try_adopt_task_instances([row]) == []
     lambda_.gate.set()  # the answer comes, but no heartbeat of the dead scheduler collects it
     dying.terminate()
