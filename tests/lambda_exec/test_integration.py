@@ -195,7 +195,8 @@ def test_a_new_executor_adopts_and_reports_a_task_finished_meanwhile(lambda_stac
     workload = make_workload("fail-adopt")
     key = workload.ti.key
     first.queue_workload(workload, session=None)
-    queued = drive(first, lambda ev: key in ev)
+    # The id recorded before the invoke names no request yet; the scheduler's row gets the one that does.
+    queued = drive(first, lambda ev: key in ev and parse_lambda_external_id(ev[key][1]).request_id)
     external_executor_id = queued[key][1]
     first.terminate()  # the scheduler dies: nobody reads the queue while the task finishes
     time.sleep(2)
