@@ -4,7 +4,9 @@ Two copies of one event (AWS delivers async events at least once; an Invoke whos
 are two runs of one try. The execution API lets one of them take the task: its ``/run``
 (``TaskInstanceOperations.start``) succeeds; any other gets 409 Conflict (the task is no longer QUEUED: another
 run holds it, or it moved on). The handler must know which, to report STARTED only for a run that holds the task
-and ``NOT_CLAIMED`` (never a failure) for one refused.
+and ``NOT_CLAIMED`` (never a failure) for one refused. The API knows a run by its hostname, unixname and pid,
+which two sandboxes can share: each run's hostname names the run (``run_hostname``), or a second copy would be
+let in.
 
 The answer is seen in the process that runs Airflow's supervisor (a child forked from the sandbox, or a new
 ``execute_workload`` process), and handed to the handler through a small file: the handler makes a private

@@ -14,7 +14,9 @@ invocation.
 Either way, the process that runs Airflow's supervisor records whether its ``/run`` claimed the task in the
 run's claim file (``claim``): the forked child installs the hook itself; a new process is started as
 ``python -m hybrid_router.lambda_exec.claim``, which installs it and then runs ``execute_workload``. The file is
-named in ``HYBRID_ROUTER_CLAIM_FILE``, so a workload command of one's own can write it too.
+named in ``HYBRID_ROUTER_CLAIM_FILE``, so a workload command of one's own can write it too. The run's
+processes give Airflow a hostname naming the run (``run_hostname``), so that the execution API never takes
+another copy of the event, in a sandbox that looks the same, for this one.
 
 Standard library only at import: Airflow is imported by ``AirflowTaskRunner``, in the loader's thread.
 """
@@ -38,12 +40,11 @@ from typing import Any
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.claim import CLAIM_FILE_ENV, ClaimFile, install_hook
 from hybrid_router.lambda_exec.process_tree import POLL_INTERVAL_S, run_until_deadline
+from hybrid_router.lambda_exec.run_hostname import BASE_CALLABLE_ENV, RUN_ID_ENV, run_environment
 
 log = logging.getLogger(__name__)
-# The run's id (``ResultMessage.run_id``), in the environment of the workload's processes (the task's too).
-RUN_ID_ENV = "HYBRID_ROUTER_RUN_ID"
 # Set by the handler for each run; never inherited from the sandbox.
-RUN_ENV_NAMES = (CLAIM_FILE_ENV, RUN_ID_ENV)
+RUN_ENV_NAMES = (CLAIM_FILE_ENV, RUN_ID_ENV, BASE_CALLABLE_ENV)
 # Lambda's runtime leaves the root logger at WARNING: our progress lines belong in the function's log.
 log.setLevel(logging.INFO)
 
@@ -82,7 +83,8 @@ def run_workload(
     With ``fork`` and a ``task_runner`` it runs in a child forked from this process; otherwise, or if
     Airflow's task runner cannot be imported, ``command`` starts it as a new process. The run's ``/run`` answer
     goes to ``claim`` (whose folder also holds the workload's file for a new process); ``run_id`` is in the
-    environment of the workload's processes, as ``HYBRID_ROUTER_RUN_ID``.
+    environment of the workload's processes, as ``HYBRID_ROUTER_RUN_ID``, and in the hostname they give
+    Airflow.
     """
     begin = time.monotonic()
     runner = None
@@ -100,7 +102,9 @@ def run_workload(
     workdir = None
     run_env = {CLAIM_FILE_ENV: claim.path} if claim is not None else {}
     if run_id:
+        # A hostname of the run's own: the execution API must not take another run for this one.
         run_env[RUN_ID_ENV] = run_id
+        run_env.update(run_environment(os.environ))
     try:
         if runner is not None:
             child: Any = ForkedWorkload(runner, workload, run_env)

@@ -376,6 +376,7 @@ def test_handler_modules_import_only_the_standard_library_and_the_wire_module() 
         "hybrid_router.lambda_exec.handler",
         "hybrid_router.lambda_exec.process_tree",
         "hybrid_router.lambda_exec.protocol",
+        "hybrid_router.lambda_exec.run_hostname",
         "hybrid_router.lambda_exec.started_notice",
         "hybrid_router.lambda_exec.task_runner",
         "hybrid_router.lambda_exec.tree_memory",
