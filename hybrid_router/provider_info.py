@@ -79,6 +79,12 @@ ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
         "boolean",
         "True",
     ),
+    "live_state_interval": _option(
+        "Seconds between writes of the router's live figures (tasks in flight and waiting per executor) to "
+        "its row of the hybrid_router_live_state table, which the Routing page shows. 0 turns them off.\n",
+        "float",
+        "1",
+    ),
 }
 
 LAMBDA_OPTIONS: dict[str, dict[str, Any]] = {

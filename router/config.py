@@ -52,6 +52,7 @@ class RouterConfig:
     history_cache_ttl: float = 300.0
     history_min_runs: int = 3
     audit_log: bool = True
+    live_state_interval: float = 1.0
 
     def __post_init__(self) -> None:
         bounds = (
@@ -59,6 +60,7 @@ class RouterConfig:
             ("history_days", self.history_days >= 0, ">= 0 (0 disables the history lookup)"),
             ("history_cache_ttl", self.history_cache_ttl >= 0, ">= 0 seconds"),
             ("history_min_runs", self.history_min_runs >= 1, ">= 1"),
+            ("live_state_interval", self.live_state_interval >= 0, ">= 0 seconds (0 turns publishing off)"),
         )
         for option, within, expected in bounds:
             if not within:
@@ -90,4 +92,5 @@ class RouterConfig:
             history_cache_ttl=conf.getfloat(SECTION, "history_cache_ttl"),
             history_min_runs=conf.getint(SECTION, "history_min_runs"),
             audit_log=conf.getboolean(SECTION, "audit_log"),
+            live_state_interval=conf.getfloat(SECTION, "live_state_interval"),
         )

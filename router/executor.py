@@ -43,6 +43,7 @@ from hybrid_router.router.fallback import (
     redispatch_same_try,
     refresh_queued_dttm,
 )
+from hybrid_router.router.live_state import LiveStatePublisher, router_snapshot
 from hybrid_router.router.measured_runs import RunRecorder
 from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
 from hybrid_router.router.policy_file import PolicyFile
@@ -128,6 +129,7 @@ class RoutingExecutor(BaseExecutor):
         self._audit = audit.AuditLog()
         self._runs = RunRecorder(self._audit)
         self._audit_enabled = True
+        self._live_state = LiveStatePublisher(every_s=0)  # start() turns it on from [hybrid_router]
         self._policy_file: PolicyFile | None = None  # set when the policy comes from a file (``config``)
         self._started = False
         self._log_readers: dict[str, Child | None] = {}
@@ -154,6 +156,7 @@ class RoutingExecutor(BaseExecutor):
         self._ensure_policy()
         if self._config is not None:
             self._audit_enabled = self._config.audit_log
+            self._live_state = LiveStatePublisher.from_config(self._config, clock=self._clock)
             self._policy_file.start_watching()
             if self._history is None and self._config.history_enabled:
                 self._history = self._build_history()
@@ -190,10 +193,12 @@ class RoutingExecutor(BaseExecutor):
     def end(self) -> None:
         self._for_each_child("end", lambda c: c.executor.end())
         self._flush_audit()
+        self._live_state.withdraw()
 
     def terminate(self) -> None:
         self._for_each_child("terminate", lambda c: c.executor.terminate())
         self._flush_audit()
+        self._live_state.withdraw()
 
     def _for_each_child(self, what: str, action: Callable[[Child], Any]) -> None:
         # One child failing to stop must not leave the others running.
@@ -488,6 +493,9 @@ class RoutingExecutor(BaseExecutor):
             )
         metrics.gauge_waiting(len(self._waiting))
         self._flush_audit()
+        self._live_state.publish(
+            partial(router_snapshot, self._children, self._waiting.values()), job_id=self.job_id
+        )
 
     @staticmethod
     def _drain(rows: Any) -> list[Any]:

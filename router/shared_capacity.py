@@ -185,6 +185,10 @@ class SharedLimits:
             (c.executor.job_id for c in self._children.values() if c.executor.job_id is not None), None
         )
 
+    def others_in_flight(self, pool_key: str) -> int | None:
+        """Other schedulers' runs on the pool at the last count (no query); None before a count that worked."""
+        return self._others.get(pool_key)
+
     def room(self, child: Child) -> int | None:
         """How many more tasks ``child`` may be handed as far as its shared pool goes; None: no shared bound."""
         pools = pools_of(self._children)

@@ -65,6 +65,7 @@ def test_router_options_and_defaults():
         "history_cache_ttl": "300",
         "history_min_runs": "3",
         "audit_log": "True",
+        "live_state_interval": "1",
     }
     lambda_options = get_provider_info()["config"]["lambda_executor"]["options"]
     assert lambda_options["signing_secret"]["sensitive"] is True

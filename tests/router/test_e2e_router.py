@@ -6,6 +6,7 @@ import json
 import os
 import textwrap
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ HERE = Path(__file__).parent
 DAG_HEADER = """
 import pathlib
 import time
+from datetime import datetime, timezone
 
 import pendulum
 from airflow.sdk import dag, task
@@ -230,6 +232,14 @@ def test_infrastructure_failure_runs_the_same_try_on_the_fallback(tmp_path):
         assert "FALLBACK - the run on executor 'flaky' died (runtime_crash" in log
         # The killed run never finished its body; the fallback run did, once.
         assert runs_of(markers, "slow_dies") == 1 and runs_of(markers, "quick") == 1
+        # The scheduler's live figures for the Routing page: its row, written on the router's heartbeat.
+        ((scheduler, published_at, state),) = stack.sql(
+            "SELECT scheduler, published_at, state FROM hybrid_router_live_state"
+        )
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(published_at).replace(tzinfo=timezone.utc)
+        assert scheduler.startswith("job-") and age.total_seconds() < 30
+        executors = [(e["name"], e["class"]) for e in json.loads(state)["executors"]]
+        assert executors == [("flaky", "DyingLocalExecutor"), ("local", "LocalExecutor")]
 
 
 def test_next_try_mode_fails_the_try_and_runs_the_retry_on_the_fallback(tmp_path):
