@@ -219,6 +219,8 @@ class AirflowStack:
     reach every Airflow process and every process started with ``stack.env``. ``scheduler_env`` is added to the
     schedulers' environment only (``stack.scheduler_env``), on top of ``stack.env`` as it is when a scheduler
     starts (a benchmark that changes ``stack.env`` between scheduler restarts changes the schedulers' too).
+    With ``api_server_only`` it starts the API server alone (its DAGs come from ``airflow dags reserialize``):
+    enough for what reads the metadata database through the API, such as the Routing page's benchmark.
     """
 
     def __init__(
@@ -232,8 +234,10 @@ class AirflowStack:
         database_url: str | None = None,
         schedulers: int = 1,
         scheduler_env: Mapping[str, str] | None = None,
+        api_server_only: bool = False,
     ):
         self.home = Path(home)
+        self.api_server_only = api_server_only
         self.database_url = database_url or f"sqlite:///{self.home / 'airflow.db'}"
         if schedulers > 1 and self.database_url.startswith("sqlite"):
             raise StackError("several schedulers need a database that allows them (PostgreSQL), not SQLite")
@@ -298,13 +302,16 @@ class AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.migrate()
         self._start("api-server", ["api-server", "--port", str(self.api_port), "--host", LOOPBACK])
-        self._start("dag-processor", ["dag-processor"])
-        self.start_scheduler()
+        if not self.api_server_only:
+            self._start("dag-processor", ["dag-processor"])
+            self.start_scheduler()
         wait_until(
             lambda: self.check_alive() and _http_ok(f"{self.api_url}/api/v2/monitor/health"),
             90,
             "the API server",
         )
+        if self.api_server_only:
+            return self  # no task runs here: nothing calls the execution API
         # The execution API (Cadwyn) builds its versioned routes on its first request, in the API server's event
         # loop: 3.5 s on an idle 2-core machine, 9 s loaded, during which no request is served. A long-running
         # API server has paid that long ago; the first task of a test must not pay it inside its own timeouts.

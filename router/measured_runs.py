@@ -240,21 +240,25 @@ class TaskMemory:
         return max(reversed(sized), key=lambda run: run.memory_size_mb or 0, default=None)
 
 
-def _finished_runs_query(since: datetime) -> Any:
+def _finished_runs_query(since: datetime, where: Sequence[Any] = ()) -> Any:
     from airflow.models import Log
     from sqlalchemy import select
 
     return (
         select(Log.dag_id, Log.task_id, Log.dttm, Log.extra)
-        .where(Log.event == EVENT_RUN_FINISHED, Log.owner == AUDIT_OWNER, Log.dttm >= since)
+        .where(Log.event == EVENT_RUN_FINISHED, Log.owner == AUDIT_OWNER, Log.dttm >= since, *where)
         .order_by(Log.dttm, Log.id)
     )
 
 
-def read_finished_runs(session: Session, *, days: float, now: datetime | None = None) -> list[FinishedRun]:
-    """The runs that finished in the last ``days`` days, oldest first, with one query."""
+def read_finished_runs(
+    session: Session, *, days: float, now: datetime | None = None, where: Sequence[Any] = ()
+) -> list[FinishedRun]:
+    """The runs that finished in the last ``days`` days, oldest first, with one query; ``where`` narrows it
+    (clauses on Airflow's ``Log``: the Routing page's DAG scope and search)."""
     since = (now or datetime.now(timezone.utc)) - timedelta(days=days)
-    return [run for row in session.execute(_finished_runs_query(since)) if (run := _parse(*row)) is not None]
+    query = _finished_runs_query(since, where)
+    return [run for row in session.execute(query) if (run := _parse(*row)) is not None]
 
 
 def _parse(

@@ -18,7 +18,9 @@ report (per task and run: the executors it went through in order, the rule, the 
 writes it to ``<output>/report.json``, prints what ``airflow hybrid-router simulate --from-db --compare`` says of
 the demo's history under ``examples/policy.yaml`` and ``examples/policy-one-size.yaml`` (its HTML report in
 ``<output>/simulate.html``), stops every process it started (whatever happens), and exits 1 when any task's route
-or final state differs from what ``EXPECTED`` (``expected.py``) declares, or the simulation fails.
+or final state differs from what ``EXPECTED`` (``expected.py``) declares, or the simulation fails. With
+``--serve`` it keeps everything running after the report and prints the URL of Airflow's Routing page, until
+Ctrl-C (or SIGTERM) stops it all.
 
 One module per job:
 

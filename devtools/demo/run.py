@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -41,6 +42,7 @@ from devtools.postgres import PostgresServer
 from hybrid_router.lambda_exec.local.launcher import FunctionConfig, LocalLambdaService
 from hybrid_router.router.audit import EVENT_FALLBACK
 from hybrid_router.router.shared_capacity import COUNT_EVERY_S, RUN_END_GRACE_S
+from hybrid_router.router.ui.plugin import PAGE as ROUTING_PAGE
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 RUN_TIMEOUT_S = 300.0
@@ -189,7 +191,24 @@ def _compare_policies(stack: AirflowStack, policy: Path, other: Path, html: Path
     }
 
 
-def run_demo(output: Path, examples: Path, *, postgres: bool = False, schedulers: int = 1) -> int:
+def _serve(stack: AirflowStack) -> None:
+    """Keep Airflow (and the demo's Lambda and SQS) running until SIGINT or SIGTERM, for a look at its UI."""
+    # The auth manager logs every browser in as an admin (simple_auth_manager_all_admins): no password to give.
+    print(f"Routing page: {stack.api_url}{ROUTING_PAGE}", flush=True)
+    print(f"Airflow UI: {stack.api_url}/ (Ctrl-C stops every process the demo started)", flush=True)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            stack.check_alive()  # a component that dies while serving ends the demo with its log's tail
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(
+    output: Path, examples: Path, *, postgres: bool = False, schedulers: int = 1, serve: bool = False
+) -> int:
     began = time.monotonic()
     dags = examples / "dags"
     policy = examples / "policy.yaml"
@@ -304,9 +323,27 @@ def run_demo(output: Path, examples: Path, *, postgres: bool = False, schedulers
         if compared.exists():
             _step(f"simulate: the demo's history under {policy.name} and {compared.name}", began)
             simulation = _compare_policies(stack, policy, compared, simulation_html)
+        outcome = (observed, run_states, waiting_problem, simulation, timings, report_file, home, schedulers)
+        if serve:  # the report now; then Airflow stays up for a look until Ctrl-C
+            code = _conclude(began, *outcome)
+            _serve(stack)
         _step("stopping every process the demo started", began)
-    timings["total"] = round(time.monotonic() - began, 1)
+    return code if serve else _conclude(began, *outcome)
 
+
+def _conclude(
+    began: float,
+    observed: list[Any],
+    run_states: dict[str, list[str | None]],
+    waiting_problem: str | None,
+    simulation: dict[str, Any] | None,
+    timings: dict[str, float],
+    report_file: Path,
+    home: Path,
+    schedulers: int,
+) -> int:
+    """Check what happened against the expectations, write and print the report; the exit code."""
+    timings["total"] = round(time.monotonic() - began, 1)
     verdicts, general = check(EXPECTED, observed, run_states)
     if waiting_problem:
         general.insert(0, waiting_problem)
@@ -363,6 +400,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         default=1,
         help="run this many schedulers, each with its router (Airflow's HA topology; needs --postgres)",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the report, keep Airflow running and print its Routing page's URL, until Ctrl-C",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.schedulers < 1:
         parser.error("--schedulers must be at least 1")
@@ -375,7 +417,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         return run_demo(
-            args.output.resolve(), args.examples.resolve(), postgres=args.postgres, schedulers=args.schedulers
+            args.output.resolve(),
+            args.examples.resolve(),
+            postgres=args.postgres,
+            schedulers=args.schedulers,
+            serve=args.serve,
         )
     except KeyboardInterrupt:
         print("interrupted; every process the demo started was stopped", file=sys.stderr)

@@ -18,8 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
+from demo_processes import processes_using
 
 from devtools.demo.expected import (
     BIG_FUNCTION_MEMORY_MB,
@@ -227,20 +227,6 @@ def test_airflow_cfg_snippet_sets_only_declared_options_and_covers_what_the_demo
 # -- the demo itself ---------------------------------------------------------------------------------------------
 
 
-def _processes_using(home: Path) -> list[str]:
-    """Processes (of this user) whose AIRFLOW_HOME is the demo's, or that run from inside it."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            environ_home = proc.environ().get("AIRFLOW_HOME", "")
-            cwd = proc.cwd()
-        except (psutil.Error, OSError):
-            continue
-        if environ_home.startswith(str(home)) or cwd.startswith(str(home)):
-            found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
-    return found
-
-
 @pytest.mark.e2e
 def test_make_demo_routes_every_task_as_declared(tmp_path):
     output = tmp_path / "demo-output"
@@ -268,7 +254,7 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
     home = output / "airflow-home"
     assert proc.returncode == 0, out[-6000:]
     assert "Total time:" in out and "airflow hybrid-router explain" in out
-    assert _processes_using(home) == []
+    assert processes_using(home) == []
 
     report = json.loads((output / "report.json").read_text())
     assert report["ok"] and report["problems"] == []
