@@ -373,7 +373,9 @@ def test_typing_a_task_id_narrows_decisions_and_fallbacks_to_that_task(page: Web
                 By.CSS_SELECTOR, "#decisions-table tr.decision, #fallbacks-table tr.fallback"
             )
         ]
-        return bool(tasks) and set(tasks) == {SLOW_TASK}
+        # Typing may start more than one search; read the tables once the last one is drawn.
+        settled = driver.find_element(By.TAG_NAME, "body").get_attribute("data-searching") == "false"
+        return settled and bool(tasks) and set(tasks) == {SLOW_TASK}
 
     _wait(page, narrowed, f"narrowed to {SLOW_TASK}")
     (slow,) = _expected_for(MAIN_DAG, SLOW_TASK)

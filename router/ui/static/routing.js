@@ -348,10 +348,15 @@ function showError(err) {
 }
 
 function loadFiltered() {
-  searchGeneration += 1;
+  const generation = (searchGeneration += 1);
+  // "searching" until the latest search is drawn: what a reader (or a test) waits for before reading the tables.
+  document.body.dataset.searching = "true";
+  const settled = () => {
+    if (generation === searchGeneration) document.body.dataset.searching = "false";
+  };
   return Promise.all([
     loadList("decisions", decisionRow), loadList("fallbacks", fallbackRow), loadCharts(), loadLearned(),
-  ]);
+  ]).finally(settled);
 }
 
 function debounce(action, ms) {
@@ -362,7 +367,11 @@ function debounce(action, ms) {
 async function main() {
   document.getElementById("filter-dag").value = params.get("dag_id") || "";
   document.getElementById("filter-task").value = params.get("task_id") || "";
-  const refresh = debounce(() => loadFiltered().catch(showError), 250);
+  const debounced = debounce(() => loadFiltered().catch(showError), 250);
+  const refresh = () => {
+    document.body.dataset.searching = "true"; // from the keystroke on, not from when the search starts
+    debounced();
+  };
   document.getElementById("filter-dag").addEventListener("input", refresh);
   document.getElementById("filter-task").addEventListener("input", refresh);
   document.getElementById("filter-hours").addEventListener("change", () => loadCharts().catch(showError));
