@@ -1,9 +1,10 @@
-"""Airflow's LocalExecutor with a worker count of its own, for ``scheduler_dispatch.py``.
+"""Airflow's LocalExecutor with a worker count of its own, for ``scheduler_dispatch.py`` and ``scale.py``.
 
-A bare LocalExecutor takes ``[core] parallelism`` as its worker count. The benchmark holds ``[core] parallelism``
-at 32 for every executor and gives LocalExecutor 16 workers, as many as the router's local child and the Lambda
-function's concurrency: this class changes nothing else. The scheduler imports it from this folder (on its
-``PYTHONPATH``) as ``dispatch_local_executor.SizedLocalExecutor``.
+A bare LocalExecutor takes ``[core] parallelism`` as its worker count. The benchmarks hold ``[core] parallelism``
+at 32 for every executor and give LocalExecutor as many workers as the router's local child and the Lambda
+function's concurrency (16 in ``scheduler_dispatch.py``, 8 in ``scale.py``): this class changes nothing else.
+The scheduler imports it from this folder (on its ``PYTHONPATH``) as
+``dispatch_local_executor.SizedLocalExecutor``.
 """
 
 from __future__ import annotations

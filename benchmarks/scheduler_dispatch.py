@@ -62,9 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -73,14 +71,31 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-# devtools/ lives in the checkout, not the wheel.
+# devtools/ lives in the checkout, not the wheel; scheduler_runs.py beside this file (a test loads this
+# module by its path, without this folder on sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from scheduler_runs import (
+    StackCpu,
+    calls_since,
+    count_calls,
+    database,
+    first_queued,  # noqa: F401  (the benchmark's tests read it here)
+    peak_rss_mb,
+    percentile,
+    queued_to_running,
+    read_from,
+    restart_scheduler,
+    run_wall_s,
+    snapshot,
+    stack_roots,
+    wait_lambda_idle,
+    wait_run,
+)
 
 from devtools.aws_faults import SqsFaults, process_env
 from devtools.devstack import (
@@ -88,9 +103,7 @@ from devtools.devstack import (
     LOOPBACK,
     AirflowStack,
     MotoServer,
-    StackError,
     free_port,
-    wait_until,
 )
 from devtools.lambda_settings import local_lambda_settings
 from devtools.latency import AWS_LIKE, LatencyModel
@@ -157,10 +170,6 @@ rules:
     overflow: [local]
 """
 
-QUEUED_LINE = re.compile(r"^(\S+Z) .*Setting the following tasks to queued state")
-QUEUED_TI = re.compile(r"\(id=([0-9a-f-]+), try_number=(\d+)\)")
-
-
 # -- what one run measures ---------------------------------------------------------------------------------------
 
 
@@ -225,104 +234,6 @@ class Run:
         """How busy both cores were (by anything: this benchmark or other load) while the run was measured."""
         cores = os.cpu_count() or 1
         return self.machine_busy_cpu_s / (self.measured_s * cores) if self.measured_s else 0.0
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (p99 of 200 values is the 198th smallest)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * pct // 100))
-    return ordered[int(rank) - 1]
-
-
-def first_queued(log_text: str) -> dict[tuple[str, int], float]:
-    """When the scheduler first set each (task instance id, try) to queued, from its log (epoch seconds)."""
-    found: dict[tuple[str, int], float] = {}
-    at: float | None = None
-    for line in log_text.splitlines():
-        header = QUEUED_LINE.match(line)
-        if header:
-            at = datetime.fromisoformat(header.group(1).replace("Z", "+00:00")).timestamp()
-        elif not line.startswith("\t"):
-            at = None
-        if at is None:
-            continue
-        for ti_id, try_number in QUEUED_TI.findall(line):
-            found.setdefault((ti_id.replace("-", ""), int(try_number)), at)
-    return found
-
-
-def _db_time(value: str | datetime) -> float:
-    """A timestamp as the database gives it: a datetime (PostgreSQL) or naive UTC text (SQLite)."""
-    moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-
-
-# -- CPU of process trees ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class CpuSnapshot:
-    own: dict[str, float]  # per role: the root process's own user + system
-    reaped: dict[str, float]  # per role: the root's reaped children
-    tree: dict[str, dict[int, float]]  # per role: each live descendant's own and reaped CPU
-    machine_busy: float
-
-
-def _cpu_total(times: Any, with_children: bool) -> float:
-    total = times.user + times.system
-    if with_children:
-        total += times.children_user + times.children_system
-    return total
-
-
-def snapshot(roots: dict[str, int | None]) -> CpuSnapshot:
-    own: dict[str, float] = {}
-    reaped: dict[str, float] = {}
-    tree: dict[str, dict[int, float]] = {}
-    for role, pid in roots.items():
-        own[role], reaped[role], tree[role] = 0.0, 0.0, {}
-        if pid is None:
-            continue
-        try:
-            root = psutil.Process(pid)
-            times = root.cpu_times()
-            own[role] = _cpu_total(times, False)
-            reaped[role] = times.children_user + times.children_system
-            children = root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            continue
-        for child in children:
-            try:
-                tree[role][child.pid] = _cpu_total(child.cpu_times(), True)
-            except psutil.NoSuchProcess:
-                pass
-    return CpuSnapshot(own, reaped, tree, machine_busy_s())
-
-
-def descendants_cpu(before: CpuSnapshot, after: CpuSnapshot, role: str) -> float:
-    """CPU the root's descendants used between the snapshots: the live ones' own and reaped children's, and the
-    root's children reaped meanwhile."""
-    spent = after.reaped[role] - before.reaped[role]
-    for pid, total in after.tree[role].items():
-        spent += total - before.tree[role].get(pid, 0.0)
-    return max(spent, 0.0)
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy since boot (``/proc/stat``: all but idle and iowait)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(value) for value in fields]
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # -- the stack -----------------------------------------------------------------------------------------------------
@@ -476,83 +387,15 @@ def bench_stack(root: Path, args: argparse.Namespace, latency: LatencyModel | No
             yield Bench(stack, service, moto, calls_log, queues, args)
 
 
-@contextmanager
-def database(kind: str) -> Iterator[str | None]:
-    """Airflow's metadata database: None for a SQLite file in the stack's home, or a PostgreSQL cluster's URL."""
-    if kind == "sqlite":
-        yield None
-        return
-    from devtools.postgres import PostgresServer
-
-    with PostgresServer() as server:
-        yield server.url
-
-
 def use_executor(bench: Bench, executor: str, handler: str | None) -> int:
     """Restart only the scheduler, with ``executor`` (and the functions of ``handler``); its main process id."""
-    stack = bench.stack
-    stack.kill_scheduler(signal.SIGTERM, group=True)
-    running_jobs = "FROM job WHERE job_type = 'SchedulerJob' AND state = 'running'"
-    try:
-        # SQLite allows one scheduler: the old one must have closed its job.
-        wait_until(
-            lambda: stack.sql(f"SELECT count(*) {running_jobs}") == [(0,)], 120, "the scheduler to stop"
-        )
-    except StackError:
-        # Its end() stuck on a worker (seen on a loaded machine): it schedules nothing more; its group is swept
-        # when the stack stops.
-        print("previous scheduler did not stop within 120 s; closing its job and going on", flush=True)
-        stack.sql(f"UPDATE job SET state = 'failed' WHERE id IN (SELECT id {running_jobs})")
     suffix = handler or "full"
     changes = {
         "AIRFLOW__CORE__EXECUTOR": EXECUTOR_CLASSES[executor],
         "AIRFLOW__LAMBDA_EXECUTOR__FUNCTION_NAME": f"ours-{suffix}",
         "AIRFLOW__AWS_LAMBDA_EXECUTOR__FUNCTION_NAME": f"provider-{suffix}",
     }
-    stack.env.update(changes)
-    began = time.time()
-    stack.start_scheduler()
-    # Measured runs start once the scheduler loops (its executor started, its workers forked): a heartbeat
-    # of the new job after its start.
-    wait_until(
-        lambda: (
-            stack.check_alive()
-            and stack.sql(
-                f"SELECT count(*) {running_jobs} AND latest_heartbeat > start_date AND start_date >= ?",
-                (datetime.fromtimestamp(began - 1, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),),
-            )
-            != [(0,)]
-        ),
-        180,
-        "the new scheduler to loop",
-        interval=0.5,
-    )
-    time.sleep(1.0)
-    pid = stack.pid("scheduler")
-    assert pid is not None
-    return pid
-
-
-def wait_lambda_idle(bench: Bench, timeout: float = 600) -> None:
-    """Nothing queued or running in any function: a run's leftovers never spend the next run's CPU."""
-
-    def idle() -> bool:
-        functions = bench.service.stats()["functions"]
-        return all(f.get("queued", 0) == 0 and f.get("in_flight", 0) == 0 for f in functions.values())
-
-    wait_until(idle, timeout, "the local Lambda service to go idle", interval=0.5)
-
-
-def wait_run(stack: AirflowStack, dag_id: str, run_id: str, timeout: float) -> str:
-    """The run's final state, read from the database: the API server of a loaded machine can take longer than a
-    REST call's timeout to answer while 16 task runners call it."""
-
-    def finished() -> str | None:
-        stack.check_alive()
-        rows = stack.sql("SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
-        return rows[0][0] if rows and rows[0][0] in ("success", "failed") else None
-
-    return wait_until(finished, timeout, f"run {run_id!r} of {dag_id!r} to finish", interval=0.5)
+    return restart_scheduler(bench.stack, changes)
 
 
 def measure(
@@ -560,13 +403,7 @@ def measure(
 ) -> Run:
     stack = bench.stack
     scheduler_pid = use_executor(bench, executor, handler)
-    roots = {
-        "scheduler": scheduler_pid,
-        "lambda": bench.service.pid,
-        "moto": bench.moto.pid,
-        "api": stack.pid("api-server"),
-        "dag_processor": stack.pid("dag-processor"),
-    }
+    roots = stack_roots(stack, scheduler_pid, bench.service, bench.moto)
     log_path = stack.process_log("scheduler")
     log_offset = log_path.stat().st_size
     calls_offset = bench.calls_log.stat().st_size if bench.calls_log.exists() else 0
@@ -575,71 +412,36 @@ def measure(
     began = time.monotonic()
     run_id = stack.trigger(dag_id)
     state = wait_run(stack, dag_id, run_id, bench.args.timeout)
-    after = snapshot(roots)
-    measured_s = time.monotonic() - began
+    cpu = StackCpu.between(before, snapshot(roots), time.monotonic() - began)
     load_after = os.getloadavg()
     if state != "success" and not warm_up:
         raise SystemExit(f"{executor} ({handler}): run {run_id} ended {state}; see {stack.log_dir}")
-    (start, end), *_ = stack.sql(
-        "SELECT start_date, end_date FROM dag_run WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
-    )
-    tis = stack.sql(
-        "SELECT id, try_number, start_date FROM task_instance WHERE dag_id = ? AND run_id = ?",
-        (dag_id, run_id),
-    )
-    with open(log_path, encoding="utf-8", errors="replace") as log:
-        log.seek(log_offset)
-        queued = first_queued(log.read())
-    # SQLite keeps a UUID as 32 hex digits, PostgreSQL as a UUID: compare both without hyphens.
-    tis = [(str(ti_id).replace("-", ""), tries, started) for ti_id, tries, started in tis]
-    q2r = [
-        _db_time(started) - queued[(ti_id, tries)]
-        for ti_id, tries, started in tis
-        if (ti_id, tries) in queued and started is not None
-    ]
-    if len(q2r) != len(tis):
-        missing = len(tis) - len(q2r)
-        print(f"  ({missing} of {len(tis)} task instances never started or had no queued line in the log)")
-    all_calls = _calls_since(bench.calls_log, calls_offset)
+    q2r, missing = queued_to_running(stack, dag_id, run_id, read_from(log_path, log_offset))
+    if missing:
+        print(f"  ({missing} of {len(q2r) + missing} task instances never started or had no queued line)")
+    all_calls = calls_since(bench.calls_log, calls_offset)
     run = Run(
         executor=executor,
         handler=handler,
         round=round_number,
-        wall_s=_db_time(end) - _db_time(start),
+        wall_s=run_wall_s(stack, dag_id, run_id),
         queued_to_running_s=q2r,
-        scheduler_cpu_s=after.own["scheduler"] - before.own["scheduler"],
+        scheduler_cpu_s=cpu.scheduler,
         scheduler_peak_rss_mb=peak_rss_mb(scheduler_pid),
-        local_workers_cpu_s=descendants_cpu(before, after, "scheduler"),
-        sandboxes_cpu_s=descendants_cpu(before, after, "lambda"),
-        lambda_service_cpu_s=after.own["lambda"] - before.own["lambda"],
-        moto_cpu_s=after.own["moto"] - before.own["moto"],
-        api_server_cpu_s=after.own["api"] - before.own["api"] + descendants_cpu(before, after, "api"),
-        dag_processor_cpu_s=after.own["dag_processor"]
-        - before.own["dag_processor"]
-        + descendants_cpu(before, after, "dag_processor"),
-        machine_busy_cpu_s=after.machine_busy - before.machine_busy,
-        measured_s=measured_s,
+        local_workers_cpu_s=cpu.scheduler_children,
+        sandboxes_cpu_s=cpu.sandboxes,
+        lambda_service_cpu_s=cpu.lambda_service,
+        moto_cpu_s=cpu.moto,
+        api_server_cpu_s=cpu.api_server,
+        dag_processor_cpu_s=cpu.dag_processor,
+        machine_busy_cpu_s=cpu.machine_busy,
+        measured_s=cpu.measured_s,
         load_average=tuple(max(a, b) for a, b in zip(load_before, load_after, strict=True)),  # type: ignore[arg-type]
-        aws_calls=_count(call for call in all_calls if call["pid"] == scheduler_pid),
-        handler_aws_calls=_count(call for call in all_calls if call["pid"] != scheduler_pid),
+        aws_calls=count_calls(call for call in all_calls if call["pid"] == scheduler_pid),
+        handler_aws_calls=count_calls(call for call in all_calls if call["pid"] != scheduler_pid),
     )
-    wait_lambda_idle(bench)
+    wait_lambda_idle(bench.service)
     return run
-
-
-def _calls_since(calls_log: Path, offset: int) -> list[dict[str, Any]]:
-    if not calls_log.exists():
-        return []
-    with open(calls_log, encoding="utf-8") as log:
-        log.seek(offset)
-        return [json.loads(line) for line in log.read().splitlines() if line]
-
-
-def _count(found: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for call in found:
-        counts[call["operation"]] = counts.get(call["operation"], 0) + 1
-    return dict(sorted(counts.items()))
 
 
 # -- rounds and the report ---------------------------------------------------------------------------------------
