@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.devstack import AirflowStack
 from devtools.lambda_settings import airflow_with_local_lambda
+from devtools.machine import describe_machine, machine_line
 
 ROUTER = "hybrid_router.router.RoutingExecutor"
 DAG_ID = "lambda_fallback"
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{task_id:14s} {seconds:6.3f} s")
     values = sorted(latencies.values())
     p50, worst = statistics.median(values), values[-1]
+    print(machine_line())
     print(f"fallback latency over {len(values)} tasks: p50 {p50:.3f} s, max {worst:.3f} s")
     print(
         json.dumps(
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 "tasks": len(values),
                 "fallback_audit_rows": len(fallbacks),
                 "function_timeout_s": args.function_timeout,
+                # No AWS-like latency here: what is measured is the router's and the executor's own reaction.
+                "latency_model": "none",
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "machine": describe_machine(),
             }
         )
     )
