@@ -71,53 +71,41 @@ def _all_dag_ids() -> set[str]:
         return set(session.scalars(select(DagModel.dag_id)))
 
 
+def search(
+    dags: ReadableDags, dag_id: str = "", task_id: str = "", run_id: str = "", exact: bool = False
+) -> Filter:
+    """The search every DAG-scoped list and chart takes, within the DAGs the user may read."""
+    return _filter(dags, dag_id, task_id, run_id, exact)
+
+
+Search = Annotated[Filter, Depends(search)]
+PageSize = Annotated[int, Query(ge=1, le=queries.MAX_PAGE)]
+
+
 @app.get("/api/decisions")
 def get_decisions(
-    dags: ReadableDags,
-    session: SessionDep,
-    dag_id: str = "",
-    task_id: str = "",
-    run_id: str = "",
-    exact: bool = False,
-    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 100,
-    before_id: int | None = None,
+    where: Search, session: SessionDep, limit: PageSize = 100, before_id: int | None = None
 ) -> dict[str, Any]:
-    where = _filter(dags, dag_id, task_id, run_id, exact)
     return queries.decisions(session, where, limit=limit, before_id=before_id)
 
 
 @app.get("/api/fallbacks")
 def get_fallbacks(
-    dags: ReadableDags,
-    session: SessionDep,
-    dag_id: str = "",
-    task_id: str = "",
-    run_id: str = "",
-    exact: bool = False,
-    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 100,
-    before_id: int | None = None,
+    where: Search, session: SessionDep, limit: PageSize = 100, before_id: int | None = None
 ) -> dict[str, Any]:
-    where = _filter(dags, dag_id, task_id, run_id, exact)
     return queries.fallbacks(session, where, limit=limit, before_id=before_id)
 
 
 @app.get("/api/charts")
 def get_charts(
-    dags: ReadableDags,
-    session: SessionDep,
-    dag_id: str = "",
-    task_id: str = "",
-    exact: bool = False,
-    hours: Annotated[float, Query(gt=0, le=24 * 31)] = 24,
+    where: Search, session: SessionDep, hours: Annotated[float, Query(gt=0, le=24 * 31)] = 24
 ) -> dict[str, Any]:
-    return queries.charts(session, _filter(dags, dag_id, task_id, exact=exact), hours=hours)
+    return queries.charts(session, where, hours=hours)
 
 
 @app.get("/api/learned")
-def get_learned(
-    dags: ReadableDags, session: SessionDep, dag_id: str = "", task_id: str = "", exact: bool = False
-) -> dict[str, Any]:
-    return queries.learned(session, _filter(dags, dag_id, task_id, exact=exact), learning_settings())
+def get_learned(where: Search, session: SessionDep) -> dict[str, Any]:
+    return queries.learned(session, where, learning_settings())
 
 
 @app.get("/api/task")
