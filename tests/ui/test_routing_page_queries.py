@@ -62,6 +62,32 @@ class Rows:
         self.db.add(row)
         self.db.flush()
 
+    def finished(
+        self,
+        dag: str,
+        task: str,
+        executor: str,
+        outcome: str,
+        *,
+        size_mb: int,
+        peak_mb: int,
+        ms: int,
+        **kw: Any,
+    ) -> None:
+        """A run's end as ``measured_runs.RunRecorder`` writes it (billed as long as it ran)."""
+        self.add(
+            audit.EVENT_RUN_FINISHED,
+            dag,
+            task,
+            executor=executor,
+            outcome=outcome,
+            memory_size_mb=size_mb,
+            peak_mb=peak_mb,
+            duration_ms=ms,
+            billed_ms=ms,
+            **kw,
+        )
+
     def routed(
         self, dag: str, task: str, executor: str, rule: str, *, how: str = "policy", **kw: Any
     ) -> None:
@@ -196,31 +222,11 @@ def test_charts_count_rule_hits_per_bucket_and_fallbacks_by_reason_in_the_window
 
 def test_task_story_is_every_row_of_one_task_instance_oldest_first(session, rows):
     rows.routed("etl", "hog", "lambda", "short")
-    rows.add(
-        audit.EVENT_RUN_FINISHED,
-        "etl",
-        "hog",
-        executor="lambda",
-        outcome="out_of_memory",
-        memory_size_mb=512,
-        peak_mb=512,
-        duration_ms=900,
-        billed_ms=900,
-    )
+    rows.finished("etl", "hog", "lambda", "out_of_memory", size_mb=512, peak_mb=512, ms=900)
     rows.add(
         audit.EVENT_FALLBACK, "etl", "hog", executor="lambda_3g", failed_on="lambda", reason="out_of_memory"
     )
-    rows.add(
-        audit.EVENT_RUN_FINISHED,
-        "etl",
-        "hog",
-        executor="lambda_3g",
-        outcome="success",
-        memory_size_mb=3008,
-        peak_mb=1380,
-        duration_ms=4000,
-        billed_ms=4000,
-    )
+    rows.finished("etl", "hog", "lambda_3g", "success", size_mb=3008, peak_mb=1380, ms=4000)
     rows.routed("etl", "hog", "lambda", "short", map_index=3)  # another task instance
     rows.routed("etl", "hog", "lambda", "short", run="r2")
     story = queries.task_story(session, Filter(dags={"etl"}), dag_id="etl", task_id="hog", run_id="r1")
@@ -238,39 +244,9 @@ def test_task_story_is_every_row_of_one_task_instance_oldest_first(session, rows
 
 def test_learned_needs_follow_the_policys_settings_and_out_of_memory_deaths(session, rows):
     for peak in (100, 200, 300, 400, 500):
-        rows.add(
-            audit.EVENT_RUN_FINISHED,
-            "etl",
-            "steady",
-            executor="lambda",
-            outcome="success",
-            memory_size_mb=1024,
-            peak_mb=peak,
-            duration_ms=peak * 10,
-            billed_ms=peak * 10,
-        )
-    rows.add(
-        audit.EVENT_RUN_FINISHED,
-        "etl",
-        "hog",
-        executor="lambda",
-        outcome="out_of_memory",
-        memory_size_mb=512,
-        peak_mb=512,
-        duration_ms=900,
-        billed_ms=900,
-    )
-    rows.add(
-        audit.EVENT_RUN_FINISHED,
-        "secret",
-        "hog",
-        executor="lambda",
-        outcome="success",
-        memory_size_mb=512,
-        peak_mb=100,
-        duration_ms=900,
-        billed_ms=900,
-    )
+        rows.finished("etl", "steady", "lambda", "success", size_mb=1024, peak_mb=peak, ms=peak * 10)
+    rows.finished("etl", "hog", "lambda", "out_of_memory", size_mb=512, peak_mb=512, ms=900)
+    rows.finished("secret", "hog", "lambda", "success", size_mb=512, peak_mb=100, ms=900)
     got = queries.learned(
         session, Filter(dags={"etl"}), LearningSettings(memory_headroom=1.5, learn_after_runs=5)
     )
@@ -308,17 +284,7 @@ def test_a_row_is_parsed_whatever_its_extra_holds():
 def test_learned_says_when_it_shows_fewer_tasks_than_there_are(session, rows, monkeypatch):
     monkeypatch.setattr(queries, "MAX_LEARNED_TASKS", 2)
     for task in ("a", "b", "c"):
-        rows.add(
-            audit.EVENT_RUN_FINISHED,
-            "etl",
-            task,
-            executor="lambda",
-            outcome="success",
-            memory_size_mb=512,
-            peak_mb=100,
-            duration_ms=900,
-            billed_ms=900,
-        )
+        rows.finished("etl", task, "lambda", "success", size_mb=512, peak_mb=100, ms=900)
     got = queries.learned(session, Filter(dags={"etl"}), LearningSettings())
     assert [t["task_id"] for t in got["tasks"]] == ["a", "b"]
     assert got["total_tasks"] == 3 and got["truncated"] is True
