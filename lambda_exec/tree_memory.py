@@ -10,7 +10,8 @@ the tree counts a page shared inside the tree once. Reading it makes the kernel 
 (1-2 ms for a process that imported Airflow), reading the resident size costs microseconds. So Pss is read only
 when the resident sum, which is never below the Pss sum, says a new peak is possible, at most every
 ``PSS_INTERVAL_S``, and only for the processes whose resident size changed since their last reading (the others
-are taken to have kept their Pss). Finding the tree's processes scans all of /proc, every ``TREE_REFRESH_S``.
+are taken to have kept their Pss, unless a process of the tree appeared or ended since: then its sharers' Pss
+changed too, and every process is read again). Finding the tree's processes scans all of /proc, every ``TREE_REFRESH_S``.
 
 Standard library only (/proc, Linux, as Lambda is): the handler imports this module on every cold start.
 """
@@ -75,9 +76,13 @@ class TreeMemory:
         return used
 
     def _proportional(self, resident: dict[int, int]) -> int:
+        alive = {pid: size for pid, size in resident.items() if size}
+        # A page shared by two processes is split between them: when one of the tree's processes forks or exits,
+        # the others' Pss changes though their resident size does not, so none of them keeps its last reading.
+        known_pss = self._pss if alive.keys() == self._pss.keys() else {}
         kept = {}
-        for pid, size in resident.items():
-            known = self._pss.get(pid)
+        for pid, size in alive.items():
+            known = known_pss.get(pid)
             if known is not None and known[0] == size:
                 kept[pid] = known
                 continue

@@ -91,6 +91,65 @@ def test_a_process_whose_resident_size_is_unchanged_keeps_its_proportional_size(
     assert reads == []
 
 
+# Touches MB megabytes and waits; on a line on stdin forks a child that keeps them, on the next one ends it.
+HOLDER_THAT_FORKS_ON_REQUEST = r"""
+import os, sys, time
+ballast = bytearray(int(sys.argv[1]) * 1024 * 1024)
+for offset in range(0, len(ballast), 4096):
+    ballast[offset] = 1
+print("ready", flush=True)
+sys.stdin.readline()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print("forked", flush=True)
+sys.stdin.readline()
+os.kill(child, 9)
+os.waitpid(child, 0)
+print("ended", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_fork_or_an_exit_in_the_tree_has_every_proportional_size_read_again() -> None:
+    """The root's resident size does not change when it forks or its child ends, but its Pss does (the pages it
+    shares are split with the child, then whole again): a size kept from before would count them twice, or half."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_THAT_FORKS_ON_REQUEST, "150"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        memory = TreeMemory(holder.pid)
+        alone = memory.sample(final=True)
+        assert alone is not None and alone > 150 * MIB
+
+        def step(expected: str) -> None:
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline().strip() == expected
+            memory.peak = 0  # so that the next sample measures
+            memory._next_tree = memory._next_pss = 0.0  # and finds the tree's processes now
+
+        step("forked")
+        forked = memory.sample()
+        assert len(memory._pids) == 2 and forked is not None
+        # The 150 MB counted once, not the root's whole share from before plus the child's half.
+        assert forked < alone + 50 * MIB
+        step("ended")
+        ended = memory.sample(final=True)
+        # The root alone again, its pages whole: not the half share it had while the child lived.
+        assert ended is not None and abs(ended - alone) < 20 * MIB
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
 def test_a_new_run_starts_a_new_peak_from_the_root_alone(forked_holder: subprocess.Popen[str]) -> None:
     memory = TreeMemory(forked_holder.pid)
     memory.sample()
