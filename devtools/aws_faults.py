@@ -16,6 +16,7 @@ client created from it afterwards (boto3's, the Amazon provider's hooks') gets t
     ``credentials_expired_s``): a 403 ``ExpiredTokenException`` (Lambda) or ``ExpiredToken`` (SQS), as AWS
     answers a request signed with an expired session token;
   - a share of SQS sends (``send_failure_rate``): a 500 ``InternalError`` answer, the message not sent;
+- ``send_delay_s``: each SQS send waits that much longer before it goes out (a run whose reports come late);
   - SQS receives during an outage: ``outage_s`` every ``outage_every_s`` (the same wall-clock windows in every
     process, from ``epoch``), and one outage of ``outage_s`` from ``outage_at``: a 503 ``ServiceUnavailable``.
 
@@ -57,6 +58,7 @@ class SqsFaults:
     latency_median_ms: float | None = None  # None: no added latency
     latency_p99_factor: float = 3.0
     send_failure_rate: float = 0.0
+    send_delay_s: float = 0.0  # every SQS send waits this much more before it goes out
     outage_every_s: float | None = None  # None: no periodic receive outage
     outage_s: float = 5.0
     epoch: float = field(default_factory=time.time)
@@ -134,6 +136,9 @@ class _Injector:
     def delay(self, event_name: str = "", **_: Any) -> None:
         if event_name.endswith(".ReceiveMessage"):
             return  # after its answer: delay_receive
+        send_delay_s = self._source().send_delay_s
+        if send_delay_s and event_name.rsplit(".", 1)[-1] in ("SendMessage", "SendMessageBatch"):
+            time.sleep(send_delay_s)
         self._sleep_latency()
 
     @staticmethod
