@@ -15,8 +15,11 @@ settings for all: ``[core] parallelism`` 32, ``max_tis_per_query`` at its defaul
 workers (bare, and the router's child with its default prefetch), ``max_active_tasks`` = the task count.
 Airflow's metadata database is PostgreSQL (``--database``; SQLite's single writer stalled the API server past
 its callers' timeouts when 32 task runners called it at once, under the router). Only the scheduler is restarted
-between runs. Each Lambda function is warmed first (a run of ``--warmup-tasks``), so every measured run finds
-warm sandboxes, as a busy deployment does.
+between runs. The local Lambda service sends an async event that finds its function at its concurrency limit back
+to its queue and tries it again after 1 s, the wait doubling up to 5 min, as AWS documents for throttled async
+events: an executor that invokes past the function's concurrency (the provider's, up to ``parallelism``) pays those
+waits here as on AWS; ``throttled_retries_<e>`` counts them. Each Lambda function is warmed first (a run of
+``--warmup-tasks``), so every measured run finds warm sandboxes, as a busy deployment does.
 
 Two handler modes (``--handlers``), each its own JSON line:
 
@@ -193,6 +196,8 @@ class Run:
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     aws_calls: dict[str, int] = field(default_factory=dict)
     handler_aws_calls: dict[str, int] = field(default_factory=dict)
+    # Tries of an async event that found the function at its concurrency limit (each waits its retry interval).
+    throttled_retries: int = 0
 
     @property
     def task_body_cpu_s(self) -> float:
@@ -222,7 +227,8 @@ class Run:
             f" {self.lambda_service_cpu_s:.1f} s, API server {self.api_server_cpu_s:.1f} s; machine busy"
             f" {self.machine_busy_cpu_s:.0f} CPU-s ({self.busy_share():.0%} of both cores; the stack"
             f" {self.stack_cpu_s:.0f} CPU-s, {self.stack_share():.0%}); AWS calls"
-            f" {sum(self.aws_calls.values())}; load {self.load_average[0]:.1f}"
+            f" {sum(self.aws_calls.values())}; events throttled by concurrency {self.throttled_retries};"
+            f" load {self.load_average[0]:.1f}"
         )
 
     def stack_share(self) -> float:
@@ -408,6 +414,8 @@ def measure(
     log_offset = log_path.stat().st_size
     calls_offset = bench.calls_log.stat().st_size if bench.calls_log.exists() else 0
     load_before = os.getloadavg()
+    function = FUNCTION_OF.get(executor, "").format(handler=handler or "full")
+    throttled_before = throttled_retries(bench.service, function)
     before = snapshot(roots)
     began = time.monotonic()
     run_id = stack.trigger(dag_id)
@@ -441,7 +449,19 @@ def measure(
         handler_aws_calls=count_calls(call for call in all_calls if call["pid"] != scheduler_pid),
     )
     wait_lambda_idle(bench.service)
+    run.throttled_retries = throttled_retries(bench.service, function) - throttled_before
     return run
+
+
+# The local Lambda function each executor invokes ({handler}: full or api_only); local invokes none.
+FUNCTION_OF = {"provider": "provider-{handler}", "ours": "ours-{handler}", "router": "ours-{handler}"}
+
+
+def throttled_retries(service: Any, function: str) -> int:
+    """How many times so far an async event of ``function`` found it at its concurrency limit (0 for none)."""
+    if not function:
+        return 0
+    return int(service.stats()["functions"].get(function, {}).get("throttled_retries", 0))
 
 
 # -- rounds and the report ---------------------------------------------------------------------------------------
@@ -489,6 +509,7 @@ def summary(
         figures[f"stack_cpu_share_{e}"] = median(r.stack_share() for r in mine)
         figures[f"aws_calls_per_task_{e}"] = median((sum(r.aws_calls.values()) / args.tasks for r in mine), 3)
         figures[f"walls_s_{e}"] = [round(r.wall_s, 2) for r in mine]
+        figures[f"throttled_retries_{e}"] = median((r.throttled_retries for r in mine), 0)
     provider, ours = figures["wall_s_provider"], figures["wall_s_ours"]
     figures["speedup_vs_provider"] = round(provider / ours, 2) if provider and ours else None
     figures["aws_calls_per_task"] = figures["aws_calls_per_task_ours"]
@@ -501,6 +522,13 @@ def summary(
         for e in ("provider", "ours")
     }
     figures["latency_model"] = "none" if latency is None else latency.to_dict()
+    from hybrid_router.lambda_exec.local.config import DEFAULT_THROTTLE_RETRY_S
+
+    first, most = DEFAULT_THROTTLE_RETRY_S  # the local Lambda service's, as this benchmark starts it
+    figures["lambda_async_queue"] = (
+        f"an event that finds the function at its concurrency limit is tried again after {first:g} s, doubling"
+        f" to {most:g} s (AWS's documented interval)"
+    )
     figures.update(
         {
             "tasks": args.tasks,

@@ -6,6 +6,8 @@ The YAML file (``--config``) looks like::
     sqs_endpoint_url: http://127.0.0.1:5000
     account_concurrency: 16               # like the account's concurrency limit, shared by unreserved functions
     retry_delays_s: [1, 2]                # delays before async retries 1 and 2 (AWS: about 1 min, then 2 min)
+    throttle_retry_s: [1, 300]            # an event that found its function at its concurrency limit is tried
+                                          # again after 1 s, the wait doubling up to 300 s (AWS's); [0, 0]: at once
     functions:
       - name: airflow-task
         handler: hybrid_router.lambda_exec.handler.handler
@@ -35,6 +37,10 @@ from hybrid_router.lambda_exec.local.faults import FaultConfigError, FaultSettin
 
 DEFAULT_HANDLER = "hybrid_router.lambda_exec.handler.handler"
 DEFAULT_RETRY_DELAYS_S = (1.0, 2.0)
+# AWS: "For throttling errors (429) [...] Lambda returns the event to the queue [...]. The retry interval increases
+# exponentially from 1 second after the first attempt to a maximum of 5 minutes." (Lambda developer guide, "How
+# Lambda handles errors and retries with asynchronous invocation".)
+DEFAULT_THROTTLE_RETRY_S = (1.0, 300.0)
 DEFAULT_ACCOUNT_CONCURRENCY = 16
 FUNCTION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
@@ -91,6 +97,9 @@ class ServiceConfig:
     sqs_endpoint_url: str | None = None
     account_concurrency: int = DEFAULT_ACCOUNT_CONCURRENCY
     retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    # (first, most): the wait before an async event that found its function at its concurrency limit is tried
+    # again, doubling from the first to the most; (0, 0) starts it as soon as a slot frees.
+    throttle_retry_s: tuple[float, float] = DEFAULT_THROTTLE_RETRY_S
     region: str = "us-east-1"
     account_id: str = "123456789012"
     # A warm sandbox nobody used for this long is stopped, as Lambda reclaims idle execution environments.
@@ -118,6 +127,17 @@ class ServiceConfig:
             raise ConfigError(
                 f"retry_delays_s: expected two non-negative numbers, got {delays!r}", "retry_delays_s"
             )
+        throttle = self.throttle_retry_s
+        if (
+            not isinstance(throttle, tuple)
+            or len(throttle) != 2
+            or not all(_is_number(d) and d >= 0 for d in throttle)
+            or throttle[0] > throttle[1]
+        ):
+            raise ConfigError(
+                f"throttle_retry_s: expected [first, most] seconds, 0 <= first <= most, got {throttle!r}",
+                "throttle_retry_s",
+            )
         if not _is_number(self.idle_sandbox_ttl_s) or self.idle_sandbox_ttl_s <= 0:
             raise ConfigError(
                 f"idle_sandbox_ttl_s: expected a positive number, got {self.idle_sandbox_ttl_s!r}",
@@ -135,6 +155,7 @@ class ServiceConfig:
             "sqs_endpoint_url": self.sqs_endpoint_url,
             "account_concurrency": self.account_concurrency,
             "retry_delays_s": list(self.retry_delays_s),
+            "throttle_retry_s": list(self.throttle_retry_s),
             "region": self.region,
             "account_id": self.account_id,
             "idle_sandbox_ttl_s": self.idle_sandbox_ttl_s,
@@ -272,8 +293,9 @@ def parse_config(root: yaml.Node, source: str) -> ServiceConfig:
                     f"{_at(source, node)}: functions[{index}].{reason}", exc.field_name
                 ) from None
     settings = {key: value for key, (_, value) in top.items() if key != "functions"}
-    if "retry_delays_s" in settings and isinstance(settings["retry_delays_s"], list):
-        settings["retry_delays_s"] = tuple(settings["retry_delays_s"])
+    for name in ("retry_delays_s", "throttle_retry_s"):
+        if isinstance(settings.get(name), list):
+            settings[name] = tuple(settings[name])
     try:
         return ServiceConfig(functions=tuple(functions), **settings)
     except ConfigError as exc:

@@ -34,6 +34,7 @@ from hybrid_router.lambda_exec.local.__main__ import URL_LINE_PREFIX
 from hybrid_router.lambda_exec.local.config import (
     DEFAULT_ACCOUNT_CONCURRENCY,
     DEFAULT_RETRY_DELAYS_S,
+    DEFAULT_THROTTLE_RETRY_S,
     FunctionConfig,
     ServiceConfig,
 )
@@ -57,6 +58,7 @@ class LocalLambdaService:
         port: int = 0,
         account_concurrency: int = DEFAULT_ACCOUNT_CONCURRENCY,
         retry_delays_s: Sequence[float] = DEFAULT_RETRY_DELAYS_S,
+        throttle_retry_s: Sequence[float] = DEFAULT_THROTTLE_RETRY_S,
         idle_sandbox_ttl_s: float = 300.0,
         faults: FaultSettings | None = None,
         startup_timeout_s: float = 30.0,
@@ -73,6 +75,7 @@ class LocalLambdaService:
             sqs_endpoint_url=sqs_endpoint_url,
             account_concurrency=account_concurrency,
             retry_delays_s=tuple(float(d) for d in retry_delays_s),
+            throttle_retry_s=tuple(float(d) for d in throttle_retry_s),  # type: ignore[arg-type]
             idle_sandbox_ttl_s=idle_sandbox_ttl_s,
             faults=faults or FaultSettings(),
         )

@@ -5,8 +5,10 @@ service is a stand-in for AWS and shares only AWS's formats with its callers.
 
 Behaviour modelled on AWS Lambda:
 - ``invoke_sync`` runs at once or raises ``TooManyRequestsException`` when the function has no free concurrency.
-- ``invoke_async`` accepts the event (202) and queues it; events wait in the queue while the function is at its
-  concurrency limit (the wait counts towards the event's age) and are dropped to the DLQ once older than the
+- ``invoke_async`` accepts the event (202) and queues it. An event that finds the function at its concurrency
+  limit is throttled and goes back to the queue, to be tried again after ``throttle_retry_s``: 1 s, the wait
+  doubling up to 5 min, as AWS documents (the wait counts towards the event's age); so a slot that frees is not
+  taken at once by an event that is waiting out its interval. Events are dropped to the DLQ once older than the
   function's ``maximum_event_age_s``.
 - A failed async run (handler error, timeout, out of memory, crash) is retried ``maximum_retry_attempts`` times
   after ``retry_delays_s``; then the event goes to the dead-letter queue: an SQS message whose body is the exact
@@ -72,6 +74,7 @@ COUNTERS = (
     "duplicates_delivered",
     "init_errors",
     "concurrency_waits",
+    "throttled_retries",
     *(ending.value for ending in Ending),
 )
 
@@ -86,6 +89,7 @@ class AsyncEvent:
     redeliver_after_run: bool = False  # at-least-once delivery: runs again once this run has ended
     unreserved: bool = False  # its current run holds a slot of the unreserved pool
     waited: bool = False  # found the function at its concurrency limit and waited for a slot (counted once)
+    throttled: int = 0  # times in a row it found the function at its limit: sets its next wait
     last_error: dict[str, Any] = field(default_factory=dict)
 
 
@@ -506,8 +510,6 @@ class LambdaBackend:
                 for state in self._functions.values():
                     while state.delayed and state.delayed[0][0] <= now:
                         state.pending.append(heapq.heappop(state.delayed)[2])
-                    if state.delayed:
-                        wake_at = min(wake_at, state.delayed[0][0])
                     if scan:
                         expired.extend(self._take_expired(state, now))
                     while state.pending and self._has_capacity(state):
@@ -516,10 +518,14 @@ class LambdaBackend:
                             expired.append((state, event))
                             continue
                         event.unreserved = self._claim(state)
+                        event.throttled = 0
                         to_run.append((state, event))
                     for event in state.pending:
                         state.counters["concurrency_waits"] += not event.waited
                         event.waited = True
+                    self._throttle_waiting(state, now)
+                    if state.delayed:
+                        wake_at = min(wake_at, state.delayed[0][0])
                     if state.pending:
                         wake_at = min(wake_at, now + EXPIRY_SCAN_INTERVAL_S)
                 if not expired and not to_run:
@@ -532,6 +538,19 @@ class LambdaBackend:
             if self._clock() - last_reap >= REAP_INTERVAL_S:
                 last_reap = self._clock()
                 self._reap_idle()
+
+    def _throttle_waiting(self, state: FunctionState, now: float) -> None:
+        """Send the events that found no free slot back to the queue until their next try (under the lock)."""
+        first, most = self.config.throttle_retry_s
+        if most <= 0:
+            return  # configured to wait for a slot instead
+        while state.pending:
+            event = state.pending.popleft()
+            wait = min(most, first * 2 ** min(event.throttled, 20))
+            event.throttled += 1
+            self._seq += 1
+            heapq.heappush(state.delayed, (now + wait, self._seq, event))
+            state.counters["throttled_retries"] += 1
 
     def _take_expired(self, state: FunctionState, now: float) -> list[tuple[FunctionState, AsyncEvent]]:
         max_age = state.config.maximum_event_age_s

@@ -26,6 +26,7 @@ def test_a_full_file_loads(tmp_path: Path) -> None:
 log_dir: logs
 account_concurrency: 8
 retry_delays_s: [0.5, 1]
+throttle_retry_s: [0.5, 60]
 functions:
   - name: airflow-task
     memory_mb: 2048
@@ -43,6 +44,7 @@ functions:
     assert (fn.memory_mb, fn.timeout_s, fn.reserved_concurrency) == (2048, 120, 4)
     assert fn.environment == {"HYBRID_ROUTER_DEADLINE_MARGIN_S": "5"}  # Lambda's variables are strings
     assert config.retry_delays_s == (0.5, 1)
+    assert config.throttle_retry_s == (0.5, 60)
     assert config.account_concurrency == 8
 
 
@@ -64,6 +66,8 @@ functions:
         ("functions:\n  - name: f\n  - name: f\n", r"duplicate function names \['f'\]"),
         ("account_concurrency: 0\n", r":1: account_concurrency: expected a positive integer"),
         ("retry_delays_s: [1]\n", r":1: retry_delays_s"),
+        ("\nthrottle_retry_s: [5, 1]\n", r":2: throttle_retry_s: expected \[first, most\] seconds"),
+        ("throttle_retry_s: [1]\n", r":1: throttle_retry_s"),
         ("colour: blue\n", r":1: unknown setting 'colour'"),
         ("functions: [\n", r"functions\.yaml:2: not valid YAML"),
         ("functions: {name: f}\n", r":1: functions: expected a list"),

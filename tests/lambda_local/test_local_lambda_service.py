@@ -379,13 +379,54 @@ def test_reserved_concurrency_queues_async_events(start_service: StartService, t
     assert 2 <= counts["concurrency_waits"] <= 3 and counts["max_in_flight"] == 1
 
 
+def test_a_throttled_event_is_tried_again_after_a_doubling_wait_not_as_soon_as_a_slot_frees(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    """AWS returns an async event that found its function at its concurrency limit to the queue and tries it
+    again after 1 s, then 2 s, ... up to 5 min: a slot that frees meanwhile stays free."""
+    service = start_service(fixture_fn("one-slot", "record", reserved_concurrency=1))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record), "sleep": 0.2})
+    client.invoke(FunctionName="one-slot", InvocationType="Event", Payload=payload)
+    wait_for(lambda: service.stats()["functions"]["one-slot"]["in_flight"] == 1, what="the first run")
+    for _ in range(2):
+        client.invoke(FunctionName="one-slot", InvocationType="Event", Payload=payload)
+
+    runs = wait_for(lambda: len(read_lines(record)) == 3 and read_lines(record), what="3 runs", timeout=20)
+    first, second, third = sorted(runs, key=lambda r: r["start"])
+    # Both found the slot taken: tried again 1 s later, when one took it and the other was throttled again
+    # (its next try 2 s later), though each run lasts 0.2 s.
+    assert second["start"] - first["end"] > 0.5
+    assert third["start"] - second["end"] > 1.5
+    counts = service.stats()["functions"]["one-slot"]
+    assert counts["throttled_retries"] >= 3 and counts["concurrency_waits"] == 2
+    assert counts["throttles"] == 0  # the invokes themselves were accepted (202)
+
+
+def test_a_service_told_not_to_throttle_starts_a_waiting_event_when_a_slot_frees(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    service = start_service(fixture_fn("waits", "record", reserved_concurrency=1), throttle_retry_s=(0, 0))
+    client = lambda_client(service)
+    record = tmp_path / "runs.jsonl"
+    payload = json.dumps({"record_file": str(record), "sleep": 0.2})
+    for _ in range(2):
+        client.invoke(FunctionName="waits", InvocationType="Event", Payload=payload)
+    runs = wait_for(lambda: len(read_lines(record)) == 2 and read_lines(record), what="2 runs")
+    first, second = sorted(runs, key=lambda r: r["start"])
+    assert second["start"] - first["end"] < 0.5
+    assert service.stats()["functions"]["waits"]["throttled_retries"] == 0
+
+
 def test_raising_reserved_concurrency_starts_queued_events(
     start_service: StartService, tmp_path: Path
 ) -> None:
     service = start_service(fixture_fn("grows", "record", reserved_concurrency=1))
     client = lambda_client(service)
     record = tmp_path / "runs.jsonl"
-    payload = json.dumps({"record_file": str(record), "sleep": 1.0})
+    # Longer than the throttled events' first wait (1 s): they start at their next try, not after this run.
+    payload = json.dumps({"record_file": str(record), "sleep": 3.0})
     for _ in range(3):
         client.invoke(FunctionName="grows", InvocationType="Event", Payload=payload)
     wait_for(lambda: service.stats()["functions"]["grows"]["in_flight"] == 1, what="the first run")
@@ -394,7 +435,7 @@ def test_raising_reserved_concurrency_starts_queued_events(
 
     runs = wait_for(lambda: len(read_lines(record)) == 3 and read_lines(record), what="3 runs")
     runs.sort(key=lambda r: r["start"])
-    assert runs[2]["start"] < runs[0]["end"], "the queued events started as soon as the limit was raised"
+    assert runs[2]["start"] < runs[0]["end"], "the queued events started once the limit was raised"
     stats = wait_for(
         lambda: (s := service.stats()["functions"]["grows"])["in_flight"] == 0 and s, what="idle"
     )
