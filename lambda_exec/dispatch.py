@@ -81,8 +81,9 @@ class Ownership(str, Enum):
 class DispatchBook(Mapping["TaskInstanceKey", Dispatch]):
     """The current dispatch of each task this executor holds, by task key, and the ones retired lately."""
 
-    def __init__(self, clock: Callable[[], float]):
+    def __init__(self, clock: Callable[[], float], on_retire: Callable[[Dispatch], None] | None = None):
         self._clock = clock
+        self._on_retire = on_retire  # told of each retired dispatch, under the book's lock
         self._lock = threading.Lock()
         self._by_key: dict[TaskInstanceKey, Dispatch] = {}
         self._by_id: dict[str, Dispatch] = {}
@@ -121,6 +122,8 @@ class DispatchBook(Mapping["TaskInstanceKey", Dispatch]):
         if self._by_key.get(dispatch.key) is dispatch:
             del self._by_key[dispatch.key]
         self._retired[dispatch.dispatch_id] = self._clock()
+        if self._on_retire is not None:
+            self._on_retire(dispatch)
 
     def current(self, dispatch_id: str) -> Dispatch | None:
         """Scheduler thread: the dispatch with this id, if it is still current."""

@@ -1,8 +1,9 @@
 """``LambdaExecutor``: runs Airflow tasks as asynchronous AWS Lambda invocations.
 
 The scheduler thread signs one event per task try (a dispatch, ``dispatch.py``) and a thread pool invokes the
-function with it; reader threads (``inbox.py``) keep the handler's signed results and the DLQ's dead letters
-until each heartbeat applies them. Every AWS call goes through ``aws.py``; the run's own log is read by
+function with it, keeping at most the function's concurrency in flight; reader threads (``inbox.py``) keep the
+handler's signed results and the DLQ's dead letters until each heartbeat applies them, and the one that delivers
+a run's end invokes the next task waiting for a slot at once (``standby.py``). Every AWS call goes through ``aws.py``; the run's own log is read by
 ``task_logs.py``. What happens to a task, and the fencing that keeps an old run from acting after its task moved
 elsewhere, are described in docs/lambda.md.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
@@ -43,8 +44,16 @@ from hybrid_router.lambda_exec.dispatch import (
 )
 from hybrid_router.lambda_exec.external_id import lambda_external_id, parse_lambda_external_id
 from hybrid_router.lambda_exec.inbox import Inbox, Reads
-from hybrid_router.lambda_exec.protocol import InvokeEvent, Outcome, Phase, ResultMessage, TaskRef
+from hybrid_router.lambda_exec.protocol import (
+    UNCLAIMED_OUTCOMES,
+    InvokeEvent,
+    Outcome,
+    Phase,
+    ResultMessage,
+    TaskRef,
+)
 from hybrid_router.lambda_exec.shared_readers import SharedQueues
+from hybrid_router.lambda_exec.standby import Standby
 from hybrid_router.lambda_exec.task_logs import RunLogReader
 
 if TYPE_CHECKING:
@@ -55,6 +64,10 @@ if TYPE_CHECKING:
 METRIC_PREFIX = "lambda_executor"
 # How old an event sealed at queue time may be and still be sent as it is.
 PRESEALED_MAX_AGE_S = 1.0
+# How old the sealed event of a task waiting for a slot may be and still be sent as it is when a run ends
+# (``standby``); older ones are sealed again at a heartbeat. Its not_after counts from its sealing, as the handler
+# and the watchdog both see it.
+STANDBY_RESEAL_S = 30.0
 # Infrastructure failures nobody popped (no router) are dropped after this long.
 INFRA_FAILURE_TTL_S = 3600.0
 # Reasons of the infrastructure failures of an invoke Lambda certainly refused (beside ``Outcome.THROTTLED``):
@@ -89,6 +102,9 @@ class LambdaExecutor(BaseExecutor):
     supports_callbacks: bool = False
     supports_connection_test: bool = False
     is_local: bool = False
+    # A task it holds past the function's concurrency is invoked the moment one of its runs reports its end
+    # (``standby``): a router may hold tasks in it (``prefetch``) to hide the scheduler loop's latency.
+    fills_freed_slots_at_once: bool = True
     serve_logs: bool = False
 
     def __init__(
@@ -109,13 +125,22 @@ class LambdaExecutor(BaseExecutor):
         self._clients: AwsClients | None = clients
         self._own_clients = clients is None
         self._pool: ThreadPoolExecutor | None = None
-        self._dispatches = DispatchBook(clock)
-        self._inbox = Inbox(self._dispatches, clock=clock, stats_incr=self._stats_incr, queues=queues)
+        self._dispatches = DispatchBook(clock, on_retire=lambda d: self._standby.withdraw(d.dispatch_id))
+        self._standby = Standby(self._launch_invoke, clock=clock, max_age_s=STANDBY_RESEAL_S)
+        self._inbox = Inbox(
+            self._dispatches,
+            clock=clock,
+            stats_incr=self._stats_incr,
+            queues=queues,
+            on_run_end=self._run_ended,
+        )
         self._infra_failures: dict[TaskInstanceKey, tuple[InfrastructureFailure, float]] = {}
         self._measurements = measurements.RunMeasurements(clock)
         # No invokes and no free capacity until then: Lambda throttles this executor or refuses its credentials.
         self._paused_until = 0.0
         self._concurrency_limit: int | None = None
+        # Runs of the function other schedulers have in flight, as the router last counted them (``capacity``).
+        self._others_in_flight = 0
         self._function_timeout_s = LAMBDA_MAX_TIMEOUT_S
         self._run_logs = RunLogReader(lambda: self.config)
         self._started = False
@@ -249,8 +274,11 @@ class LambdaExecutor(BaseExecutor):
     def end(self) -> None:
         """Wait for the invokes in progress, then stop the readers (after deleting acknowledged messages)."""
         self.log.info("Ending LambdaExecutor for %s", self._config.function_name if self._config else "?")
+        self._standby.clear()  # the tasks still waiting for a slot stay for the scheduler's next owner
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+            with self._standby.held() as standby:
+                self._take_launched(standby.take_launched())
             self._collect_invokes(self._clock())
         self._release_held_finals()
         # Only messages whose events the scheduler already took are deleted; the rest stay for the next owner.
@@ -260,6 +288,7 @@ class LambdaExecutor(BaseExecutor):
     def terminate(self) -> None:
         """Stop now: cancel invokes not yet started (a running Lambda cannot be cancelled) and stop the readers."""
         self.log.warning("Terminating LambdaExecutor: invocations already accepted by Lambda keep running")
+        self._standby.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._inbox.stop(flush=False)
@@ -310,6 +339,8 @@ class LambdaExecutor(BaseExecutor):
         now = self._clock()
         self._beat += 1
         self._release_held_finals()
+        with self._standby.held() as standby:
+            self._take_launched(standby.take_launched())
         # Read before the messages are taken: a receive that worked by then delivered what it received.
         reads = self._inbox.reads()
         self._inbox.flush_acks()
@@ -390,6 +421,11 @@ class LambdaExecutor(BaseExecutor):
         """The function's concurrency limit, shared with every other scheduler's executors (``capacity.py``)."""
         return capacity.shared_concurrency(self.config.function_name, self._concurrency_limit)
 
+    def note_others_in_flight(self, count: int) -> None:
+        """Other schedulers' runs of the function, as the router counted them: this executor invokes a task it
+        holds only while the function has a slot left by them too."""
+        self._others_in_flight = max(0, int(count))
+
     def pop_infrastructure_failure(self, key: TaskInstanceKey) -> InfrastructureFailure | None:
         entry = self._infra_failures.pop(key, None)
         return entry[0] if entry else None
@@ -429,30 +465,77 @@ class LambdaExecutor(BaseExecutor):
     # -- invoking ----------------------------------------------------------------------------------------------
 
     def _submit_due(self, now: float) -> None:
-        if now < self._paused_until or self._pool is None or self._clients is None:
+        if self._pool is None or self._clients is None:
             return
-        limit = self._concurrency_limit or self.parallelism
-        in_flight = sum(1 for d in self._dispatches.values() if d.state in IN_FLIGHT)
-        for dispatch in list(self._dispatches.values()):
-            if in_flight >= limit:
-                break
-            if dispatch.state is not DispatchState.PENDING or dispatch.next_attempt_at > now:
+        with self._standby.held() as standby:
+            self._take_launched(standby.take_launched())
+            if now < self._paused_until:
+                # Nothing goes while Lambda throttles this executor or refuses its credentials.
+                standby.refill(())
+                return
+            limit = max(0, (self._concurrency_limit or self.parallelism) - self._others_in_flight)
+            in_flight = sum(1 for d in self._dispatches.values() if d.state in IN_FLIGHT)
+            waiting: list[Dispatch] = []
+            for dispatch in list(self._dispatches.values()):
+                if dispatch.state is not DispatchState.PENDING or dispatch.next_attempt_at > now:
+                    continue
+                if in_flight >= limit:
+                    waiting.append(dispatch)
+                    continue
+                # An event sealed moments ago (when the task arrived, usually in this heartbeat) goes as it is;
+                # one that waited for a slot or a back-off is sealed again, so not_after counts from this invoke.
+                fresh = dispatch.payload and now - dispatch.issued_at < PRESEALED_MAX_AGE_S
+                payload = dispatch.payload if fresh else self._seal(dispatch, now)
+                dispatch.payload = ""
+                dispatch.state = DispatchState.INVOKING
+                dispatch.attempts += 1
+                dispatch.future = self._launch_invoke(payload)
+                in_flight += 1
+            # The rest go the moment a run ends, not at the next heartbeat (``standby``).
+            standby.refill([(d.dispatch_id, self._standby_event(d, now), d.issued_at) for d in waiting])
+
+    def _launch_invoke(self, payload: str) -> Future[InvokeAccepted | AwsError]:
+        """Send one async Invoke on the pool (the scheduler thread, or a reader thread through ``standby``)."""
+        assert self._pool is not None and self._clients is not None
+        return self._pool.submit(
+            aws.invoke_async,
+            self._clients.lambda_,
+            self.config.function_name,
+            self.config.qualifier,
+            payload,
+        )
+
+    def _standby_event(self, dispatch: Dispatch, now: float) -> str:
+        """The sealed event a waiting task goes with when a slot frees; sealed again once it is old."""
+        if not dispatch.payload or now - dispatch.issued_at >= STANDBY_RESEAL_S / 2:
+            dispatch.payload = self._seal(dispatch, now)
+        return dispatch.payload
+
+    def _take_launched(self, launched: dict[str, Future[InvokeAccepted | AwsError]]) -> None:
+        """Make the invokes a reader thread launched for waiting tasks the invokes of their dispatches."""
+        for dispatch_id, future in launched.items():
+            dispatch = self._dispatches.current(dispatch_id)
+            if dispatch is None:
+                future.cancel()  # retired since: a run it started finds its try gone
                 continue
-            # An event sealed moments ago (when the task arrived, usually in this heartbeat) goes as it is; one
-            # that waited for a slot or a back-off is sealed again, so not_after counts from this invoke.
-            fresh = dispatch.payload and now - dispatch.issued_at < PRESEALED_MAX_AGE_S
-            payload = dispatch.payload if fresh else self._seal(dispatch, now)
             dispatch.payload = ""
-            dispatch.state = DispatchState.INVOKING
             dispatch.attempts += 1
-            dispatch.future = self._pool.submit(
-                aws.invoke_async,
-                self._clients.lambda_,
-                self.config.function_name,
-                self.config.qualifier,
-                payload,
-            )
-            in_flight += 1
+            dispatch.future = future
+            if dispatch.state is DispatchState.PENDING:
+                dispatch.state = DispatchState.INVOKING
+            # else its run's STARTED or FINISHED came first; the invoke's answer is collected all the same
+        if launched:
+            self._stats_incr("invoke_on_run_end", len(launched))
+
+    def _run_ended(self, result: ResultMessage) -> None:
+        """Reader thread: a run of one of this executor's current dispatches reported its end, so its slot is
+        free: the oldest task waiting for one goes now. A run that never held the task (a duplicate delivery,
+        an expired event) frees no slot this executor counted."""
+        if result.phase is not Phase.FINISHED or result.outcome in UNCLAIMED_OUTCOMES:
+            return
+        if not self._started or self._clock() < self._paused_until:
+            return
+        self._standby.slot_freed(result.run_id)
 
     def _collect_invokes(self, now: float) -> None:
         for dispatch in list(self._dispatches.values()):

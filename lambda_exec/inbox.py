@@ -80,8 +80,11 @@ class Inbox:
         clock: Callable[[], float],
         stats_incr: Callable[[str], None],
         queues: SharedQueues | None = None,
+        on_run_end: Callable[[ResultMessage], None] | None = None,
     ):
         self._dispatches = dispatches
+        # Called on the reader thread when a run of a current dispatch reports its end (``standby``).
+        self._on_run_end = on_run_end
         self.clock = clock
         self.stats_incr = stats_incr
         self._queues = PROCESS_QUEUES if queues is None else queues
@@ -169,6 +172,12 @@ class Inbox:
     def deliver(self, item: Received) -> Disposition:
         """Keep ``item`` for the scheduler thread (its dispatch is one of this executor's current ones)."""
         self._delivered.append(item)
+        result = item.result
+        if result is not None and result.phase is Phase.FINISHED and self._on_run_end is not None:
+            try:
+                self._on_run_end(result)
+            except Exception:  # the message is delivered whatever happens to the next invoke
+                log.exception("Could not start the next task on the end of run %s", result.run_id or "?")
         return Disposition.DELIVER if item.needs_ack else Disposition.DELIVER_AND_DELETE
 
     def _open_result(self, message: QueueMessage) -> Received:

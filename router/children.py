@@ -260,15 +260,17 @@ class Child:
         """How many more tasks this child can take to wait in its own queue once ``free_slots`` is used up."""
         if self.prefetch <= 0:
             return 0
-        return max(self._room(self.limit + self.prefetch) - self.free_slots(), 0)
+        return max(self._room(self.limit + self.prefetch, beyond=self.prefetch) - self.free_slots(), 0)
 
-    def _room(self, bound: int) -> int:
+    def _room(self, bound: int, *, beyond: int = 0) -> int:
+        """Room under ``bound`` and every other bound of the child; ``beyond``: how many tasks past what it can
+        start now (its free capacity, its shared pool's room) it may hold in its own queue."""
         if self.start_failure is not None:
             return 0
         free = min(bound - len(self.in_flight), self.executor.slots_available)
         if isinstance(self.executor, CapacityAware):
             try:
-                free = min(free, int(self.executor.free_capacity()))
+                free = min(free, int(self.executor.free_capacity()) + beyond)
             except Exception as err:
                 log.error(
                     "free_capacity() of executor %s failed; treating it as full: %s",
@@ -278,7 +280,7 @@ class Child:
                 return 0
         if self.shared_limits is not None:
             shared = self.shared_limits.room(self)
-            free = free if shared is None else min(free, shared)
+            free = free if shared is None else min(free, shared + beyond)
         return max(free, 0)
 
     def pop_infrastructure_failure(self, key: TaskInstanceKey) -> InfrastructureFailure | None:
@@ -305,15 +307,19 @@ class Child:
 
 
 def default_prefetch(executor: BaseExecutor, limit: int) -> int:
-    """``limit`` for LocalExecutor, whose idle workers take queued tasks at once; 0 for any other executor.
+    """``limit`` for an executor that starts a task it holds the moment a run of its ends (LocalExecutor, whose
+    idle workers take queued tasks at once; LambdaExecutor, which invokes the next when a run reports its end);
+    0 for any other executor.
 
-    Most other executors start whatever they are handed (ECS, Lambda, Batch): a prefetch there would raise
-    concurrency, not hide latency. Celery and Kubernetes queue outside the executor, where the router's
-    priority order and overflow would be lost to their brokers.
+    Most other executors start whatever they are handed (ECS, Batch): a prefetch there would raise concurrency,
+    not hide latency. Celery and Kubernetes queue outside the executor, where the router's priority order and
+    overflow would be lost to their brokers.
     """
     from airflow.executors.local_executor import LocalExecutor
 
-    return limit if isinstance(executor, LocalExecutor) else 0
+    if isinstance(executor, LocalExecutor) or getattr(executor, "fills_freed_slots_at_once", False):
+        return limit
+    return 0
 
 
 def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> dict[str, Child]:

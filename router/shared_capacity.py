@@ -67,6 +67,25 @@ class Pool:
         """This router's tasks on the pool: handed over and not finished (the router's own, exact count)."""
         return sum(len(child.in_flight) for child in self.children)
 
+    def prefetch(self) -> int:
+        """How many tasks past the pool's room this router's children may hold, each invoking them only as the
+        pool has room (a LambdaExecutor child's prefetch)."""
+        return sum(max(child.prefetch, 0) for child in self.children)
+
+    def tell_children(self, others: int) -> None:
+        """Tell each child how many of the pool's runs other schedulers have, so that it invokes what it holds
+        only within what they leave."""
+        for child in self.children:
+            note = getattr(child.executor, "note_others_in_flight", None)
+            if note is None:
+                continue
+            try:
+                note(others)
+            except Exception as err:
+                log.error(
+                    "note_others_in_flight() of executor %s failed: %s", child.name, child.error_text(err)
+                )
+
 
 def pools_of(children: Mapping[str, Child]) -> dict[str, Pool]:
     """The shared pools of the children that are up and know theirs (a Lambda child knows it once started)."""
@@ -208,6 +227,7 @@ class SharedLimits:
         try:
             with self._session() as session:
                 self._others = count_runs(session, pools, job_id=job_id, now=self._utcnow())
+            self._tell_children(pools)
         except Exception as err:
             self._others = {}
             if not self._count_failing:
@@ -217,6 +237,10 @@ class SharedLimits:
         if self._count_failing:
             log.info("Counting the runs of %s across schedulers again", ", ".join(pools))
         self._count_failing = False
+
+    def _tell_children(self, pools: Mapping[str, Pool]) -> None:
+        for key, pool in pools.items():
+            pool.tell_children(self._others.get(key, 0))
 
     def hand_over(
         self, chosen: MutableSequence[tuple[Any, ...]], hand_overs: Sequence[tuple[Any, str, int]]
@@ -235,7 +259,10 @@ class SharedLimits:
             with self._session() as session:
                 lock_pools(session, sorted(involved))
                 others = count_runs(session, pools, job_id=job_id, now=self._utcnow())
-                room = {key: pool.limit - others[key] - pool.own_in_flight() for key, pool in pools.items()}
+                room = {
+                    key: pool.limit + pool.prefetch() - others[key] - pool.own_in_flight()
+                    for key, pool in pools.items()
+                }
                 kept = []
                 for index, item in enumerate(chosen):
                     pool = pool_of.get(item[-1])
@@ -252,6 +279,7 @@ class SharedLimits:
             )
             return False
         self._others, self._counted_at = others, self._clock()
+        self._tell_children(pools)
         if len(kept) < len(chosen):
             log.info(
                 "%d tasks stay in the router: %s full across schedulers",

@@ -98,3 +98,23 @@ def test_shared_concurrency_is_a_frozen_value():
     with pytest.raises(AttributeError):
         shared_concurrency("fn", 1).limit = 2  # type: ignore[misc]
     assert isinstance(shared_concurrency("fn", 1), SharedConcurrency)
+
+
+def test_tasks_it_holds_are_invoked_only_within_the_slots_other_schedulers_leave():
+    from .executor_support import drive
+    from .test_executor_unit import make_workload
+
+    lambda_ = FakeLambda()
+    executor = started_executor(lambda_, reserved_concurrency=3)
+    try:
+        executor.note_others_in_flight(2)  # the router counted two runs of the function elsewhere
+        for index in range(3):
+            executor.queue_workload(make_workload(f"t{index}"), session=None)
+        drive(executor, lambda _: len(lambda_.invokes) >= 1)
+        for _ in range(5):
+            executor.heartbeat()
+        assert len(lambda_.invokes) == 1
+        executor.note_others_in_flight(0)  # they ended
+        drive(executor, lambda _: len(lambda_.invokes) == 3)
+    finally:
+        executor.terminate()

@@ -804,7 +804,7 @@ def test_no_prefetch_behind_a_task_expected_to_run_long(make_router):
     assert [w.ti.task_id for w in fake(router, "local_a").dispatched] == ["long", "t0", "t1", "t2"]
 
 
-def test_prefetch_defaults_to_the_limit_for_local_executor_only(write_policy):
+def test_prefetch_defaults_to_the_limit_for_local_and_lambda_executors_only(write_policy):
     from hybrid_router.router.children import build_children
 
     policy = load_policy(
@@ -815,6 +815,7 @@ def test_prefetch_defaults_to_the_limit_for_local_executor_only(write_policy):
             "  local_no_queue: {class: LocalExecutor, max_concurrency: 3, prefetch: 0}\n"
             "  local_more: {class: LocalExecutor, max_concurrency: 3, prefetch: 7}\n"
             "  other: {class: router_fakes.FakeChild, max_concurrency: 3}\n"
+            "  lambda: {class: hybrid_router.lambda_exec.LambdaExecutor, max_concurrency: 4}\n"
             "defaults: {expected_duration: 1m, memory_mb: 512, run_on: local}\n"
             "rules:\n"
             "  - {name: all, run_on: local}\n"
@@ -826,6 +827,7 @@ def test_prefetch_defaults_to_the_limit_for_local_executor_only(write_policy):
         "local_no_queue": 0,
         "local_more": 7,
         "other": 0,
+        "lambda": 4,  # it invokes a task it holds the moment one of its runs ends
     }
 
 

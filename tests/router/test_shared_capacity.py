@@ -43,6 +43,9 @@ class SharingChild(FakeChild):
     def shared_concurrency(self) -> SharedConcurrency | None:
         return shared_concurrency(self.function, self.limit)
 
+    def note_others_in_flight(self, count: int) -> None:
+        self.others_in_flight = count
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -250,6 +253,24 @@ def test_a_hand_over_takes_no_more_than_the_pool_has_room_for_now(engine):
     children["lambda"].in_flight.add(chosen[0][0])
     assert children["lambda"].free_slots() == 0
     assert limits is children["lambda"].shared_limits
+
+
+def test_a_child_with_prefetch_holds_that_many_past_the_pools_room_and_learns_the_others_runs(engine):
+    """A Lambda child invokes what it holds only as the function has room: the router may hand it ``prefetch``
+    tasks past the pool's room, and tells it how many runs the other schedulers have."""
+    rows = Rows(engine)
+    children = router_children(limit=3)
+    lambda_ = children["lambda"]
+    lambda_.prefetch = 2
+    limits_on(engine, children)
+    rows.add("lambda@1|lambda:fn:req-1:d1")  # two runs of another scheduler
+    rows.add("lambda@1|lambda:fn:req-2:d2")
+    lambda_.in_flight.add(key("mine"))
+    assert lambda_.free_slots() == 0 and lambda_.prefetch_slots() == 2
+    assert lambda_.executor.others_in_flight == 2
+    chosen, assignments = chosen_for(children, rows, "lambda", "lambda", "lambda")
+    assert hand_over(children, chosen, assignments)
+    assert len(chosen) == 2  # the pool's room (none) and the child's prefetch (2)
 
 
 def test_hand_overs_to_children_without_a_shared_pool_are_recorded_as_before(engine, monkeypatch):
