@@ -511,3 +511,20 @@ def test_a_stranded_run_reports_an_infrastructure_failure_it_holds(
     (finished,) = until_finished(moto_server, results_queue)
     assert finished.outcome is Outcome.UNREPORTED and finished.claimed
     assert "its supervisor did not start it" in finished.detail
+
+
+def test_the_sandbox_imports_ahead_what_each_task_process_would_import_for_itself():
+    """The DAG bag (the task process's ``parse``) and the API client's SSL context are made once per sandbox, so
+    that a forked task process inherits them instead of paying for them on every run."""
+    probe = (
+        "import sys\n"
+        "from hybrid_router.lambda_exec.task_runner import AirflowTaskRunner\n"
+        "assert 'airflow.dag_processing.dagbag' not in sys.modules\n"
+        "AirflowTaskRunner()\n"
+        "from airflow.sdk.api.client import Client\n"
+        "print('airflow.dag_processing.dagbag' in sys.modules, Client._get_ssl_context_cached.cache_info().currsize)\n"
+    )
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    # The last line: the client logs that it uses certifi's CAs before.
+    assert answer.stdout.splitlines()[-1].split() == ["True", "1"]
