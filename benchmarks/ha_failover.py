@@ -117,6 +117,9 @@ executors:
   lambda:
     class: hybrid_router.lambda_exec.LambdaExecutor
     max_concurrency: {lambda_max}
+    # As docs/production.md advises for several schedulers: a task the function has no slot for waits in the
+    # router, where a survivor runs it in the same try, not in the Lambda child of a scheduler that may die.
+    prefetch: 0
     limits: {{max_duration: 15m, max_memory_mb: 10240}}
   local: {{class: LocalExecutor, max_concurrency: {local_max}}}
 defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}

@@ -92,6 +92,7 @@ executors:
   lambda:
     class: hybrid_router.lambda_exec.LambdaExecutor
     max_concurrency: {LAMBDA_PER_ROUTER}
+    prefetch: 0  # as docs/production.md advises with several schedulers: waiting tasks stay in the router
     limits: {{max_duration: 15m, max_memory_mb: 10240}}
   local: {{class: LocalExecutor, max_concurrency: {LOCAL_PER_ROUTER}, prefetch: 0}}
 defaults: {{expected_duration: 1m, memory_mb: 512, run_on: local}}
