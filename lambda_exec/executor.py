@@ -3,9 +3,9 @@
 The scheduler thread signs one event per task try (a dispatch, ``dispatch.py``) and a thread pool invokes the
 function with it, keeping at most the function's concurrency in flight; reader threads (``inbox.py``) keep the
 handler's signed results and the DLQ's dead letters until each heartbeat applies them, and the one that delivers
-a run's end invokes the next task waiting for a slot at once (``standby.py``). Every AWS call goes through ``aws.py``; the run's own log is read by
-``task_logs.py``. What happens to a task, and the fencing that keeps an old run from acting after its task moved
-elsewhere, are described in docs/lambda.md.
+a run's end invokes the next task waiting for a slot at once (``standby.py``). Every AWS call goes through
+``aws.py``; the run's own log is read by ``task_logs.py``. What happens to a task, and the fencing that keeps an
+old run from acting after its task moved elsewhere, are described in docs/lambda.md.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class LambdaExecutor(BaseExecutor):
         self._concurrency_limit: int | None = None
         # Runs of the function other schedulers have in flight, as the router last counted them (``capacity``).
         self._others_in_flight = 0
+        # Most runs at once when that is less than parallelism: a router's child holds its prefetch beyond it.
+        self.max_in_flight: int | None = None
         self._function_timeout_s = LAMBDA_MAX_TIMEOUT_S
         self._run_logs = RunLogReader(lambda: self.config)
         self._started = False
@@ -414,7 +416,7 @@ class LambdaExecutor(BaseExecutor):
         """How many more tasks this executor can start now: 0 while Lambda throttles it or refuses its credentials."""
         if self._clock() < self._paused_until:
             return 0
-        limit = min(self._concurrency_limit or self.parallelism, self.parallelism)
+        limit = min(self._concurrency_limit or self.parallelism, self.max_in_flight or self.parallelism)
         return max(0, limit - len(self._dispatches) - len(self.queued_tasks))
 
     def shared_concurrency(self) -> SharedConcurrency | None:
@@ -473,7 +475,8 @@ class LambdaExecutor(BaseExecutor):
                 # Nothing goes while Lambda throttles this executor or refuses its credentials.
                 standby.refill(())
                 return
-            limit = max(0, (self._concurrency_limit or self.parallelism) - self._others_in_flight)
+            limit = min(self._concurrency_limit or self.parallelism, self.max_in_flight or self.parallelism)
+            limit = max(0, limit - self._others_in_flight)
             in_flight = sum(1 for d in self._dispatches.values() if d.state in IN_FLIGHT)
             waiting: list[Dispatch] = []
             for dispatch in list(self._dispatches.values()):

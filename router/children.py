@@ -322,6 +322,19 @@ def default_prefetch(executor: BaseExecutor, limit: int) -> int:
     return 0
 
 
+def _make_room_for_prefetch(child: Child) -> None:
+    """A child that counts what it holds in its own ``running`` (LambdaExecutor) takes no more tasks than its
+    ``parallelism``: for it to hold its prefetch, that is its limit plus its prefetch, while it still starts no
+    more than its limit at once (``max_in_flight``)."""
+    executor = child.executor
+    if child.prefetch <= 0 or not getattr(executor, "fills_freed_slots_at_once", False):
+        return
+    limit = child.limit
+    child.max_concurrency = limit  # the limit stays what it was, whatever the executor's parallelism becomes
+    executor.parallelism = limit + child.prefetch
+    executor.max_in_flight = limit
+
+
 def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> dict[str, Child]:
     """Children for every entry of ``policy.executors`` (``ExecutorSpec``-like objects), in policy order."""
     children: dict[str, Child] = {}
@@ -342,6 +355,7 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
         )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)
+        _make_room_for_prefetch(child)
         children[name] = child
     from hybrid_router.router.shared_capacity import link_shared_limits
 

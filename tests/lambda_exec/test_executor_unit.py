@@ -674,14 +674,20 @@ def test_reserved_concurrency_bounds_runs_in_flight(started):
     drive(executor, lambda ev: len(lambda_.invokes) == 3)
 
 
-def test_an_event_that_waited_for_a_slot_gets_a_fresh_deadline(started):
-    clock = FakeClock()
-    executor, lambda_, sqs = started(clock=clock, reserved_concurrency=1)
+def two_tasks_one_slot(started, **options):
+    """An executor of a function with one slot, handed two tasks: the first invoked, the second waiting for it."""
+    executor, lambda_, sqs = started(reserved_concurrency=1, **options)
     first, second = make_workload("first"), make_workload("second")
     executor.queue_workload(first, session=None)
     executor.queue_workload(second, session=None)
     executor.heartbeat()
     wait_invokes(executor, lambda_, 1)
+    return executor, lambda_, sqs, first, second
+
+
+def test_an_event_that_waited_for_a_slot_gets_a_fresh_deadline(started):
+    clock = FakeClock()
+    executor, lambda_, sqs, _, _ = two_tasks_one_slot(started, clock=clock)
     clock.advance(100)
     sqs.send(RESULTS, result(sent_event(lambda_, 0), Phase.FINISHED, Outcome.SUCCESS, now=clock.now))
     drive(executor, lambda ev: len(lambda_.invokes) == 2)

@@ -14,7 +14,7 @@ from hybrid_router.lambda_exec.standby import Standby
 
 from .executor_support import drive
 from .fakes import FakeClock
-from .test_executor_unit import RESULTS, accepted, make_workload, result, sent_event, started, wait_invokes  # noqa: F401
+from .test_executor_unit import RESULTS, accepted, result, sent_event, started, two_tasks_one_slot  # noqa: F401
 
 
 class Launcher:
@@ -86,12 +86,7 @@ def test_no_launch_while_the_scheduler_thread_holds_it() -> None:
 
 
 def test_a_run_end_invokes_the_task_waiting_for_its_slot_before_any_heartbeat(started) -> None:  # noqa: F811
-    executor, lambda_, sqs = started(reserved_concurrency=1)
-    first, second = make_workload("first"), make_workload("second")
-    executor.queue_workload(first, session=None)
-    executor.queue_workload(second, session=None)
-    executor.heartbeat()
-    wait_invokes(executor, lambda_, 1)
+    executor, lambda_, sqs, first, second = two_tasks_one_slot(started)
     time.sleep(0.2)
     assert len(lambda_.invokes) == 1  # the function's one slot is taken
 
@@ -117,12 +112,7 @@ def test_a_run_end_invokes_the_task_waiting_for_its_slot_before_any_heartbeat(st
 
 def test_a_run_that_never_held_the_task_frees_no_slot(started) -> None:  # noqa: F811
     clock = FakeClock()
-    executor, lambda_, sqs = started(clock=clock, reserved_concurrency=1)
-    first, second = make_workload("first"), make_workload("second")
-    executor.queue_workload(first, session=None)
-    executor.queue_workload(second, session=None)
-    executor.heartbeat()
-    wait_invokes(executor, lambda_, 1)
+    executor, lambda_, sqs, _, _ = two_tasks_one_slot(started, clock=clock)
     # A duplicate delivery of the first event found the task claimed: its end frees no slot this executor counted.
     duplicate = result(
         sent_event(lambda_, 0), Phase.FINISHED, Outcome.NOT_CLAIMED, run_id="copy", now=clock.now
@@ -133,3 +123,20 @@ def test_a_run_that_never_held_the_task_frees_no_slot(started) -> None:  # noqa:
         time.sleep(0.01)
     time.sleep(0.1)
     assert len(lambda_.invokes) == 1
+
+
+def test_a_router_child_invokes_no_more_than_its_limit_and_holds_the_rest(started) -> None:  # noqa: F811
+    """A router's Lambda child holds its prefetch past ``max_in_flight`` (its limit), on a function without a
+    known concurrency: the limit, not its larger parallelism, bounds what it invokes."""
+    from .test_executor_unit import make_workload, wait_invokes
+
+    executor, lambda_, _ = started()
+    executor.max_in_flight = 2
+    for index in range(4):
+        executor.queue_workload(make_workload(f"t{index}"), session=None)
+    executor.heartbeat()
+    wait_invokes(executor, lambda_, 2)
+    for _ in range(3):
+        executor.heartbeat()
+    assert len(lambda_.invokes) == 2 and len(executor._standby) == 2
+    assert executor.free_capacity() == 0

@@ -829,6 +829,10 @@ def test_prefetch_defaults_to_the_limit_for_local_and_lambda_executors_only(writ
         "other": 0,
         "lambda": 4,  # it invokes a task it holds the moment one of its runs ends
     }
+    # It counts what it holds in its own ``running``: room for its prefetch, no more than its limit invoked.
+    lambda_ = children["lambda"]
+    assert (lambda_.limit, lambda_.executor.parallelism, lambda_.executor.max_in_flight) == (4, 8, 4)
+    assert children["local"].executor.parallelism == 3  # LocalExecutor's queue is outside ``running``
 
 
 # -- one run per try: external ids across tries ------------------------------------------------------------------
