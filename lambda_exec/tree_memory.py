@@ -31,8 +31,9 @@ from hybrid_router.lambda_exec.protocol import RunUsage
 MIB = 1024 * 1024
 # How often the handler measures its tree (the local service's watchdog samples as often).
 SAMPLE_INTERVAL_S = 0.1
-# Reading Pss is what a sample costs: at 0.3 s it was a quarter of a warm sandbox's CPU for a no-op task (py-spy).
-PSS_INTERVAL_S = 1.0
+# Reading Pss is what a sample costs (a quarter of a warm sandbox's CPU for a no-op task, py-spy), but a longer
+# interval misses the peak of a run shorter than it.
+PSS_INTERVAL_S = 0.3
 TREE_REFRESH_S = 0.5
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 

@@ -25,9 +25,10 @@ ballast = bytearray(int(sys.argv[1]) * 1024 * 1024)
 for offset in range(0, len(ballast), 4096):
     ballast[offset] = 1
 if os.fork() == 0:
+    os.write(1, b"child ready\n")  # one write each: the two lines must not interleave
     time.sleep(60)
     os._exit(0)
-print("ready", flush=True)
+os.write(1, b"ready\n")
 time.sleep(60)
 """
 
@@ -41,7 +42,10 @@ def forked_holder() -> Iterator[subprocess.Popen[str]]:
         start_new_session=True,
     )
     try:
-        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        assert process.stdout is not None
+        # Both sleep before the test measures them: a child still on its way there changes its resident size.
+        assert {process.stdout.readline().strip() for _ in range(2)} == {"ready", "child ready"}
+        time.sleep(0.2)  # from their last line into time.sleep: the pages that takes are touched by then
         yield process
     finally:
         os.killpg(process.pid, signal.SIGKILL)
