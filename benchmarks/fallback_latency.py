@@ -71,6 +71,9 @@ def lambda_fallback():
     @task
     def quick(i):
         print("quick", i, "ran in", os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or "no Lambda")
+        # Long enough for the sandbox's memory watchers (each finds new processes every 0.5 s and reads Pss every
+        # 0.3 s) to each see the run's whole tree: a sub-second run's peak is a matter of their sampling moments.
+        time.sleep(1.5)
 
     for i in range({slow}):
         too_slow.override(task_id=f"too_slow_{{i}}")(i)
