@@ -47,6 +47,15 @@ class RunMeasurement:
     billed_duration_ms: int | None = None
 
 
+@dataclass(frozen=True)
+class FunctionLimits:
+    """What the child's compute really allows one run, as it learned at start (a Lambda function's memory size
+    and timeout); None where it could not find out. The router compares them with the policy's ``limits``."""
+
+    memory_mb: int | None = None
+    timeout_s: float | None = None
+
+
 @runtime_checkable
 class CapacityAware(Protocol):
     def free_capacity(self) -> int:

@@ -56,7 +56,9 @@ ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
     ),
     "history_days": _option(
         "How many days of successful task runs the router looks back over to estimate a task's duration "
-        "(the 95th percentile of its worker time). 0 disables the history lookup.\n",
+        "(the 95th percentile of its worker time) and its measured memory (the peaks and out-of-memory "
+        "deaths the router learns from). 0 disables both: durations and memory needs then come only from "
+        "the task and the policy.\n",
         "integer",
         "14",
     ),
@@ -75,7 +77,8 @@ ROUTER_OPTIONS: dict[str, dict[str, Any]] = {
     "audit_log": _option(
         "Whether the router writes a row to Airflow's audit log (the ``log`` table) for each routing "
         "decision, overflow and fallback. The row of what each run used (``hybrid_router.run_finished``) is "
-        "written either way: the router learns from it.\n",
+        "written either way: the router learns from it. Without the decision rows, ``simulate`` cannot "
+        "measure each executor's start latency and uses its documented defaults.\n",
         "boolean",
         "True",
     ),

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow.utils.state import TaskInstanceState
 
-from hybrid_router.child_protocol import InfrastructureFailure, RunMeasurement, SharedConcurrency
+from hybrid_router.child_protocol import (
+    FunctionLimits,
+    InfrastructureFailure,
+    RunMeasurement,
+    SharedConcurrency,
+)
 from hybrid_router.lambda_exec import aws, capacity, liveness, measurements, protocol, runs
 from hybrid_router.lambda_exec.aws import (
     AwsCallError,
@@ -144,6 +149,8 @@ class LambdaExecutor(BaseExecutor):
         # Most runs at once when that is less than parallelism: a router's child holds its prefetch beyond it.
         self.max_in_flight: int | None = None
         self._function_timeout_s = LAMBDA_MAX_TIMEOUT_S
+        # The function's memory size and timeout, once ``check_health`` described it.
+        self.function_limits: FunctionLimits | None = None
         self._run_logs = RunLogReader(lambda: self.config)
         self._started = False
         # Heartbeats counted, and the final states held back one heartbeat so that the RUNNING event (which
@@ -219,6 +226,7 @@ class LambdaExecutor(BaseExecutor):
             ) from None
         self._function_timeout_s = function.timeout_s or LAMBDA_MAX_TIMEOUT_S
         self._measurements.memory_size_mb = function.memory_mb
+        self.function_limits = FunctionLimits(memory_mb=function.memory_mb, timeout_s=function.timeout_s)
         self.log.info(
             "Lambda function %s: timeout %ss, memory %s MB",
             config.function_name,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hybrid_router.child_protocol import (
     CapacityAware,
+    FunctionLimits,
     InfrastructureFailure,
     ReportsInfrastructureFailures,
     ReportsRunMeasurements,
@@ -188,6 +189,8 @@ class Child:
     start_failure: StartFailure | None = None
     # The policy's ``limits.max_memory_mb``: for a Lambda child, its function's memory size.
     max_memory_mb: int | None = None
+    # The policy's ``limits.max_duration``: for a Lambda child, its function's timeout.
+    max_duration_s: float | None = None
     # Set when the child may share its capacity with other schedulers' children (a Lambda function's concurrency).
     shared_limits: SharedLimits | None = None
 
@@ -237,6 +240,7 @@ class Child:
             else:
                 log.debug("Child executor %s failed to start again (%s)", self.name, self.start_failure.error)
             return False
+        self._warn_about_limits_unlike_its_compute()
         if self.start_failure is not None:
             log.warning(
                 "Child executor %s started after %d failed attempts over %.0fs; it takes tasks again",
@@ -246,6 +250,30 @@ class Child:
             )
             self.start_failure = None
         return True
+
+    def _warn_about_limits_unlike_its_compute(self) -> None:
+        """The router routes by the policy's ``limits``: say so when the child's compute allows otherwise (a
+        Lambda function resized, or its timeout changed, since the policy was written)."""
+        found = getattr(self.executor, "function_limits", None)
+        if not isinstance(found, FunctionLimits):
+            return
+        checks = (
+            ("limits.max_memory_mb", self.max_memory_mb, found.memory_mb, "MB", "memory size", "run out of memory"),
+            ("limits.max_duration", self.max_duration_s, found.timeout_s, "s", "timeout", "time out"),
+        )  # fmt: skip
+        for option, declared, real, unit, what, death in checks:
+            if real is None or declared == real:
+                continue
+            if declared is None or declared > real:
+                said = f"{declared:g} {unit}" if declared is not None else "not set"
+                effect = f"tasks the policy sends there may {death}"
+            else:
+                said, effect = f"{declared:g} {unit}", "tasks that would fit it are sent elsewhere"
+            log.warning(
+                "Executor %s: the policy's %s is %s but its function's %s is %g %s: %s. The router routes by "
+                "the policy's figure; make it the function's.",
+                self.name, option, said, what, real, unit, effect,
+            )  # fmt: skip
 
     def retry_start(self, now: float) -> None:
         """Try to start an unavailable child again once its back-off has passed."""
@@ -352,6 +380,7 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             max_concurrency=spec.max_concurrency,
             masked_values=secret_values(spec.options or {}),
             max_memory_mb=getattr(getattr(spec, "limits", None), "max_memory_mb", None),
+            max_duration_s=getattr(getattr(spec, "limits", None), "max_duration_s", None),
         )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)

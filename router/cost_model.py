@@ -7,8 +7,8 @@ executor's start latency (``start_latency.py``).
 
 Expected fallbacks replay each task's measured runs against the executor a policy chose for it. A run dies there
 of ``out_of_memory`` when it peaked above the executor's memory size, or ran out of memory on a function no
-bigger; of ``timeout`` when it ran longer than the executor's ``max_duration``, or timed out under a limit no
-longer; of any other infrastructure reason (a crash, a dead letter, throttling, ...) when it died of it on that
+bigger; of ``timeout`` when it ran longer than the executor's ``max_duration``, timed out under a limit no
+longer, or timed out on that very executor; of any other infrastructure reason (a crash, a dead letter, throttling, ...) when it died of it on that
 very executor. The task's runs are expected to die in the same proportion. Such a run goes to the first executor
 of the decision's fallback list for that reason (a fallback) or, with none, fails its try. Both runs are billed
 whole: the one that died on its executor and the re-run on the fallback executor, each at the task's mean
@@ -174,9 +174,11 @@ def _dies_on(
         )
         return OUT_OF_MEMORY if too_small or (run.memory_size_mb is None and run.executor == name) else None
     if run.outcome == TIMEOUT:
+        # On the very executor it timed out on it times out again, whatever limit the policy declares (a
+        # function's real timeout may be shorter than its ``max_duration``).
         ran_over = _timed_out_after(run, executors)
         too_short = ran_over is not None and max_duration_s is not None and max_duration_s <= ran_over
-        return TIMEOUT if too_short or (ran_over is None and run.executor == name) else None
+        return TIMEOUT if too_short or run.executor == name else None
     if run.outcome in FAILURE_REASONS:
         return run.outcome if run.executor == name else None
     if memory_mb is not None and run.peak_mb is not None and run.peak_mb > memory_mb:

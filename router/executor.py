@@ -44,7 +44,7 @@ from hybrid_router.router.fallback import (
     refresh_queued_dttm,
 )
 from hybrid_router.router.live_state import LiveStatePublisher, router_snapshot
-from hybrid_router.router.measured_runs import RunRecorder
+from hybrid_router.router.measured_runs import OUT_OF_MEMORY, RunRecorder
 from hybrid_router.router.policy.facts import EXECUTOR_CONFIG_SECTION
 from hybrid_router.router.policy_file import PolicyFile
 from hybrid_router.router.shared_capacity import hand_over
@@ -567,6 +567,17 @@ class RoutingExecutor(BaseExecutor):
 
     # -- fallback --------------------------------------------------------------------------------------------
 
+    def _fallback_candidates(self, died_on: Child, failure: InfrastructureFailure) -> list[str]:
+        """The children a run that died on ``died_on`` may go on on: after an out-of-memory, none whose memory
+        size is no bigger (a task that overflowed to a bigger function would die again on a smaller one)."""
+        if failure.reason != OUT_OF_MEMORY or died_on.max_memory_mb is None:
+            return list(self._children)
+        return [
+            name
+            for name, child in self._children.items()
+            if child.max_memory_mb is None or child.max_memory_mb > died_on.max_memory_mb
+        ]
+
     def _on_infrastructure_failure(
         self, key: TaskInstanceKey, child: Child, assignment: Assignment, failure: InfrastructureFailure
     ) -> bool:
@@ -584,7 +595,7 @@ class RoutingExecutor(BaseExecutor):
             fallback=assignment.decision.fallback_lists() if assignment.decision else (),
             tried=assignment.tried,
             fallbacks_used=assignment.fallbacks_used,
-            available=self._children.keys(),
+            available=self._fallback_candidates(child, failure),
             mode=self.fallback_mode,
             max_fallbacks=self.max_fallbacks,
         )

@@ -225,3 +225,18 @@ def _check_one(expected: Expected | None, seen: Observed) -> Verdict:
     if path and final_child != path[-1]:
         problems.append(f"external_executor_id {seen.external_executor_id!r} disagrees with the audit rows")
     return verdict
+
+
+def check_explanation(explanation: dict) -> list[str]:
+    """Problems with ``explain``'s answer for the memory hog after its runs: it must name the bigger function
+    and say the memory need came from the out-of-memory on the small one."""
+    if explanation["returncode"] != 0:
+        return [f"explain failed with exit code {explanation['returncode']}: {explanation['errors'].strip()}"]
+    lines = explanation["output"].splitlines()
+    problems = []
+    if not lines or not lines[0].endswith(f" -> {LAMBDA_3G}"):
+        problems.append(f"explain does not send the memory hog to {LAMBDA_3G}: {lines[:1]}")
+    learned = f"memory:     more than {FUNCTION_MEMORY_MB} MB: out of memory on {LAMBDA} at "
+    if not any(line.strip().startswith(learned.strip()) for line in lines):
+        problems.append(f"explain does not name the memory the router learned ({learned.strip()}...)")
+    return problems

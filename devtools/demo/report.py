@@ -23,6 +23,7 @@ def report_dict(
     run_states: dict[str, list[str | None]],
     timings: dict[str, float],
     simulation: dict[str, Any] | None = None,
+    explanation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "ok": not general and all(v.ok for v in verdicts),
@@ -30,6 +31,7 @@ def report_dict(
         "problems": list(general),
         "timings_s": timings,
         "simulation": simulation,
+        "explain": explanation,
         "tasks": [
             {
                 **asdict(v.observed),
@@ -120,14 +122,19 @@ def _memory_cell(seen: Observed) -> str:
     return f"{seen.memory_mb:,} MB {MEMORY_SOURCES.get(source, source)}"
 
 
+def print_command(result: dict[str, Any]) -> None:
+    """A ``hybrid-router`` command the demo ran, and what it answered."""
+    print(f"\n$ {result['command']}")
+    print(result["output"].rstrip() or "(no output)")
+    if result["returncode"] != 0:
+        print(f"(exit code {result['returncode']}) {result['errors'].strip()}")
+
+
 def print_simulation(simulation: dict[str, Any], base: Path) -> None:
     """What ``simulate --from-db --compare`` said of the demo's history, and where its HTML report is."""
-    print(f"\n$ {simulation['command']}")
-    print(simulation["output"].rstrip() or "(no output)")
+    print_command(simulation)
     if simulation["returncode"] == 0:
         print(f"HTML report with charts: {display_path(Path(simulation['html']), base)}")
-    else:
-        print(f"simulate failed (exit code {simulation['returncode']}): {simulation['errors'].strip()}")
 
 
 def print_intro(home: Path, policy: Path) -> None:

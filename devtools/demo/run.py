@@ -33,9 +33,17 @@ from devtools.demo.expected import (
     MEMORY_DAG,
     RESERVED_CONCURRENCY,
     check,
+    check_explanation,
 )
 from devtools.demo.observed import audit_rows, observe
-from devtools.demo.report import display_path, print_intro, print_report, print_simulation, report_dict
+from devtools.demo.report import (
+    display_path,
+    print_command,
+    print_intro,
+    print_report,
+    print_simulation,
+    report_dict,
+)
 from devtools.devstack import LOOPBACK, AirflowStack, MotoServer, StackError, free_port, wait_until
 from devtools.lambda_settings import local_lambda_settings
 from devtools.postgres import PostgresServer
@@ -181,13 +189,23 @@ def _compare_policies(stack: AirflowStack, policy: Path, other: Path, html: Path
     # Relative to the working directory, which the command shares, where they can be: its report names them.
     options = {"--policy": policy, "--compare": other, "--html": html}
     args = [part for option, path in options.items() for part in (option, display_path(path, Path.cwd()))]
-    result = stack.cli("hybrid-router", "simulate", "--from-db", *args)
+    return {**_command(stack, "simulate", "--from-db", *args), "html": str(html)}
+
+
+def _explain_learned(stack: AirflowStack, policy: Path) -> dict[str, Any]:
+    """``explain`` for the memory hog after its two runs: where it goes next and what the router learned."""
+    args = ["--policy", display_path(policy, Path.cwd()), "--dag-id", MEMORY_DAG, "--task-id", MEMORY_TASK]
+    return _command(stack, "explain", *args)
+
+
+def _command(stack: AirflowStack, *args: str) -> dict[str, Any]:
+    """``airflow hybrid-router *args`` against the demo's Airflow: the command line, exit code and output."""
+    result = stack.cli("hybrid-router", *args)
     return {
-        "command": " ".join(["airflow hybrid-router simulate --from-db", *args]),
+        "command": " ".join(["airflow hybrid-router", *args]),
         "returncode": result.returncode,
         "output": result.stdout,
         "errors": result.stderr,
-        "html": str(html),
     }
 
 
@@ -319,11 +337,15 @@ def run_demo(
         )
         timings["runs_done"] = round(time.monotonic() - began, 1)
         observed, run_states = observe(stack, runs)
+        _step(f"explain: where {MEMORY_TASK} goes next, by what the router learned", began)
+        explanation = _explain_learned(stack, policy)
         simulation = None
         if compared.exists():
             _step(f"simulate: the demo's history under {policy.name} and {compared.name}", began)
             simulation = _compare_policies(stack, policy, compared, simulation_html)
-        outcome = (observed, run_states, waiting_problem, simulation, timings, report_file, home, schedulers)
+        outcome = (
+            observed, run_states, waiting_problem, explanation, simulation, timings, report_file, home, schedulers
+        )  # fmt: skip
         if serve:  # the report now; then Airflow stays up for a look until Ctrl-C
             code = _conclude(began, *outcome)
             _serve(stack)
@@ -336,6 +358,7 @@ def _conclude(
     observed: list[Any],
     run_states: dict[str, list[str | None]],
     waiting_problem: str | None,
+    explanation: dict[str, Any],
     simulation: dict[str, Any] | None,
     timings: dict[str, float],
     report_file: Path,
@@ -347,11 +370,13 @@ def _conclude(
     verdicts, general = check(EXPECTED, observed, run_states)
     if waiting_problem:
         general.insert(0, waiting_problem)
+    general.extend(check_explanation(explanation))
     if simulation is not None and simulation["returncode"] != 0:
         general.append(f"simulate --compare failed with exit code {simulation['returncode']}")
-    report = report_dict(verdicts, general, run_states, timings, simulation)
+    report = report_dict(verdicts, general, run_states, timings, simulation, explanation)
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     print_report(verdicts, general, by_scheduler=schedulers > 1)
+    print_command(explanation)
     if simulation is not None:
         print_simulation(simulation, Path.cwd())
     print(

@@ -168,6 +168,11 @@ def finished(
         ([finished("lambda", "out_of_memory", 512)], "local", None, None, {}),
         # ran 20 minutes: times out under 15
         ([finished("local", "success", ms=1_200_000)], "lambda", None, 900.0, {"timeout": 1.0}),
+        # timed out after 15 s on lambda: again there, whatever max_duration says; not on a longer executor
+        ([finished("lambda", "timeout", ms=15_000), finished("lambda", "success", ms=1_000)], "lambda", None,
+         900.0, {"timeout": 0.5}),
+        ([finished("lambda", "timeout", ms=15_000)], "lambda_long", None, 900.0, {}),
+        ([finished("lambda", "timeout", ms=15_000)], "short", None, 10.0, {"timeout": 1.0}),
         # a crash belongs to the executor it happened on
         ([finished("lambda", "runtime_crash"), finished("lambda", "success")], "lambda", None, None,
          {"runtime_crash": 0.5}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -267,11 +268,20 @@ def test_make_demo_routes_every_task_as_declared(tmp_path):
     learned = f"more than {FUNCTION_MEMORY_MB} MB: out of memory on {LAMBDA} at "
     assert rows[(MEMORY_DAG, "memory_hog", 2)]["memory_basis"].startswith(learned)
     assert f"hybrid_router_demo_memory.memory_hog, run 2: routed by memory {learned}" in out
+    # explain, run by the demo after both runs: the bigger function, and the learned need with its source.
+    explanation = report["explain"]
+    assert explanation["returncode"] == 0, explanation["errors"]
+    assert explanation["output"].splitlines()[0] == f"{MEMORY_DAG}.memory_hog -> {LAMBDA_3G}"
+    assert f"  memory:     {learned}" in explanation["output"]
+    assert f"$ {explanation['command']}" in out
     assert report["timings_s"]["total"] <= elapsed
     # simulate --compare on the demo's history: both policies side by side, and the HTML report with its charts.
     simulation = report["simulation"]
     assert simulation["returncode"] == 0, simulation["errors"]
     assert "policy-one-size.yaml" in simulation["output"] and "simulate --from-db" in out
+    # too_slow timed out on lambda: the policy that sends it there expects fallbacks, the one-size one none.
+    fallbacks = re.search(r"^fallbacks +([\d.]+) +([\d.]+)$", simulation["output"], re.MULTILINE)
+    assert fallbacks and float(fallbacks[1]) > 0 and float(fallbacks[2]) == 0, simulation["output"]
     html = (output / "simulate.html").read_text()
     assert "<svg" in html and "<script" not in html
 

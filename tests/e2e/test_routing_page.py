@@ -4,7 +4,8 @@ One demo run for the module: ``python -m devtools.demo --serve``, as ``make demo
 DAGs and keeps its Airflow up. Debian's chromium, driven through its own chromedriver (``make browser`` installs
 both), opens Airflow's UI, follows its "Routing" entry and reads the page: every executor's live figures, the
 decisions (compared with the routes the demo declares, ``devtools/demo/expected.py``), the fallbacks, the charts,
-the task search and a task instance's routing story. Ctrl-C then stops every process of the demo.
+the task search and a task instance's routing story. It also opens the simulation report the demo wrote
+(``simulate --from-db --compare --html``) from its file. Ctrl-C then stops every process of the demo.
 
 A screenshot of the page goes to the test's temporary folder, and to ``docs/routing-page.png`` with
 ``HYBRID_ROUTER_SCREENSHOT=1``.
@@ -441,6 +442,46 @@ def test_airflow_task_instance_view_shows_its_routing_story(browser: WebDriver, 
         _check_slow_task_story(_story(browser))
     finally:
         browser.switch_to.default_content()
+
+
+# -- the simulation report the demo wrote -------------------------------------------------------------------------
+
+
+# Each drawn segment of a chart: its value and its width as the browser laid it out (CSS pixels, unrounded).
+SEGMENTS_JS = """
+return Array.from(document.querySelectorAll('svg.chart')).map(chart => ({
+    metric: chart.dataset.metric,
+    width: chart.getBoundingClientRect().width,
+    height: chart.getBoundingClientRect().height,
+    segments: Array.from(chart.querySelectorAll('rect[data-value]')).map(rect => ({
+        value: parseFloat(rect.dataset.value), width: rect.getBoundingClientRect().width})),
+}));
+"""
+
+
+def test_the_simulation_report_renders_offline_with_charts_drawn_to_scale(
+    browser: WebDriver, urls: dict[str, str], demo: ServedDemo, tmp_path_factory: pytest.TempPathFactory
+):
+    """``simulate --from-db --compare --html``, as the demo ran it on its history, opened from the file."""
+    report = demo.home.parent / "simulate.html"
+    browser.get_log("browser")  # what the browser logged so far is not the report's
+    browser.get(report.as_uri())
+    charts = {chart["metric"]: chart for chart in browser.execute_script(SEGMENTS_JS)}
+    assert set(charts) == {"cost_usd", "task_hours", "start_latency_s", "fallbacks"}
+    for metric, chart in charts.items():
+        assert chart["width"] > 0 and chart["height"] > 0, metric
+        drawn = [s for s in chart["segments"] if s["value"] > 0]
+        # too_slow timed out on lambda: the demo's policy expects a fallback there (each chart has bars)
+        assert drawn, metric
+        # Drawn to scale: every segment's width over its value is the chart's one scale (sub-pixel ones aside).
+        scales = [s["width"] / s["value"] for s in drawn if s["width"] >= 4]
+        assert scales and max(scales) <= min(scales) * 1.02, (metric, chart["segments"])
+    # Offline: the document fetched nothing (no script, style sheet, font or image), and logged no error.
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+    summary = browser.find_element(By.CSS_SELECTOR, "table.summary").text
+    assert "examples/policy.yaml" in summary and "policy-one-size.yaml" in summary
+    _screenshot(browser, tmp_path_factory.mktemp("simulation") / "simulate.png")
 
 
 def test_ctrl_c_stops_the_demo_and_every_process_it_started(demo: ServedDemo, urls: dict[str, str]):

@@ -15,6 +15,7 @@ from airflow.utils.state import TaskInstanceState
 from botocore.exceptions import NoCredentialsError
 
 from devtools.workloads import make_workload
+from hybrid_router.child_protocol import FunctionLimits
 from hybrid_router.lambda_exec import executor as executor_module
 from hybrid_router.lambda_exec import protocol
 from hybrid_router.lambda_exec.config import LambdaConfigError
@@ -965,9 +966,11 @@ def test_a_missing_queue_stops_start_naming_the_option(no_thread_leak):
         executor.start()
 
 
-def test_the_health_check_learns_the_functions_timeout(started):
-    executor, _, _ = started(lambda_=FakeLambda(timeout_s=42))
+def test_the_health_check_learns_the_functions_timeout_and_size(started):
+    executor, _, _ = started(lambda_=FakeLambda(timeout_s=42, memory_mb=1024))
     assert executor._function_timeout_s == 42
+    # what a router compares with its policy's limits
+    assert executor.function_limits == FunctionLimits(memory_mb=1024, timeout_s=42)
 
 
 def test_lambdas_own_retries_are_warned_about(started_logged):

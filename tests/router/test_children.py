@@ -9,6 +9,7 @@ from airflow.executors.local_executor import LocalExecutor
 from router_fakes import CapacityChild, FakeChild
 
 from devtools.workloads import make_workload
+from hybrid_router.child_protocol import FunctionLimits
 from hybrid_router.router.children import Child, ChildConfigError, build_children, instantiate_child
 
 
@@ -145,3 +146,52 @@ def test_start_retries_back_off_exponentially_with_jitter_up_to_a_bound():
     ]
     assert start_retry_delay(50, rand=lambda: 0.0) == START_RETRY_MAX_S
     assert start_retry_delay(50, rand=lambda: 1.0) == START_RETRY_MAX_S * 0.8
+
+
+class SizedFunction(FakeChild):
+    """A child that learns at start what its function allows, as the LambdaExecutor does."""
+
+    def start(self):
+        super().start()
+        self.function_limits = FunctionLimits(memory_mb=1024, timeout_s=60)
+
+
+@pytest.mark.parametrize(
+    ("memory_mb", "duration_s", "warnings"),
+    [
+        (1024, 60.0, []),
+        (2048, 60.0, ["limits.max_memory_mb is 2048 MB but its function's memory size is 1024 MB: tasks the "
+                      "policy sends there may run out of memory"]),
+        (1024, None, ["limits.max_duration is not set but its function's timeout is 60 s: tasks the policy "
+                      "sends there may time out"]),
+        (512, 30.0, ["limits.max_memory_mb is 512 MB but its function's memory size is 1024 MB: tasks that "
+                     "would fit it are sent elsewhere",
+                     "limits.max_duration is 30 s but its function's timeout is 60 s: tasks that would fit it "
+                     "are sent elsewhere"]),
+    ],
+)  # fmt: skip
+def test_a_started_child_whose_function_allows_other_limits_than_the_policys_is_warned_about(
+    caplog, memory_mb, duration_s, warnings
+):
+    spec = SimpleNamespace(
+        class_path=f"{__name__}.SizedFunction",
+        max_concurrency=2,
+        options={},
+        limits=SimpleNamespace(max_memory_mb=memory_mb, max_duration_s=duration_s),
+    )
+    child = build_children({"lam": spec})["lam"]
+    caplog.set_level("WARNING", logger="hybrid_router.router.children")
+    assert child.start(now=0.0)
+    said = [r.getMessage() for r in caplog.records if r.name == "hybrid_router.router.children"]
+    assert len(said) == len(warnings), said
+    for line, expected in zip(said, warnings, strict=True):
+        assert line.startswith(f"Executor lam: the policy's {expected}. The router routes by"), line
+
+
+def test_a_child_that_does_not_know_its_functions_limits_is_not_warned_about(caplog):
+    spec = SimpleNamespace(
+        class_path="router_fakes.FakeChild", max_concurrency=2, options={}, limits=SimpleNamespace(
+            max_memory_mb=None, max_duration_s=None)
+    )  # fmt: skip
+    assert build_children({"x": spec})["x"].start(now=0.0)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

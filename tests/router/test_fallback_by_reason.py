@@ -159,3 +159,53 @@ def test_the_next_run_goes_to_the_bigger_function_before_the_history_is_read_aga
     )
     assert routed["memory_basis"].startswith("more than 512 MB: out of memory on lambda at ")
     engine.dispose()
+
+
+OVERFLOW_POLICY = """
+version: 1
+executors:
+  lambda: {class: router_fakes.DyingChild, max_concurrency: 1, limits: {max_duration: 15m, max_memory_mb: 512}}
+  lambda_1g: {class: router_fakes.DyingChild, limits: {max_duration: 15m, max_memory_mb: 1024}}
+  lambda_3g: {class: router_fakes.DyingChild, limits: {max_duration: 15m, max_memory_mb: 3072}}
+  local: {class: router_fakes.FakeChild}
+defaults: {expected_duration: 1m, memory_mb: 256, run_on: local}
+rules:
+  - name: small first
+    if: {queue: lambda}
+    run_on: lambda
+    overflow: [lambda_3g]
+    fallback: {out_of_memory: [lambda_1g, local], default: [local]}
+"""
+
+
+def test_an_out_of_memory_never_goes_on_to_a_function_no_bigger_than_the_one_it_died_on(
+    write_policy, audit_rows, task_log_folder, fallback_hands_back, queued
+):
+    sizes = {"lambda": 512, "lambda_1g": 1024, "lambda_3g": 3072}
+    children = {
+        name: Child(
+            name,
+            DyingChild(label=name),
+            max_memory_mb=sizes[name],
+            max_concurrency=1 if name == "lambda" else None,
+        )
+        for name in sizes
+    } | {"local": Child("local", FakeChild(label="o"))}
+    router = RoutingExecutor(
+        parallelism=8, policy=load_policy(write_policy(OVERFLOW_POLICY)), children=children
+    )
+    router.start()
+    first, second = (make_workload(task, queue="lambda") for task in ("fits", "overflows"))
+    for item in (first, second):
+        queued[item.ti.id] = item
+        router.queue_workload(item, session=None)
+    router.heartbeat()
+    assert [w.ti.key for w in router.children["lambda_3g"].executor.dispatched] == [second.ti.key]
+    # Out of memory on 3 GB: the 1 GB function of the list cannot help; the try goes on on local.
+    router.children["lambda_3g"].executor.die(second.ti.key, "out_of_memory", "3 GB were not enough")
+    router.heartbeat()
+    assert router.get_event_buffer()[second.ti.key] == (TaskInstanceState.QUEUED, "local@1")
+    # The same death on the 512 MB function goes to the 1 GB one, as the list says.
+    router.children["lambda"].executor.die(first.ti.key, "out_of_memory", "512 MB were not enough")
+    router.heartbeat()
+    assert router.get_event_buffer()[first.ti.key] == (TaskInstanceState.QUEUED, "lambda_1g@1")
