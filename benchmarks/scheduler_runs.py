@@ -152,10 +152,14 @@ def own_cpu(before: CpuSnapshot, after: CpuSnapshot, role: str) -> float:
 
 def descendants_cpu(before: CpuSnapshot, after: CpuSnapshot, role: str) -> float:
     """CPU the root's descendants used between the snapshots: the live ones' own and reaped children's, and the
-    root's children reaped meanwhile."""
+    root's children reaped meanwhile, less what those had used before (a reaped process adds its whole life's
+    CPU to its parent's: an idle sandbox of an earlier run ending now would count that run's work)."""
     spent = after.reaped[role] - before.reaped[role]
     for pid, total in after.tree[role].items():
         spent += total - before.tree[role].get(pid, 0.0)
+    for pid, total in before.tree[role].items():
+        if pid not in after.tree[role]:
+            spent -= total
     return max(spent, 0.0)
 
 
