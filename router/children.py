@@ -367,6 +367,7 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
     """Children for every entry of ``policy.executors`` (``ExecutorSpec``-like objects), in policy order."""
     children: dict[str, Child] = {}
     for name, spec in specs.items():
+        limits = getattr(spec, "limits", None)
         executor = instantiate_child(
             name,
             spec.class_path,
@@ -379,8 +380,8 @@ def build_children(specs: Mapping[str, Any], team_name: str | None = None) -> di
             executor=executor,
             max_concurrency=spec.max_concurrency,
             masked_values=secret_values(spec.options or {}),
-            max_memory_mb=getattr(getattr(spec, "limits", None), "max_memory_mb", None),
-            max_duration_s=getattr(getattr(spec, "limits", None), "max_duration_s", None),
+            max_memory_mb=getattr(limits, "max_memory_mb", None),
+            max_duration_s=getattr(limits, "max_duration_s", None),
         )
         prefetch = getattr(spec, "prefetch", None)
         child.prefetch = prefetch if prefetch is not None else default_prefetch(executor, child.limit)

@@ -8,11 +8,12 @@ executor's start latency (``start_latency.py``).
 Expected fallbacks replay each task's measured runs against the executor a policy chose for it. A run dies there
 of ``out_of_memory`` when it peaked above the executor's memory size, or ran out of memory on a function no
 bigger; of ``timeout`` when it ran longer than the executor's ``max_duration``, timed out under a limit no
-longer, or timed out on that very executor; of any other infrastructure reason (a crash, a dead letter, throttling, ...) when it died of it on that
-very executor. The task's runs are expected to die in the same proportion. Such a run goes to the first executor
-of the decision's fallback list for that reason (a fallback) or, with none, fails its try. Both runs are billed
-whole: the one that died on its executor and the re-run on the fallback executor, each at the task's mean
-duration, and the re-run waits the fallback executor's start latency.
+longer, or timed out on that very executor; of any other infrastructure reason (a crash, a dead letter,
+throttling, ...) when it died of it on that very executor. The task's runs are expected to die in the same
+proportion. Such a run goes to the first executor of the decision's fallback list for that reason (a fallback)
+or, with none, fails its try. Both runs are billed whole: the one that died on its executor and the re-run on
+the fallback executor, each at the task's mean duration, and the re-run waits the fallback executor's start
+latency.
 """
 
 from __future__ import annotations
