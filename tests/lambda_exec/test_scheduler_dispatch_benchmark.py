@@ -4,26 +4,21 @@ and the whole benchmark as a (slow) test."""
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import subprocess
 import sys
 import threading
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import BENCHMARKS
+from benchmark_scripts import load_benchmark as load_benchmark_script
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 BENCHMARK = BENCHMARKS / "scheduler_dispatch.py"
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("scheduler_dispatch", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("scheduler_dispatch")
 
 
 SCHEDULER_LOG = """\
@@ -133,10 +128,7 @@ def execution_api(monkeypatch):
 
 
 def _handlers():
-    spec = importlib.util.spec_from_file_location("dispatch_handlers", BENCHMARKS / "dispatch_handlers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("dispatch_handlers")
 
 
 def test_the_api_only_handler_claims_with_the_workloads_token_then_succeeds_with_the_one_it_got(

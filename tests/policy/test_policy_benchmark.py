@@ -1,22 +1,16 @@
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from hybrid_router.router.policy import load_policy_text
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "policy_decisions.py"
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("policy_decisions", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("policy_decisions")
 
 
 def test_benchmark_policy_loads_cleanly_and_uses_most_rules(benchmark):

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _scheduler_runs():
-    spec = importlib.util.spec_from_file_location("scheduler_runs", BENCHMARKS / "scheduler_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("scheduler_runs", module)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_a_descendant_that_ends_during_the_window_counts_only_what_it_used_in_it():
-    runs = _scheduler_runs()
+    runs = load_benchmark("scheduler_runs")
     # Before: sandbox 11 had used 100 s (an earlier run), 12 had used 5 s. After: 11 ended (its parent reaped its
     # whole life, 103 s), 12 used 2 s more, 13 started and used 4 s.
     before = runs.CpuSnapshot({"lambda": 0.0}, {"lambda": 50.0}, {"lambda": {11: 100.0, 12: 5.0}}, 0.0)

@@ -7,14 +7,13 @@ then ran on the fallback.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark as load_benchmark_script
 
 from devtools.devstack import AirflowStack, wait_until
 from devtools.lambda_settings import airflow_with_local_lambda
@@ -23,15 +22,9 @@ from hybrid_router.router.external_id import split_child_id
 
 pytestmark = pytest.mark.e2e
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "fallback_latency.py"
-
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("fallback_latency", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("fallback_latency")
 
 
 def test_a_lambda_timeout_runs_the_same_try_on_the_local_fallback(tmp_path):

@@ -6,24 +6,20 @@ test, run by hand: pytest -m slow tests/router/test_scale_benchmark.py -s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark as load_benchmark_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 RATIOS = ("wall_ratio", "p99_ratio", "cpu_ratio", "rss_ratio")
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("scale")
 
 
 def _run(
