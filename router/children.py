@@ -24,6 +24,7 @@ from hybrid_router.child_protocol import (
     RunMeasurement,
 )
 from hybrid_router.redaction import error_text, secret_values, shown_options, traceback_text
+from hybrid_router.router.forked_connections import close_connections_shared_with_forks
 
 if TYPE_CHECKING:
     from airflow.executors.base_executor import BaseExecutor
@@ -240,6 +241,8 @@ class Child:
             else:
                 log.debug("Child executor %s failed to start again (%s)", self.name, self.start_failure.error)
             return False
+        # The executor may have forked (a LocalExecutor's workers): they must not share the scheduler's sessions.
+        close_connections_shared_with_forks()
         self._warn_about_limits_unlike_its_compute()
         if self.start_failure is not None:
             log.warning(

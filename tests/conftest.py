@@ -10,6 +10,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,3 +88,42 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("postgres_url")
+
+
+LOG_TAIL_LINES = 80
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed test that ran Airflow shows the last lines of each component's log (scheduler, API server...).
+
+    CI keeps only what pytest prints: without this, a timed-out wait says what did not happen, never why.
+    """
+    report = yield
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp_path, Path):
+        for log_file in sorted(tmp_path.glob("**/process-logs/*.log")):
+            lines = log_tail(log_file.read_text(errors="replace").splitlines(), LOG_TAIL_LINES)
+            report.sections.append(
+                (f"{log_file.relative_to(tmp_path)} (last lines, no debug)", "\n".join(lines))
+            )
+    return report
+
+
+def log_tail(lines: list[str], count: int) -> list[str]:
+    """The last ``count`` lines that are not debug, a run of lines that differ only in their timestamp as one."""
+    kept: list[str] = []
+    repeats = 0
+    for line in lines:
+        if "[debug" in line:
+            continue
+        if kept and line.partition(" ")[2] == kept[-1].partition(" ")[2]:
+            repeats += 1
+            continue
+        if repeats:
+            kept.append(f"    (and {repeats} more times, the line above)")
+            repeats = 0
+        kept.append(line)
+    if repeats:
+        kept.append(f"    (and {repeats} more times, the line above)")
+    return kept[-count:]

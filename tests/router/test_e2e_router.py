@@ -305,7 +305,9 @@ def test_scheduler_killed_with_tasks_in_flight_on_two_children_loses_none_and_ru
             return running == {"local_a", "local_b"}
 
         wait_until(one_running_per_child, 90, "a task running on each child")
-        # Each child has one task running and one waiting in the router (max_concurrency 1 each).
+        # Each child has one task running and one waiting in the router (max_concurrency 1 each). The kill may land
+        # inside a transaction that locks the DAG run: the orphaned workers must not keep it open, or the next
+        # scheduler never examines the run again (router/forked_connections.py).
         stack.kill_scheduler()
         # The running tasks finish on their orphaned workers (they report to the API server, not the
         # scheduler) while no scheduler is up.
