@@ -100,14 +100,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     CI keeps only what pytest prints: without this, a timed-out wait says what did not happen, never why.
     """
     report = yield
-    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
-    if report.failed and isinstance(tmp_path, Path):
-        for log_file in sorted(tmp_path.glob("**/process-logs/*.log")):
+    if report.failed:
+        for log_file in sorted(
+            {log for home in _stack_homes(item) for log in home.glob("**/process-logs/*.log")}
+        ):
             lines = log_tail(log_file.read_text(errors="replace").splitlines(), LOG_TAIL_LINES)
-            report.sections.append(
-                (f"{log_file.relative_to(tmp_path)} (last lines, no debug)", "\n".join(lines))
-            )
+            report.sections.append((f"{log_file} (last lines, no debug)", "\n".join(lines)))
     return report
+
+
+def _stack_homes(item: pytest.Item) -> list[Path]:
+    """Where the test's Airflow components write their logs: its ``tmp_path``, and the home of a stack fixture
+    (``AirflowStack``, or a namespace holding one as ``airflow``)."""
+    funcargs = getattr(item, "funcargs", {})
+    homes = [funcargs["tmp_path"]] if isinstance(funcargs.get("tmp_path"), Path) else []
+    for value in funcargs.values():
+        for candidate in (value, getattr(value, "airflow", None)):
+            home = getattr(candidate, "home", None)
+            if isinstance(home, Path):
+                homes.append(home)
+    return homes
 
 
 def log_tail(lines: list[str], count: int) -> list[str]:

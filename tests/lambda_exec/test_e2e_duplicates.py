@@ -3,8 +3,13 @@ async event twice (half the copies at once, half once the first run has ended); 
 claim each try (its ``/run``), the other copy is refused (409) and reports ``NOT_CLAIMED``, which is never a
 failure. Each try's body runs exactly once and every task succeeds at its first try.
 
-Real Airflow (API server, scheduler, DAG processor on SQLite) with ``LambdaExecutor``, the local Lambda service
-running the project's real handler (which runs Airflow's own supervisor and task runner), and moto's SQS.
+Real Airflow (API server, scheduler, DAG processor on PostgreSQL) with ``LambdaExecutor``, the local Lambda
+service running the project's real handler (which runs Airflow's own supervisor and task runner), and moto's SQS.
+
+PostgreSQL, not SQLite: the execution API lets one run claim a try by reading the task instance ``FOR UPDATE``
+before it marks it RUNNING, and SQLite ignores ``FOR UPDATE``. Two copies whose ``/run`` calls overlap can both
+take the task there (Airflow's race, not the executor's; docs/lambda.md): seen in CI, where the copy bound to the
+try was then stopped as "running elsewhere" and the try failed.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ lambda_duplicates()
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
+def stack(tmp_path_factory, postgres_server) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("lambda-e2e-duplicates")
     dags = root / "dags"
     dags.mkdir()
@@ -97,7 +102,12 @@ def stack(tmp_path_factory) -> Iterator[SimpleNamespace]:
         maximum_retry_attempts=0,
     )
     with airflow_with_local_lambda(
-        root, dags, executor="hybrid_router.lambda_exec.LambdaExecutor", function=function, secret=SECRET
+        root,
+        dags,
+        executor="hybrid_router.lambda_exec.LambdaExecutor",
+        function=function,
+        secret=SECRET,
+        database_url=postgres_server.create_database("lambda_e2e_duplicates"),
     ) as lambda_stack:
         yield SimpleNamespace(
             airflow=lambda_stack.airflow,
