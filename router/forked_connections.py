@@ -14,21 +14,14 @@ sockets are dead from then on); every connection opened afterwards belongs to th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
-
-def close_connections_shared_with_forks(engine: Engine | None = None) -> None:
-    """Close the pooled connections of ``engine`` (Airflow's metadata database by default) that are not in use.
+def close_connections_shared_with_forks() -> None:
+    """Close the pooled connections to Airflow's metadata database that are not in use.
 
     Call it in the scheduler after starting something that forks. A connection in use now is left alone: it is
     never handed out again.
     """
-    if engine is None:
-        from airflow import settings
+    from airflow import settings
 
-        engine = settings.engine
-    if engine is not None:
-        engine.dispose()
+    if settings.engine is not None:
+        settings.engine.dispose()
