@@ -3,13 +3,12 @@
 Real Airflow (API server, scheduler, DAG processor on SQLite) with ``LambdaExecutor``, the local Lambda service
 running the project's real handler, and moto's SQS: one stack for the module, the faults applied in turn. SQLite,
 because the test checks each task's external id: on PostgreSQL the scheduler skips the executor's events of task
-instances locked at that moment (``skip_locked``), and a RUNNING event that names the run was seen dropped while
-the task's success was being written. (Two overlapping copies of one event could both claim a try on SQLite:
-``test_e2e_duplicates.py``, on PostgreSQL, covers that.) Each
-fault has a DAG of its own whose short tasks append a start and an end line to a journal
-(``devtools/run_journal.py``); for each one: every try's body completed exactly once, in one Lambda run, no two
-runs of a try overlapped, every task succeeded at its first try (the DAGs allow a retry, so a spent one shows as
-try 2), and the task instance's external id names the run that did the work.
+instances locked at that moment (``skip_locked``), and a RUNNING event that names the run was seen dropped while the
+task's success was being written. (Two overlapping copies of one event could both claim a try on SQLite:
+``test_e2e_duplicates.py``, on PostgreSQL, covers that.) Each fault has a DAG of its own whose short tasks append a
+start and an end line to a journal (``devtools/run_journal.py``); for each one: every try's body completed exactly
+once, in one Lambda run, no two runs of a try overlapped, every task succeeded at its first try (the DAGs allow a
+retry, so a spent one shows as try 2), and the task instance's external id names the run that did the work.
 
 Where each fault comes from (the product's code is the same as in production):
 
